@@ -1,0 +1,208 @@
+//! serde mirror of the topology YAML (DESIGN.md, "Topology file").
+//!
+//! No logic lives here: every field is as the operator wrote it, and every struct refuses
+//! unknown keys so that a typo never passes silently. `validate.rs` turns these into the
+//! checked `Topology`; nothing outside `config/` sees a `RawX`.
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Deserializer};
+
+/// The whole document.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTopology {
+    pub version: u32,
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    pub control: Option<RawControl>,
+    #[serde(default)]
+    pub defaults: RawDefaults,
+    #[serde(default)]
+    pub nodes: IndexMap<String, RawNode>,
+    #[serde(default)]
+    pub environments: IndexMap<String, RawEnvironment>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: String,
+    pub bind: String,
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub certificates: Vec<RawCertificate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawControl {
+    pub bind: String,
+    pub token_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    pub health: Option<RawHealth>,
+    pub timeouts: Option<RawTimeouts>,
+    pub retries: Option<u32>,
+    pub limits: Option<RawLimits>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// `http` (default) or `tcp`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+    pub expect: Option<String>,
+    /// Share of the interval, in percent, by which each check is moved at random.
+    pub jitter: Option<f64>,
+    /// Whether a node that has not been checked yet takes traffic.
+    pub trust_unknown: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect: Option<String>,
+    pub response_header: Option<String>,
+    pub idle: Option<String>,
+    pub client_header: Option<String>,
+    pub upstream_idle: Option<String>,
+    pub drain: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_in_flight: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    pub address: String,
+    pub weight: Option<i64>,
+    pub backup: Option<bool>,
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub labels: IndexMap<String, String>,
+    pub max_connections: Option<u32>,
+    pub health: Option<RawHealth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnvironment {
+    #[serde(default)]
+    pub labels: IndexMap<String, String>,
+    #[serde(default)]
+    pub entries: Vec<String>,
+    #[serde(default)]
+    pub nodes: RawEnvNodes,
+    #[serde(default)]
+    pub apps: Vec<RawApp>,
+    pub canary: Option<RawCanary>,
+    pub tenants: Option<RawTenants>,
+    pub limits: Option<RawLimits>,
+    pub retries: Option<u32>,
+}
+
+/// `nodes: [a, b]` or `nodes: { a: { weight: 5 }, b: }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawEnvNodes {
+    List(Vec<String>),
+    Map(IndexMap<String, Option<RawEnvNode>>),
+}
+
+impl Default for RawEnvNodes {
+    fn default() -> Self {
+        RawEnvNodes::List(Vec::new())
+    }
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnvNode {
+    pub weight: Option<i64>,
+    pub backup: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    pub name: String,
+    #[serde(deserialize_with = "scalar_string")]
+    pub version: String,
+    pub path: Option<String>,
+    pub nodes: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCanary {
+    pub environment: String,
+    pub weight: f64,
+    pub header: Option<String>,
+    pub cookie: Option<String>,
+    /// Header whose value is hashed for sticky assignment when no cookie is set.
+    pub hash_header: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenants {
+    pub key: RawTenantKey,
+    #[serde(default)]
+    pub required: bool,
+    pub ranges: Vec<RawTenantRange>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenantKey {
+    pub header: Option<String>,
+    pub host_label: Option<u32>,
+    pub path_segment: Option<u32>,
+    pub query: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenantRange {
+    pub from: u64,
+    pub to: u64,
+    pub environment: String,
+}
+
+/// Accepts `1.2.0`, `"1.2.0"`, `3` or `1.5` as a string: versions are labels, not numbers.
+fn scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::de::Error;
+    match serde_norway::Value::deserialize(d)? {
+        serde_norway::Value::String(s) => Ok(s),
+        serde_norway::Value::Number(n) => Ok(n.to_string()),
+        other => Err(D::Error::custom(format!(
+            "expected a version string, found {other:?}"
+        ))),
+    }
+}

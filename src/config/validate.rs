@@ -1,0 +1,975 @@
+//! `RawTopology` -> `Topology`, or every problem found.
+//!
+//! Each rule of DESIGN.md's conflict table is checked here; a conflict names both parties
+//! and each error carries the YAML path it concerns. Validation never stops at the first
+//! problem: the operator gets the whole list in one go. Compiling the lookup tables
+//! (entries, pools) happens in the same pass, so a topology that validates is ready to
+//! serve.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use super::raw::*;
+use super::{parse_duration, ConfigError, ErrorKind};
+use crate::health::NodeRegistry;
+use crate::routing::host::{Entry, EntryTable};
+use crate::topology::*;
+
+/// Highest weight a node may have (weights are relative; this keeps sums small).
+pub const MAX_WEIGHT: i64 = 1000;
+/// Highest number of retries an environment may ask for.
+pub const MAX_RETRIES: u32 = 10;
+
+#[derive(Default)]
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, kind: ErrorKind, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            kind,
+            message: message.into(),
+        });
+    }
+    fn value(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.push(path, ErrorKind::Value, message)
+    }
+    fn conflict(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.push(path, ErrorKind::Conflict, message)
+    }
+    fn reference(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.push(path, ErrorKind::Reference, message)
+    }
+}
+
+pub fn validate(
+    raw: RawTopology,
+    base_dir: &Path,
+    registry: &NodeRegistry,
+) -> Result<Topology, Vec<ConfigError>> {
+    let mut errs = Errors::default();
+    if raw.version != 1 {
+        errs.value(
+            "version",
+            format!("version {} is not supported (expected 1)", raw.version),
+        );
+    }
+
+    let listeners = listeners(&raw.listeners, base_dir, &mut errs);
+    let control = raw
+        .control
+        .as_ref()
+        .and_then(|c| control(c, base_dir, &mut errs));
+    let defaults = defaults(&raw.defaults, &mut errs);
+    let (nodes, node_ids) = nodes(&raw, &defaults, registry, &mut errs);
+
+    let env_ids: HashMap<&str, EnvId> = raw
+        .environments
+        .keys()
+        .enumerate()
+        .map(|(i, k)| (k.as_str(), i))
+        .collect();
+    let listener_ports: Vec<u16> = listeners.iter().map(|l| l.bind.port()).collect();
+
+    let mut entries = EntryTable::default();
+    // Entry -> (environment, its YAML path), to name both parties of a duplicate.
+    let mut entry_owner: HashMap<Entry, (String, String)> = HashMap::new();
+    let mut environments = Vec::new();
+    let mut pools: Vec<Pool> = Vec::new();
+
+    for (env_id, (name, env)) in raw.environments.iter().enumerate() {
+        let at = format!("environments.{name}");
+        if !valid_name(name) {
+            errs.value(
+                &at,
+                format!("environment name {name:?} must be letters, digits, '-', '_' or '.'"),
+            );
+        }
+
+        // Entry addresses.
+        let mut env_entries = Vec::new();
+        for (i, e) in env.entries.iter().enumerate() {
+            let path = format!("{at}.entries[{i}]");
+            let entry = match Entry::parse(e) {
+                Ok(entry) => entry,
+                Err(msg) => {
+                    errs.value(&path, msg);
+                    continue;
+                }
+            };
+            if !listener_ports.contains(&entry.port) {
+                errs.reference(
+                    &path,
+                    format!(
+                        "entry \"{entry}\" needs a listener on port {}, and none binds it (listener ports: {})",
+                        entry.port,
+                        join(listener_ports.iter())
+                    ),
+                );
+            }
+            if entries.insert(&entry, env_id).is_err() {
+                let (other_env, other_path) = &entry_owner[&entry];
+                if other_env == name {
+                    errs.conflict(&path, format!("entry \"{entry}\" is listed twice in environment {name:?} (also at {other_path})"));
+                } else {
+                    errs.conflict(
+                        &path,
+                        format!("entry \"{entry}\" is claimed by environments {other_env:?} ({other_path}) and {name:?}"),
+                    );
+                }
+            } else {
+                entry_owner.insert(entry.clone(), (name.clone(), path));
+            }
+            env_entries.push(entry.to_string());
+        }
+
+        // Nodes of the environment, with their per-environment weight and backup flag.
+        let members = env_members(&at, env, &nodes, &node_ids, &mut errs);
+
+        // Applications.
+        let mut apps = Vec::new();
+        let mut by_name: HashMap<&str, (usize, &str)> = HashMap::new();
+        let mut by_prefix: HashMap<String, (usize, &str)> = HashMap::new();
+        for (i, app) in env.apps.iter().enumerate() {
+            let path = format!("{at}.apps[{i}]");
+            if app.name.trim().is_empty() {
+                errs.value(format!("{path}.name"), "an application needs a name");
+            }
+            if app.version.trim().is_empty() {
+                errs.value(
+                    format!("{path}.version"),
+                    format!("application {:?} needs a version", app.name),
+                );
+            }
+            if let Some((j, other_version)) = by_name.insert(&app.name, (i, &app.version)) {
+                errs.conflict(
+                    &path,
+                    format!(
+                        "application {:?} appears twice in environment {name:?}: version {:?} ({at}.apps[{j}]) and version {:?}; an environment runs one version of each application",
+                        app.name, other_version, app.version
+                    ),
+                );
+            }
+            let prefix = app.path.clone().unwrap_or_else(|| "/".into());
+            let prefix = if prefix.len() > 1 {
+                prefix.trim_end_matches('/').to_string()
+            } else {
+                prefix
+            };
+            if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
+                errs.value(
+                    format!("{path}.path"),
+                    format!(
+                        "path prefix {prefix:?} must start with '/' and hold no '?', '#' or space"
+                    ),
+                );
+            }
+            if let Some((j, other)) = by_prefix.insert(prefix.clone(), (i, &app.name)) {
+                errs.conflict(
+                    format!("{path}.path"),
+                    format!(
+                        "applications {other:?} ({at}.apps[{j}]) and {:?} both claim path prefix {prefix:?} in environment {name:?}",
+                        app.name
+                    ),
+                );
+            }
+            let app_members = match &app.nodes {
+                None => members.clone(),
+                Some(list) => {
+                    if list.is_empty() {
+                        errs.value(format!("{path}.nodes"), format!("application {:?} lists no nodes (leave `nodes` out to use all of the environment's)", app.name));
+                    }
+                    let mut sub = Vec::new();
+                    for (k, n) in list.iter().enumerate() {
+                        match members.iter().find(|m| &*nodes[m.node].name == n) {
+                            Some(m) => sub.push(*m),
+                            None => errs.reference(
+                                format!("{path}.nodes[{k}]"),
+                                format!("application {:?} uses node {n:?}, which is not one of environment {name:?}'s nodes", app.name),
+                            ),
+                        }
+                    }
+                    sub
+                }
+            };
+            apps.push(Application {
+                name: app.name.clone(),
+                version: app.version.clone(),
+                prefix,
+                pool: intern_pool(&mut pools, app_members),
+            });
+        }
+        if env.apps.is_empty() {
+            apps.push(Application {
+                name: String::new(),
+                version: String::new(),
+                prefix: "/".into(),
+                pool: intern_pool(&mut pools, members.clone()),
+            });
+        }
+        apps.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+
+        let canary = env
+            .canary
+            .as_ref()
+            .and_then(|c| canary(&at, c, &env_ids, &mut errs));
+        let tenants = env
+            .tenants
+            .as_ref()
+            .and_then(|t| tenants(&at, t, &env_ids, &mut errs));
+
+        let retries = match env.retries {
+            Some(r) if r > MAX_RETRIES => {
+                errs.value(
+                    format!("{at}.retries"),
+                    format!("retries {r} is above the maximum of {MAX_RETRIES}"),
+                );
+                r
+            }
+            Some(r) => r,
+            None => defaults.retries,
+        };
+        let max_in_flight = env
+            .limits
+            .as_ref()
+            .and_then(|l| max_in_flight(&format!("{at}.limits"), l, &mut errs))
+            .unwrap_or(defaults.max_in_flight);
+
+        environments.push(Arc::new(Environment {
+            name: Arc::from(name.as_str()),
+            labels: env.labels.clone(),
+            entries: env_entries,
+            apps,
+            canary,
+            tenants,
+            retries,
+            max_in_flight,
+            in_flight: AtomicUsize::new(0),
+            bodies: EnvBodies::new(name),
+        }));
+    }
+
+    redirect_cycles(&raw, &mut errs);
+
+    if errs.0.is_empty() {
+        Ok(Topology {
+            generation: 0,
+            base_dir: base_dir.to_path_buf(),
+            listeners,
+            control,
+            defaults,
+            nodes,
+            environments,
+            pools,
+            entries,
+        })
+    } else {
+        Err(errs.0)
+    }
+}
+
+fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    let v: Vec<String> = items.map(|i| i.to_string()).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A valid HTTP header or cookie name (RFC 9110 token).
+fn valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn intern_pool(pools: &mut Vec<Pool>, members: Vec<Member>) -> PoolId {
+    let pool = Pool { members };
+    if let Some(i) = pools.iter().position(|p| *p == pool) {
+        return i;
+    }
+    pools.push(pool);
+    pools.len() - 1
+}
+
+fn listeners(raw: &[RawListener], base: &Path, errs: &mut Errors) -> Vec<ListenerSpec> {
+    let mut out = Vec::new();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
+    for (i, l) in raw.iter().enumerate() {
+        let at = format!("listeners[{i}]");
+        if !valid_name(&l.name) {
+            errs.value(
+                format!("{at}.name"),
+                format!(
+                    "listener name {:?} must be letters, digits, '-', '_' or '.'",
+                    l.name
+                ),
+            );
+        }
+        if let Some(j) = names.insert(&l.name, i) {
+            errs.conflict(
+                format!("{at}.name"),
+                format!(
+                    "listener name {:?} is used by listeners[{j}] and listeners[{i}]",
+                    l.name
+                ),
+            );
+        }
+        let bind = match l.bind.parse::<SocketAddr>() {
+            Ok(b) => b,
+            Err(_) => {
+                errs.value(
+                    format!("{at}.bind"),
+                    format!(
+                        "bind {:?} is not an address and port such as 0.0.0.0:8080",
+                        l.bind
+                    ),
+                );
+                continue;
+            }
+        };
+        if let Some(j) = binds.insert(bind, i) {
+            errs.conflict(
+                format!("{at}.bind"),
+                format!(
+                    "listeners {:?} (listeners[{j}]) and {:?} both bind {bind}",
+                    raw[j].name, l.name
+                ),
+            );
+        }
+        let tls = l.tls.as_ref().map(|t| {
+            if t.certificates.is_empty() {
+                errs.value(
+                    format!("{at}.tls.certificates"),
+                    "a TLS listener needs at least one certificate",
+                );
+            }
+            let mut certificates = Vec::new();
+            for (k, c) in t.certificates.iter().enumerate() {
+                let cert = existing_file(
+                    base,
+                    &c.cert,
+                    &format!("{at}.tls.certificates[{k}].cert"),
+                    errs,
+                );
+                let key = existing_file(
+                    base,
+                    &c.key,
+                    &format!("{at}.tls.certificates[{k}].key"),
+                    errs,
+                );
+                certificates.push((cert, key));
+            }
+            TlsSpec { certificates }
+        });
+        out.push(ListenerSpec {
+            name: l.name.clone(),
+            bind,
+            tls,
+        });
+    }
+    out
+}
+
+fn existing_file(base: &Path, file: &str, at: &str, errs: &mut Errors) -> PathBuf {
+    let path = base.join(file);
+    if !path.is_file() {
+        errs.value(
+            at,
+            format!(
+                "file {} does not exist (paths are relative to the topology file's directory)",
+                path.display()
+            ),
+        );
+    }
+    path
+}
+
+fn control(c: &RawControl, base: &Path, errs: &mut Errors) -> Option<ControlSpec> {
+    let bind = match c.bind.parse::<SocketAddr>() {
+        Ok(b) => b,
+        Err(_) => {
+            errs.value(
+                "control.bind",
+                format!(
+                    "bind {:?} is not an address and port such as 127.0.0.1:9090",
+                    c.bind
+                ),
+            );
+            return None;
+        }
+    };
+    let token_file = c
+        .token_file
+        .as_ref()
+        .map(|t| existing_file(base, t, "control.token_file", errs));
+    if token_file.is_none() && !bind.ip().is_loopback() {
+        errs.value(
+            "control.bind",
+            format!("control endpoint on non-loopback address {bind} needs a token_file: without a token anyone who reaches it could read the topology"),
+        );
+    }
+    Some(ControlSpec { bind, token_file })
+}
+
+fn duration(
+    at: &str,
+    s: &Option<String>,
+    default: std::time::Duration,
+    errs: &mut Errors,
+) -> std::time::Duration {
+    match s {
+        None => default,
+        Some(s) => match parse_duration(s) {
+            Ok(d) if d.is_zero() => {
+                errs.value(at, format!("{s:?} must be longer than zero"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                errs.value(at, e);
+                default
+            }
+        },
+    }
+}
+
+fn health(at: &str, raw: &RawHealth, base: &HealthSpec, errs: &mut Errors) -> HealthSpec {
+    let mut h = base.clone();
+    if let Some(kind) = &raw.kind {
+        h.kind = match kind.as_str() {
+            "http" => CheckKind::Http,
+            "tcp" => CheckKind::Tcp,
+            other => {
+                errs.value(
+                    format!("{at}.type"),
+                    format!("check type {other:?} is not one of http, tcp"),
+                );
+                h.kind
+            }
+        };
+    }
+    if let Some(p) = &raw.path {
+        if !p.starts_with('/') {
+            errs.value(
+                format!("{at}.path"),
+                format!("health path {p:?} must start with '/'"),
+            );
+        }
+        h.path = p.clone();
+    }
+    h.interval = duration(&format!("{at}.interval"), &raw.interval, h.interval, errs);
+    h.timeout = duration(&format!("{at}.timeout"), &raw.timeout, h.timeout, errs);
+    if h.timeout > h.interval {
+        errs.value(
+            format!("{at}.timeout"),
+            format!(
+                "health timeout {:?} is longer than the interval {:?}",
+                h.timeout, h.interval
+            ),
+        );
+    }
+    for (key, v, slot) in [
+        ("rise", raw.rise, &mut h.rise),
+        ("fall", raw.fall, &mut h.fall),
+    ] {
+        if let Some(v) = v {
+            if v == 0 || v > 100 {
+                errs.value(
+                    format!("{at}.{key}"),
+                    format!("{key} {v} must be from 1 to 100"),
+                );
+            }
+            *slot = v;
+        }
+    }
+    if let Some(e) = &raw.expect {
+        match parse_status_range(e) {
+            Some(r) => h.expect = r,
+            None => errs.value(
+                format!("{at}.expect"),
+                format!("expect {e:?} must be a status or a range such as 200-399"),
+            ),
+        }
+    }
+    if let Some(j) = raw.jitter {
+        if !(0.0..=50.0).contains(&j) {
+            errs.value(
+                format!("{at}.jitter"),
+                format!("jitter {j} must be a percent from 0 to 50"),
+            );
+        }
+        h.jitter = j;
+    }
+    if let Some(t) = raw.trust_unknown {
+        h.trust_unknown = t;
+    }
+    h
+}
+
+fn parse_status_range(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let (a, b): (u16, u16) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    ((100..=599).contains(&a) && (100..=599).contains(&b) && a <= b).then_some((a, b))
+}
+
+fn max_in_flight(at: &str, l: &RawLimits, errs: &mut Errors) -> Option<usize> {
+    match l.max_in_flight {
+        Some(0) => {
+            errs.value(
+                format!("{at}.max_in_flight"),
+                "max_in_flight must be at least 1",
+            );
+            None
+        }
+        Some(n) => Some(n as usize),
+        None => None,
+    }
+}
+
+fn defaults(raw: &RawDefaults, errs: &mut Errors) -> Defaults {
+    let health = raw
+        .health
+        .as_ref()
+        .map(|h| health("defaults.health", h, &HealthSpec::default(), errs))
+        .unwrap_or_default();
+    let base = Timeouts::default();
+    let timeouts = match &raw.timeouts {
+        None => base,
+        Some(t) => {
+            let at = |k: &str| format!("defaults.timeouts.{k}");
+            Timeouts {
+                connect: duration(&at("connect"), &t.connect, base.connect, errs),
+                response_header: duration(
+                    &at("response_header"),
+                    &t.response_header,
+                    base.response_header,
+                    errs,
+                ),
+                idle: duration(&at("idle"), &t.idle, base.idle, errs),
+                client_header: duration(
+                    &at("client_header"),
+                    &t.client_header,
+                    base.client_header,
+                    errs,
+                ),
+                upstream_idle: duration(
+                    &at("upstream_idle"),
+                    &t.upstream_idle,
+                    base.upstream_idle,
+                    errs,
+                ),
+                drain: duration(&at("drain"), &t.drain, base.drain, errs),
+            }
+        }
+    };
+    let retries = raw.retries.unwrap_or(2);
+    if retries > MAX_RETRIES {
+        errs.value(
+            "defaults.retries",
+            format!("retries {retries} is above the maximum of {MAX_RETRIES}"),
+        );
+    }
+    let max_in_flight = raw
+        .limits
+        .as_ref()
+        .and_then(|l| max_in_flight("defaults.limits", l, errs))
+        .unwrap_or(10_000);
+    let mut trusted_proxies = Vec::new();
+    for (i, c) in raw.trusted_proxies.iter().enumerate() {
+        match parse_cidr(c) {
+            Some(cidr) => trusted_proxies.push(cidr),
+            None => errs.value(
+                format!("defaults.trusted_proxies[{i}]"),
+                format!("{c:?} is not an address or network such as 10.0.0.0/8"),
+            ),
+        }
+    }
+    Defaults {
+        health,
+        timeouts,
+        retries,
+        max_in_flight,
+        trusted_proxies,
+    }
+}
+
+fn parse_cidr(s: &str) -> Option<Cidr> {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
+        None => (s.parse::<IpAddr>().ok()?, None),
+    };
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = prefix.unwrap_or(max);
+    (prefix <= max).then_some(Cidr { addr, prefix })
+}
+
+fn weight(at: &str, w: Option<i64>, default: u32, errs: &mut Errors) -> u32 {
+    match w {
+        None => default,
+        Some(w) if (1..=MAX_WEIGHT).contains(&w) => w as u32,
+        Some(w) => {
+            errs.value(
+                at,
+                format!(
+                    "weight {w} must be from 1 to {MAX_WEIGHT} (drain a node to stop its traffic)"
+                ),
+            );
+            default
+        }
+    }
+}
+
+fn nodes(
+    raw: &RawTopology,
+    defaults: &Defaults,
+    registry: &NodeRegistry,
+    errs: &mut Errors,
+) -> (Vec<Node>, HashMap<String, NodeId>) {
+    let mut out = Vec::new();
+    let mut ids = HashMap::new();
+    let mut by_addr: HashMap<SocketAddr, String> = HashMap::new();
+    for (name, n) in &raw.nodes {
+        let at = format!("nodes.{name}");
+        if !valid_name(name) {
+            errs.value(
+                &at,
+                format!("node name {name:?} must be letters, digits, '-', '_' or '.'"),
+            );
+        }
+        let addr = match n.address.parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 => a,
+            _ => {
+                errs.value(
+                    format!("{at}.address"),
+                    format!("address {:?} must be an IP address and a port such as 10.0.0.11:8000 (host names are not resolved)", n.address),
+                );
+                continue;
+            }
+        };
+        if let Some(other) = by_addr.insert(addr, name.clone()) {
+            errs.conflict(format!("{at}.address"), format!("nodes {other:?} and {name:?} both have address {addr}; define a node once and use it in several environments"));
+        }
+        let weight = weight(&format!("{at}.weight"), n.weight, 1, errs);
+        if n.max_connections == Some(0) {
+            errs.value(
+                format!("{at}.max_connections"),
+                "max_connections must be at least 1",
+            );
+        }
+        let health = match &n.health {
+            Some(h) => health(&format!("{at}.health"), h, &defaults.health, errs),
+            None => defaults.health.clone(),
+        };
+        let state = registry.state(name, addr, health.trust_unknown);
+        ids.insert(name.clone(), out.len());
+        out.push(Node {
+            name: Arc::from(name.as_str()),
+            addr,
+            weight,
+            backup: n.backup.unwrap_or(false),
+            zone: n.zone.clone(),
+            labels: n.labels.clone(),
+            max_connections: n.max_connections,
+            health,
+            state,
+        });
+    }
+    (out, ids)
+}
+
+fn env_members(
+    at: &str,
+    env: &RawEnvironment,
+    nodes: &[Node],
+    ids: &HashMap<String, NodeId>,
+    errs: &mut Errors,
+) -> Vec<Member> {
+    let list: Vec<(String, RawEnvNode)> = match &env.nodes {
+        RawEnvNodes::List(l) => l
+            .iter()
+            .map(|n| (n.clone(), RawEnvNode::default()))
+            .collect(),
+        RawEnvNodes::Map(m) => m
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+            .collect(),
+    };
+    let is_list = matches!(env.nodes, RawEnvNodes::List(_));
+    let mut members = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    for (i, (name, over)) in list.iter().enumerate() {
+        let path = if is_list {
+            format!("{at}.nodes[{i}]")
+        } else {
+            format!("{at}.nodes.{name}")
+        };
+        if !seen.insert(name) {
+            errs.conflict(&path, format!("node {name:?} is listed twice"));
+            continue;
+        }
+        let Some(&id) = ids.get(name) else {
+            errs.reference(
+                &path,
+                format!("node {name:?} is not defined (define it under `nodes`)"),
+            );
+            continue;
+        };
+        let w = weight(
+            &format!("{path}.weight"),
+            over.weight,
+            nodes[id].weight,
+            errs,
+        );
+        members.push(Member {
+            node: id,
+            weight: w,
+            backup: over.backup.unwrap_or(nodes[id].backup),
+        });
+    }
+    if list.is_empty() {
+        errs.value(
+            format!("{at}.nodes"),
+            "an environment needs at least one node",
+        );
+    }
+    members
+}
+
+fn canary(
+    at: &str,
+    c: &RawCanary,
+    envs: &HashMap<&str, EnvId>,
+    errs: &mut Errors,
+) -> Option<Canary> {
+    let at = format!("{at}.canary");
+    let target = envs.get(c.environment.as_str()).copied();
+    if target.is_none() {
+        errs.reference(
+            format!("{at}.environment"),
+            format!("canary environment {:?} is not defined", c.environment),
+        );
+    }
+    if !(c.weight.is_finite() && (0.0..=100.0).contains(&c.weight)) {
+        errs.value(
+            format!("{at}.weight"),
+            format!("canary weight {} must be a percent from 0 to 100", c.weight),
+        );
+    }
+    for (key, v) in [
+        ("header", &c.header),
+        ("cookie", &c.cookie),
+        ("hash_header", &c.hash_header),
+    ] {
+        if let Some(v) = v {
+            if !valid_token(v) {
+                errs.value(
+                    format!("{at}.{key}"),
+                    format!("{v:?} is not a valid {key} name"),
+                );
+            }
+        }
+    }
+    Some(Canary {
+        environment: target?,
+        weight: c.weight,
+        header: c.header.clone(),
+        cookie: c.cookie.clone(),
+        hash_header: c.hash_header.clone(),
+    })
+}
+
+fn tenants(
+    at: &str,
+    t: &RawTenants,
+    envs: &HashMap<&str, EnvId>,
+    errs: &mut Errors,
+) -> Option<Tenants> {
+    let at = format!("{at}.tenants");
+    let k = &t.key;
+    let set = [
+        k.header.is_some(),
+        k.host_label.is_some(),
+        k.path_segment.is_some(),
+        k.query.is_some(),
+    ];
+    let key = match set.iter().filter(|s| **s).count() {
+        1 => {
+            if let Some(h) = &k.header {
+                if !valid_token(h) {
+                    errs.value(
+                        format!("{at}.key.header"),
+                        format!("{h:?} is not a valid header name"),
+                    );
+                }
+                TenantKey::Header(h.clone())
+            } else if let Some(l) = k.host_label {
+                TenantKey::HostLabel(l)
+            } else if let Some(s) = k.path_segment {
+                if s == 0 {
+                    errs.value(
+                        format!("{at}.key.path_segment"),
+                        "path segments are counted from 1",
+                    );
+                }
+                TenantKey::PathSegment(s)
+            } else {
+                let q = k.query.clone().unwrap_or_default();
+                if q.is_empty() {
+                    errs.value(
+                        format!("{at}.key.query"),
+                        "the query parameter needs a name",
+                    );
+                }
+                TenantKey::Query(q)
+            }
+        }
+        _ => {
+            errs.value(
+                format!("{at}.key"),
+                "give exactly one of header, host_label, path_segment, query",
+            );
+            return None;
+        }
+    };
+    if t.ranges.is_empty() {
+        errs.value(
+            format!("{at}.ranges"),
+            "a tenant rule needs at least one range",
+        );
+    }
+    let mut ranges = Vec::new();
+    let mut ok = true;
+    for (i, r) in t.ranges.iter().enumerate() {
+        let path = format!("{at}.ranges[{i}]");
+        if r.from > r.to {
+            errs.value(
+                &path,
+                format!("range {}-{} starts after it ends", r.from, r.to),
+            );
+            ok = false;
+        }
+        match envs.get(r.environment.as_str()) {
+            Some(&env) => ranges.push((r.from, r.to, env, i)),
+            None => {
+                errs.reference(
+                    format!("{path}.environment"),
+                    format!("environment {:?} is not defined", r.environment),
+                );
+                ok = false;
+            }
+        }
+    }
+    ranges.sort_by_key(|r| (r.0, r.1));
+    for w in ranges.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        if b.0 <= a.1 {
+            errs.conflict(
+                format!("{at}.ranges[{}]", b.3.max(a.3)),
+                format!(
+                    "tenant ranges {}-{} ({at}.ranges[{}]) and {}-{} ({at}.ranges[{}]) overlap",
+                    a.0, a.1, a.3, b.0, b.1, b.3
+                ),
+            );
+            ok = false;
+        }
+    }
+    ok.then(|| Tenants {
+        key,
+        required: t.required,
+        ranges: ranges.into_iter().map(|(f, t, e, _)| (f, t, e)).collect(),
+    })
+}
+
+/// Canary and tenant redirects form a graph over environments; it must have no cycle.
+fn redirect_cycles(raw: &RawTopology, errs: &mut Errors) {
+    let names: Vec<&str> = raw.environments.keys().map(|k| k.as_str()).collect();
+    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    // edges[i] = (target, why)
+    let mut edges: Vec<Vec<(usize, String)>> = vec![Vec::new(); names.len()];
+    for (i, env) in raw.environments.values().enumerate() {
+        if let Some(c) = &env.canary {
+            if let Some(&t) = index.get(c.environment.as_str()) {
+                edges[i].push((t, "canary".into()));
+            }
+        }
+        if let Some(t) = &env.tenants {
+            for r in &t.ranges {
+                if let Some(&e) = index.get(r.environment.as_str()) {
+                    if !edges[i].iter().any(|(x, _)| *x == e) {
+                        edges[i].push((e, format!("tenant range {}-{}", r.from, r.to)));
+                    }
+                }
+            }
+        }
+    }
+    // Iterative DFS with colours; report each cycle once, at the environment where it closes.
+    #[derive(Clone, Copy, PartialEq)]
+    enum C {
+        White,
+        Grey,
+        Black,
+    }
+    let mut colour = vec![C::White; names.len()];
+    let mut reported: HashSet<Vec<usize>> = HashSet::new();
+    for start in 0..names.len() {
+        if colour[start] != C::White {
+            continue;
+        }
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        colour[start] = C::Grey;
+        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+            if *next < edges[node].len() {
+                let (target, _) = &edges[node][*next];
+                let target = *target;
+                *next += 1;
+                match colour[target] {
+                    C::White => {
+                        colour[target] = C::Grey;
+                        stack.push((target, 0));
+                    }
+                    C::Grey => {
+                        let from = stack.iter().position(|(n, _)| *n == target).unwrap_or(0);
+                        let cycle: Vec<usize> = stack[from..].iter().map(|(n, _)| *n).collect();
+                        let mut key = cycle.clone();
+                        key.sort();
+                        if reported.insert(key) {
+                            let mut text = String::new();
+                            for (k, n) in cycle.iter().enumerate() {
+                                let to = cycle.get(k + 1).copied().unwrap_or(target);
+                                let why = &edges[*n]
+                                    .iter()
+                                    .find(|(t, _)| *t == to)
+                                    .map(|e| e.1.as_str())
+                                    .unwrap_or("");
+                                text.push_str(&format!("{} -({why})-> ", names[*n]));
+                            }
+                            text.push_str(names[target]);
+                            errs.conflict(
+                                format!("environments.{}", names[cycle[0]]),
+                                format!("redirects form a cycle: {text}"),
+                            );
+                        }
+                    }
+                    C::Black => {}
+                }
+            } else {
+                colour[node] = C::Black;
+                stack.pop();
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! envgate: a layer-7 load balancer and router for applications that run in several
+//! runtime environments.
+//!
+//! Module map:
+//! - `config`    topology documents: serde mirror (`raw`), validation and compilation
+//! - `topology`  the validated, immutable model and its lookup tables
+//! - `routing`   entry resolution (Host and port -> environment)
+//! - `balance`   smooth weighted round-robin and the failover order of candidates
+//! - `health`    per-node state (health, drain) carried across reloads
+//! - `proxy`     listeners, the per-request handler, upstream connection pools
+//! - `server`    `run()`: workers, signals, graceful drain
+//! - `demo`      `envgate demo`: demo nodes and topology on loopback
+#![forbid(unsafe_code)]
+
+pub mod balance;
+pub mod config;
+pub mod health;
+pub mod routing;
+pub mod topology;

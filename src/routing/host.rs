@@ -1,0 +1,273 @@
+//! Entry resolution: (Host, local port) -> environment.
+//!
+//! Precedence (DESIGN.md): exact host, then the longest matching wildcard, then the
+//! port-wide entry. The Host's own port, its case and a trailing dot are ignored. Lookups
+//! cost one hash probe for the port, one for the exact host and one per dot in the host
+//! for wildcards, whatever the number of entries; they allocate nothing (the host is
+//! lowercased into a stack buffer).
+
+use rustc_hash::FxHashMap;
+
+use crate::topology::EnvId;
+
+/// Longest host name we look up (RFC 1035: 253 characters, plus slack for a dot).
+const MAX_HOST: usize = 255;
+
+/// One parsed entry address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EntryHost {
+    /// `company.com:443` (stored lowercased, without a trailing dot).
+    Exact(String),
+    /// `*.company.com:443`, stored as the suffix `.company.com`.
+    Wildcard(String),
+    /// `:8083`, the whole port.
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Entry {
+    pub host: EntryHost,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.host {
+            EntryHost::Exact(h) if h.contains(':') => write!(f, "[{h}]:{}", self.port),
+            EntryHost::Exact(h) => write!(f, "{h}:{}", self.port),
+            EntryHost::Wildcard(s) => write!(f, "*{s}:{}", self.port),
+            EntryHost::Any => write!(f, ":{}", self.port),
+        }
+    }
+}
+
+impl Entry {
+    /// Parses `host:port`, `*.suffix:port`, `[v6]:port` or `:port`.
+    pub fn parse(s: &str) -> Result<Entry, String> {
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, p) = rest
+                .split_once("]:")
+                .ok_or_else(|| format!("entry {s:?}: expected [ipv6]:port"))?;
+            (h, p)
+        } else {
+            s.rsplit_once(':')
+                .ok_or_else(|| format!("entry {s:?}: expected host:port or :port"))?
+        };
+        let port: u16 =
+            port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+                format!("entry {s:?}: port {port:?} is not a number from 1 to 65535")
+            })?;
+        if host.is_empty() {
+            return Ok(Entry {
+                host: EntryHost::Any,
+                port,
+            });
+        }
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        if let Some(suffix) = host.strip_prefix('*') {
+            if !suffix.starts_with('.') || suffix.len() < 2 || !valid_host(&suffix[1..]) {
+                return Err(format!(
+                    "entry {s:?}: a wildcard must be \"*.\" followed by a host name"
+                ));
+            }
+            return Ok(Entry {
+                host: EntryHost::Wildcard(suffix.to_string()),
+                port,
+            });
+        }
+        if !valid_host(&host) && host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("entry {s:?}: {host:?} is not a valid host name"));
+        }
+        Ok(Entry {
+            host: EntryHost::Exact(host),
+            port,
+        })
+    }
+}
+
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+#[derive(Debug, Default)]
+struct PortTable {
+    exact: FxHashMap<Box<str>, EnvId>,
+    /// Keyed by the suffix with its leading dot: `.company.com`.
+    wildcard: FxHashMap<Box<str>, EnvId>,
+    any: Option<EnvId>,
+}
+
+/// Compiled entry addresses of a topology.
+#[derive(Debug, Default)]
+pub struct EntryTable {
+    ports: FxHashMap<u16, PortTable>,
+}
+
+impl EntryTable {
+    /// Adds an entry; returns the environment that already holds it, if any.
+    pub fn insert(&mut self, entry: &Entry, env: EnvId) -> Result<(), EnvId> {
+        let table = self.ports.entry(entry.port).or_default();
+        let slot = match &entry.host {
+            EntryHost::Exact(h) => table.exact.entry(h.as_str().into()),
+            EntryHost::Wildcard(s) => table.wildcard.entry(s.as_str().into()),
+            EntryHost::Any => {
+                return match table.any {
+                    Some(other) => Err(other),
+                    None => {
+                        table.any = Some(env);
+                        Ok(())
+                    }
+                }
+            }
+        };
+        match slot {
+            std::collections::hash_map::Entry::Occupied(o) => Err(*o.get()),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(env);
+                Ok(())
+            }
+        }
+    }
+
+    /// The ports that entries use.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.ports.keys().copied()
+    }
+
+    /// Resolves a request. `host` is the Host header or the `:authority` as sent (any
+    /// case, optional port, optional trailing dot); `None` when the request had none.
+    #[inline]
+    pub fn lookup(&self, host: Option<&[u8]>, port: u16) -> Option<EnvId> {
+        let table = self.ports.get(&port)?;
+        if let Some(raw) = host {
+            let mut buf = [0u8; MAX_HOST];
+            if let Some(host) = normalise(raw, &mut buf) {
+                if let Some(env) = table.exact.get(host) {
+                    return Some(*env);
+                }
+                if !table.wildcard.is_empty() {
+                    // Each dot starts a shorter suffix: the first one found is the longest.
+                    let bytes = host.as_bytes();
+                    for i in 1..bytes.len() {
+                        if bytes[i] == b'.' {
+                            if let Some(env) = table.wildcard.get(&host[i..]) {
+                                return Some(*env);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        table.any
+    }
+}
+
+/// Strips the port and a trailing dot, lowercases into `buf`. `None` when the host is
+/// too long or not ASCII (no entry can match it).
+#[inline]
+fn normalise<'a>(raw: &[u8], buf: &'a mut [u8; MAX_HOST]) -> Option<&'a str> {
+    let host = if raw.first() == Some(&b'[') {
+        // [v6]:port or [v6]
+        let end = raw.iter().position(|b| *b == b']')?;
+        &raw[1..end]
+    } else {
+        match raw.iter().rposition(|b| *b == b':') {
+            Some(i) => &raw[..i],
+            None => raw,
+        }
+    };
+    let host = host.strip_suffix(b".").unwrap_or(host);
+    if host.len() > MAX_HOST {
+        return None;
+    }
+    let out = &mut buf[..host.len()];
+    for (o, b) in out.iter_mut().zip(host) {
+        if !b.is_ascii() {
+            return None;
+        }
+        *o = b.to_ascii_lowercase();
+    }
+    // Checked ASCII above.
+    std::str::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(entries: &[(&str, EnvId)]) -> EntryTable {
+        let mut t = EntryTable::default();
+        for (e, env) in entries {
+            t.insert(&Entry::parse(e).unwrap(), *env).unwrap();
+        }
+        t
+    }
+
+    #[test]
+    fn precedence_exact_then_longest_wildcard_then_port() {
+        let t = table(&[
+            ("a.company.com:80", 1),
+            ("*.company.com:80", 2),
+            ("*.eu.company.com:80", 3),
+            (":80", 4),
+        ]);
+        assert_eq!(t.lookup(Some(b"a.company.com"), 80), Some(1));
+        assert_eq!(t.lookup(Some(b"b.company.com"), 80), Some(2));
+        assert_eq!(t.lookup(Some(b"x.eu.company.com"), 80), Some(3));
+        assert_eq!(t.lookup(Some(b"y.x.eu.company.com"), 80), Some(3));
+        assert_eq!(t.lookup(Some(b"company.com"), 80), Some(4));
+        assert_eq!(t.lookup(Some(b"other.org"), 80), Some(4));
+        assert_eq!(t.lookup(None, 80), Some(4));
+        assert_eq!(t.lookup(Some(b"a.company.com"), 81), None);
+    }
+
+    #[test]
+    fn host_port_case_and_trailing_dot_are_ignored() {
+        let t = table(&[("Company.COM:8080", 7), ("[::1]:8080", 8)]);
+        for h in [
+            &b"company.com"[..],
+            b"COMPANY.com:8080",
+            b"company.com.",
+            b"company.com.:1234",
+        ] {
+            assert_eq!(
+                t.lookup(Some(h), 8080),
+                Some(7),
+                "{:?}",
+                std::str::from_utf8(h)
+            );
+        }
+        assert_eq!(t.lookup(Some(b"[::1]:8080"), 8080), Some(8));
+        assert_eq!(t.lookup(Some(b"company.co"), 8080), None);
+        assert_eq!(t.lookup(Some("cömpany.com".as_bytes()), 8080), None);
+    }
+
+    #[test]
+    fn duplicate_is_reported_with_holder() {
+        let mut t = table(&[("a.com:80", 1), (":81", 2)]);
+        assert_eq!(t.insert(&Entry::parse("A.com.:80").unwrap(), 3), Err(1));
+        assert_eq!(t.insert(&Entry::parse(":81").unwrap(), 3), Err(2));
+    }
+
+    #[test]
+    fn bad_entries_are_refused() {
+        for e in [
+            "company.com",
+            "a.com:0",
+            "a.com:x",
+            "*company.com:80",
+            "a b:80",
+            "*.:80",
+        ] {
+            assert!(Entry::parse(e).is_err(), "{e}");
+        }
+    }
+}

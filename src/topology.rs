@@ -1,0 +1,308 @@
+//! The validated, immutable topology and its compiled lookup tables.
+//!
+//! A `Topology` is built once by `config::validate` (off the hot path), then published
+//! whole through an `ArcSwap`; requests read it and never write it. Indices (`NodeId`,
+//! `EnvId`, `PoolId`) are positions in this snapshot's vectors and mean nothing across
+//! snapshots. The only shared mutable state reachable from here is per-node health
+//! (`NodeState`, owned by the `NodeRegistry` and carried across reloads by node identity)
+//! and the per-environment in-flight counter.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use indexmap::IndexMap;
+
+use crate::health::NodeState;
+use crate::routing::host::EntryTable;
+
+pub type NodeId = usize;
+pub type EnvId = usize;
+pub type PoolId = usize;
+
+#[derive(Debug)]
+pub struct Topology {
+    /// Bumped by every apply; 0 until the first apply.
+    pub generation: u64,
+    /// Directory that relative paths in the document are resolved against.
+    pub base_dir: PathBuf,
+    pub listeners: Vec<ListenerSpec>,
+    pub control: Option<ControlSpec>,
+    pub defaults: Defaults,
+    pub nodes: Vec<Node>,
+    pub environments: Vec<Arc<Environment>>,
+    pub pools: Vec<Pool>,
+    pub entries: EntryTable,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub tls: Option<TlsSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsSpec {
+    pub certificates: Vec<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlSpec {
+    pub bind: SocketAddr,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub health: HealthSpec,
+    pub timeouts: Timeouts,
+    pub retries: u32,
+    pub max_in_flight: usize,
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckKind {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthSpec {
+    pub kind: CheckKind,
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Inclusive range of statuses that pass.
+    pub expect: (u16, u16),
+    /// Percent of the interval.
+    pub jitter: f64,
+    pub trust_unknown: bool,
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        HealthSpec {
+            kind: CheckKind::Http,
+            path: "/healthz".into(),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            expect: (200, 399),
+            jitter: 10.0,
+            trust_unknown: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub response_header: Duration,
+    /// Client keep-alive idle time.
+    pub idle: Duration,
+    /// Time a client has to send a whole request head.
+    pub client_header: Duration,
+    /// How long an idle pooled upstream connection may be reused.
+    pub upstream_idle: Duration,
+    /// Bound on the graceful drain at shutdown.
+    pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(2),
+            response_header: Duration::from_secs(30),
+            idle: Duration::from_secs(60),
+            client_header: Duration::from_secs(10),
+            upstream_idle: Duration::from_secs(4),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An IPv4 or IPv6 network, for `trusted_proxies`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub name: Arc<str>,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub backup: bool,
+    pub zone: Option<String>,
+    pub labels: IndexMap<String, String>,
+    pub max_connections: Option<u32>,
+    pub health: HealthSpec,
+    /// Health and drain, shared with the checker and carried across reloads.
+    pub state: Arc<NodeState>,
+}
+
+#[derive(Debug)]
+pub struct Environment {
+    pub name: Arc<str>,
+    pub labels: IndexMap<String, String>,
+    /// Entry addresses as written (normalised), for status and explain.
+    pub entries: Vec<String>,
+    /// Applications, longest prefix first.
+    pub apps: Vec<Application>,
+    pub canary: Option<Canary>,
+    pub tenants: Option<Tenants>,
+    pub retries: u32,
+    pub max_in_flight: usize,
+    /// Requests of this environment now being served (all workers).
+    pub in_flight: AtomicUsize,
+    /// Pre-built JSON bodies of envgate's own answers for this environment, so the hot
+    /// path formats nothing.
+    pub bodies: EnvBodies,
+}
+
+#[derive(Debug)]
+pub struct EnvBodies {
+    pub no_healthy_node: Bytes,
+    pub over_limit: Bytes,
+    pub bad_gateway: Bytes,
+    pub gateway_timeout: Bytes,
+}
+
+impl EnvBodies {
+    pub fn new(env: &str) -> Self {
+        let env = serde_json::to_string(env).expect("a string always serialises");
+        let body =
+            |error: &str| Bytes::from(format!(r#"{{"error":"{error}","environment":{env}}}"#));
+        EnvBodies {
+            no_healthy_node: body("no_healthy_node"),
+            over_limit: body("over_limit"),
+            bad_gateway: body("bad_gateway"),
+            gateway_timeout: body("gateway_timeout"),
+        }
+    }
+}
+
+impl Environment {
+    /// The application owning `path`: the longest prefix that matches on a segment
+    /// boundary (`/api` matches `/api` and `/api/x`, not `/apix`).
+    #[inline]
+    pub fn app_for(&self, path: &str) -> Option<&Application> {
+        self.apps.iter().find(|a| prefix_matches(&a.prefix, path))
+    }
+
+    /// Takes one in-flight slot, or `None` when the environment is at its limit.
+    #[inline]
+    pub fn try_enter(self: &Arc<Self>) -> Option<InFlight> {
+        // Relaxed: the counter guards a capacity, not other memory.
+        let prev = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if prev >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(InFlight(self.clone()))
+    }
+}
+
+/// One in-flight slot of an environment, given back on drop (when the response body ends
+/// or is abandoned).
+#[derive(Debug)]
+pub struct InFlight(Arc<Environment>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[inline]
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    let p = prefix.trim_end_matches('/');
+    path.starts_with(p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
+}
+
+#[derive(Debug)]
+pub struct Application {
+    /// Empty for the implicit application of an environment that lists none.
+    pub name: String,
+    pub version: String,
+    pub prefix: String,
+    pub pool: PoolId,
+}
+
+/// The candidate nodes of one application in one environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Member {
+    pub node: NodeId,
+    pub weight: u32,
+    pub backup: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Canary {
+    pub environment: EnvId,
+    /// Percent, fractions allowed.
+    pub weight: f64,
+    pub header: Option<String>,
+    pub cookie: Option<String>,
+    pub hash_header: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum TenantKey {
+    Header(String),
+    HostLabel(u32),
+    PathSegment(u32),
+    Query(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Tenants {
+    pub key: TenantKey,
+    pub required: bool,
+    /// Sorted by `from`, never overlapping.
+    pub ranges: Vec<(u64, u64, EnvId)>,
+}
+
+impl Topology {
+    pub fn env_by_name(&self, name: &str) -> Option<EnvId> {
+        self.environments.iter().position(|e| &*e.name == name)
+    }
+}
