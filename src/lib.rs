@@ -14,6 +14,9 @@
 
 pub mod balance;
 pub mod config;
+pub mod demo;
 pub mod health;
+pub mod proxy;
 pub mod routing;
+pub mod server;
 pub mod topology;

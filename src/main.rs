@@ -1,1 +1,185 @@
-fn main() {}
+//! The `envgate` command: `run`, `check` and `demo`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use envgate::config::{self, LoadError};
+use envgate::health::NodeRegistry;
+use envgate::server::{self, Options, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "envgate",
+    version,
+    about = "Layer-7 load balancer and router for runtime environments"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the topology in FILE.
+    Run {
+        /// The topology file.
+        #[arg(long, default_value = "config/envgate.yaml")]
+        config: PathBuf,
+        /// Worker threads (default: one per CPU; the WORKERS variable also sets it).
+        #[arg(long, env = "WORKERS")]
+        workers: Option<usize>,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Validate topology files without serving: exit 0 valid, 1 invalid, 2 unreadable.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run demo nodes and a demo topology on loopback, and print what to try.
+    Demo {
+        /// Port of the demo's host-routed listener; the port-wide one is this plus 3.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[arg(long, env = "WORKERS")]
+        workers: Option<usize>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { files } => check(&files),
+        Command::Run {
+            config,
+            workers,
+            log_format,
+        } => {
+            init_logging(log_format);
+            match run(config, workers.unwrap_or(0)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("envgate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo { port, workers } => {
+            init_logging(LogFormat::Text);
+            match envgate::demo::run(port, workers.unwrap_or(0)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("envgate demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check(files: &[PathBuf]) -> ExitCode {
+    let mut worst = 0u8;
+    for file in files {
+        match config::load_file(file, &NodeRegistry::default()) {
+            Ok(t) => println!(
+                "{}: ok ({} listeners, {} nodes, {} environments)",
+                file.display(),
+                t.listeners.len(),
+                t.nodes.len(),
+                t.environments.len()
+            ),
+            Err(LoadError::Invalid(errors)) => {
+                for e in errors {
+                    println!("{}: {e}", file.display());
+                }
+                worst = worst.max(1);
+            }
+            Err(LoadError::Parse(e)) => {
+                println!("{}: {e}", file.display());
+                worst = worst.max(1);
+            }
+            Err(e @ LoadError::Io { .. }) => {
+                eprintln!("{e}");
+                worst = 2;
+            }
+        }
+    }
+    ExitCode::from(worst)
+}
+
+fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
+    let registry = Arc::new(NodeRegistry::default());
+    let topology = config::load_file(&path, &registry)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut listeners = Vec::new();
+    for l in &topology.listeners {
+        let sock = server::bind(l.bind)
+            .with_context(|| format!("cannot bind listener {:?} on {}", l.name, l.bind))?;
+        listeners.push((l.name.clone(), sock));
+    }
+    tracing::info!(
+        config = %path.display(),
+        listeners = topology.listeners.len(),
+        nodes = topology.nodes.len(),
+        environments = topology.environments.len(),
+        "serving"
+    );
+    let server = server::start(topology, registry.clone(), listeners, Options { workers })?;
+    wait_for_signals(&server, &path, &registry)?;
+    tracing::info!("shutting down: draining connections");
+    server.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Blocks until SIGTERM or SIGINT; SIGHUP reloads the topology file.
+fn wait_for_signals(
+    server: &Server,
+    path: &std::path::Path,
+    registry: &NodeRegistry,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+                _ = hup.recv() => match config::load_file(path, registry) {
+                    Ok(t) => match server.apply(t) {
+                        Ok(generation) => tracing::info!(source = "signal", generation, "topology applied"),
+                        Err(e) => tracing::error!(source = "signal", error = %e, "topology refused; the running one stays"),
+                    },
+                    Err(e) => tracing::error!(source = "signal", error = %e, "topology refused; the running one stays"),
+                },
+            }
+        }
+    })
+}

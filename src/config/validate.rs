@@ -210,7 +210,7 @@ pub fn validate(
                 pool: intern_pool(&mut pools, members.clone()),
             });
         }
-        apps.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        apps.sort_by_key(|a| std::cmp::Reverse(a.prefix.len()));
 
         let canary = env
             .canary

@@ -4,6 +4,8 @@
 //! `NodeState`, so its health survives. The data plane only reads these atomics; the
 //! control plane (checkers, the drain entry point, passive detection) writes them.
 
+pub mod checker;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};

@@ -1,0 +1,136 @@
+//! `envgate demo`: a few demo nodes and a demo topology on loopback, with the curl lines
+//! that show each feature.
+//!
+//! The demo nodes are small HTTP servers that answer with their own name, so the output
+//! of each curl line shows where the request went.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use crate::config;
+use crate::health::NodeRegistry;
+use crate::server::{self, Options};
+
+const NODES: [&str; 5] = ["app-1", "app-2", "app-3", "test-1", "tools-1"];
+
+/// The demo topology, with `{NAME}` standing for each demo node's address and `{HTTP}` and
+/// `{PORTWIDE}` for the listener ports.
+const TOPOLOGY: &str = r#"version: 1
+listeners:
+  - { name: http, bind: "127.0.0.1:{HTTP}" }
+  - { name: portwide, bind: "127.0.0.1:{PORTWIDE}" }
+nodes:
+  app-1:   { address: "{app-1}", weight: 3 }
+  app-2:   { address: "{app-2}" }
+  app-3:   { address: "{app-3}", backup: true }
+  test-1:  { address: "{test-1}" }
+  tools-1: { address: "{tools-1}" }
+environments:
+  production:
+    labels: { stage: production }
+    entries: ["company.localhost:{HTTP}", "www.company.localhost:{HTTP}"]
+    nodes: [app-1, app-2, app-3]
+    apps:
+      - { name: shop, version: "1.1.0", path: / }
+      - { name: reports, version: "3.0.0", path: /reports, nodes: [app-2] }
+  testing:
+    labels: { stage: test }
+    entries: ["*.test.company.localhost:{HTTP}"]
+    nodes: [test-1]
+  tools:
+    entries: [":{PORTWIDE}"]
+    nodes: [tools-1]
+"#;
+
+pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
+    let portwide = port.checked_add(3).context("port too high")?;
+    // The demo nodes run on this thread's runtime while it waits for Ctrl-C.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut text = TOPOLOGY
+        .replace("{HTTP}", &port.to_string())
+        .replace("{PORTWIDE}", &portwide.to_string());
+    for name in NODES {
+        let addr = rt.block_on(demo_node(name))?;
+        text = text.replace(&format!("{{{name}}}"), &addr.to_string());
+    }
+    let registry = Arc::new(NodeRegistry::default());
+    let topology = config::parse(&text, std::path::Path::new("."), &registry)
+        .map_err(|e| anyhow::anyhow!("demo topology: {e}"))?;
+    let mut listeners = Vec::new();
+    for l in &topology.listeners {
+        let sock = server::bind(l.bind)
+            .with_context(|| format!("cannot bind {} (try `envgate demo --port N`)", l.bind))?;
+        listeners.push((l.name.clone(), sock));
+    }
+    let server = server::start(topology, registry, listeners, Options { workers })?;
+    let h = port;
+    println!("envgate demo: topology\n\n{text}");
+    println!("Try (each answer names the node that served it):\n");
+    println!("  # exact host entry -> production, app shop; weights 3:1 (app-3 is a backup)");
+    println!("  for i in 1 2 3 4 5 6 7 8; do curl -s -H 'Host: company.localhost' http://127.0.0.1:{h}/; done");
+    println!("  # path prefix /reports -> application reports, on app-2 only");
+    println!(
+        "  curl -s http://company.localhost:{h}/reports/q3   # *.localhost resolves to loopback"
+    );
+    println!("  # wildcard entry *.test.company.localhost -> testing");
+    println!("  curl -s -H 'Host: eu.test.company.localhost' http://127.0.0.1:{h}/");
+    println!("  # port-wide entry :{portwide} -> tools, whatever the host");
+    println!("  curl -s -H 'Host: anything.example' http://127.0.0.1:{portwide}/");
+    println!("  # no entry matches -> 404 JSON");
+    println!("  curl -si -H 'Host: nowhere.example' http://127.0.0.1:{h}/");
+    println!("  # headers the node receives (X-Forwarded-*, X-Request-Id)");
+    println!("  curl -s -H 'Host: company.localhost' http://127.0.0.1:{h}/headers");
+    println!("  # HTTP/2 cleartext");
+    println!(
+        "  curl -s --http2-prior-knowledge -H 'Host: company.localhost' http://127.0.0.1:{h}/"
+    );
+    println!("\nCtrl-C stops the demo.");
+    rt.block_on(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    server.shutdown();
+    Ok(())
+}
+
+/// Starts one demo node on an ephemeral loopback port.
+async fn demo_node(name: &'static str) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    let body = if req.uri().path() == "/headers" {
+                        let mut s = format!("{name} received:\n");
+                        for (k, v) in req.headers() {
+                            s.push_str(&format!(
+                                "  {k}: {}\n",
+                                String::from_utf8_lossy(v.as_bytes())
+                            ));
+                        }
+                        s
+                    } else {
+                        format!("{name}: {} {}\n", req.method(), req.uri())
+                    };
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}

@@ -1,0 +1,245 @@
+//! Active health checks: one task per node, whatever the number of environments that use
+//! it, on the control thread.
+//!
+//! Each check is an HTTP GET of the node's health path on a fresh connection (or a bare
+//! TCP connect for `type: tcp`), bounded by the check timeout. `rise` consecutive passes
+//! bring a down node up, `fall` consecutive failures take an up node down; a node not yet
+//! checked is `Unknown` and comes up on its first pass (it goes down on its first failure
+//! unless `trust_unknown` lets it serve meanwhile). Checks start at a random point of the
+//! first interval and each interval moves by up to `jitter` percent, so the checks of many
+//! nodes do not line up. Transitions are logged once each.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{Health, NodeState};
+use crate::server::Shared;
+use crate::topology::{CheckKind, HealthSpec};
+
+/// Consecutive results of one node's checks, and the decision they lead to.
+#[derive(Debug, Default)]
+pub struct Counter {
+    passes: u32,
+    fails: u32,
+}
+
+impl Counter {
+    /// Records one result; returns the new health when it changes.
+    pub fn observe(
+        &mut self,
+        state: &NodeState,
+        pass: bool,
+        spec: &HealthSpec,
+    ) -> Option<(Health, Health)> {
+        let now = state.health();
+        if pass {
+            self.passes = self.passes.saturating_add(1);
+            self.fails = 0;
+        } else {
+            self.fails = self.fails.saturating_add(1);
+            self.passes = 0;
+        }
+        let next = match (now, pass) {
+            (Health::Unknown, true) => Health::Up,
+            (Health::Unknown, false) if !spec.trust_unknown || self.fails >= spec.fall => {
+                Health::Down
+            }
+            (Health::Down, true) if self.passes >= spec.rise => Health::Up,
+            (Health::Up, false) if self.fails >= spec.fall => Health::Down,
+            _ => now,
+        };
+        (next != now).then(|| (state.set_health(next), next))
+    }
+}
+
+/// One probe of `addr`. `Err` says why it failed.
+pub async fn probe(addr: SocketAddr, spec: &HealthSpec) -> Result<(), String> {
+    let work = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        if spec.kind == CheckKind::Tcp {
+            return Ok(());
+        }
+        let _ = stream.set_nodelay(true);
+        let (mut send, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        let req = http::Request::get(spec.path.as_str())
+            .header(http::header::HOST, addr.to_string())
+            .header(http::header::USER_AGENT, "envgate-health")
+            .header(http::header::CONNECTION, "close")
+            .body(Empty::new())
+            .map_err(|e| format!("request: {e}"))?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = resp.status().as_u16();
+        if (spec.expect.0..=spec.expect.1).contains(&status) {
+            Ok(())
+        } else {
+            Err(format!(
+                "status {status}, expected {}-{}",
+                spec.expect.0, spec.expect.1
+            ))
+        }
+    };
+    match tokio::time::timeout(spec.timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {:?}", spec.timeout)),
+    }
+}
+
+/// A small xorshift generator for jitter; quality does not matter here.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(seed: &str) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write(seed.as_bytes());
+        Jitter(h.finish() | 1)
+    }
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// `interval` moved by up to `percent` either way.
+    fn around(&mut self, interval: Duration, percent: f64) -> Duration {
+        let f = 1.0 + (self.unit() * 2.0 - 1.0) * percent / 100.0;
+        interval.mul_f64(f.max(0.0))
+    }
+}
+
+async fn check_loop(name: Arc<str>, addr: SocketAddr, spec: HealthSpec, state: Arc<NodeState>) {
+    let mut jitter = Jitter::new(&name);
+    let mut counter = Counter::default();
+    // Start somewhere in the first interval (but soon: a new node waits for its first pass).
+    let first = spec
+        .interval
+        .mul_f64(jitter.unit() * spec.jitter.min(100.0) / 100.0);
+    tokio::time::sleep(first).await;
+    loop {
+        let result = probe(addr, &spec).await;
+        let reason = match &result {
+            Ok(()) => "check passed".to_string(),
+            Err(e) => e.clone(),
+        };
+        if let Some((from, to)) = counter.observe(&state, result.is_ok(), &spec) {
+            tracing::info!(node = %name, address = %addr, from = ?from, to = ?to, reason = %reason, "node health changed");
+        }
+        tokio::time::sleep(jitter.around(spec.interval, spec.jitter)).await;
+    }
+}
+
+/// Keeps one checker per node of the live topology, until `shutdown`.
+pub async fn supervise(
+    shared: Arc<Shared>,
+    mut changed: watch::Receiver<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut running: HashMap<(Arc<str>, SocketAddr), (HealthSpec, JoinHandle<()>)> = HashMap::new();
+    loop {
+        let topo = shared.topology.load_full();
+        let mut keep = Vec::new();
+        for node in &topo.nodes {
+            let key = (node.name.clone(), node.addr);
+            keep.push(key.clone());
+            if let Some((spec, _)) = running.get(&key) {
+                if *spec == node.health {
+                    continue;
+                }
+            }
+            let task = tokio::spawn(check_loop(
+                node.name.clone(),
+                node.addr,
+                node.health.clone(),
+                node.state.clone(),
+            ));
+            if let Some((_, old)) = running.insert(key, (node.health.clone(), task)) {
+                old.abort();
+            }
+        }
+        running.retain(|k, (_, task)| {
+            let stay = keep.contains(k);
+            if !stay {
+                task.abort();
+            }
+            stay
+        });
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { break },
+            _ = shutdown.changed() => break,
+        }
+    }
+    for (_, (_, task)) in running {
+        task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rise: u32, fall: u32, trust_unknown: bool) -> HealthSpec {
+        HealthSpec {
+            rise,
+            fall,
+            trust_unknown,
+            ..HealthSpec::default()
+        }
+    }
+
+    #[test]
+    fn unknown_comes_up_on_first_pass() {
+        let s = NodeState::new(false);
+        let mut c = Counter::default();
+        assert!(!s.usable());
+        assert_eq!(
+            c.observe(&s, true, &spec(2, 3, false)),
+            Some((Health::Unknown, Health::Up))
+        );
+        assert!(s.usable());
+    }
+
+    #[test]
+    fn fall_then_rise() {
+        let s = NodeState::new(false);
+        let sp = spec(2, 3, false);
+        let mut c = Counter::default();
+        c.observe(&s, true, &sp);
+        assert_eq!(c.observe(&s, false, &sp), None);
+        assert_eq!(c.observe(&s, false, &sp), None);
+        assert_eq!(c.observe(&s, false, &sp), Some((Health::Up, Health::Down)));
+        assert!(!s.usable());
+        assert_eq!(c.observe(&s, true, &sp), None);
+        assert_eq!(c.observe(&s, true, &sp), Some((Health::Down, Health::Up)));
+    }
+
+    #[test]
+    fn trusted_unknown_needs_fall_failures() {
+        let s = NodeState::new(true);
+        let sp = spec(2, 2, true);
+        let mut c = Counter::default();
+        assert!(s.usable());
+        assert_eq!(c.observe(&s, false, &sp), None);
+        assert_eq!(
+            c.observe(&s, false, &sp),
+            Some((Health::Unknown, Health::Down))
+        );
+    }
+}

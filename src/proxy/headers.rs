@@ -1,0 +1,174 @@
+//! Header rewriting both ways: hop-by-hop removal and the `X-Forwarded-*` /
+//! `X-Request-Id` headers envgate adds (DESIGN.md, "Traffic responses of envgate's own").
+//!
+//! Order matters: the names listed in `Connection` are removed *before* envgate adds its
+//! own headers, so a client cannot make envgate drop `X-Forwarded-For` by listing it.
+
+use std::cell::Cell;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Hop-by-hop headers of RFC 9110 section 7.6.1, plus the old `Proxy-Connection` and
+/// `Keep-Alive`.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Whether the request asks for a protocol upgrade (`Connection: upgrade` + `Upgrade`).
+#[inline]
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(b"upgrade")))
+}
+
+fn tokens(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    v.as_bytes()
+        .split(|b| *b == b',')
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers and those named in `Connection`. With `upgrade`, keeps
+/// `Upgrade` and answers with `Connection: upgrade` (the upgrade must reach the peer).
+#[inline]
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        // Only the uncommon case of custom names allocates.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(tokens)
+            .filter(|t| {
+                !t.eq_ignore_ascii_case(b"close")
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+                    && !t.eq_ignore_ascii_case(b"upgrade")
+            })
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether a client's `X-Request-Id` may be passed on as it is.
+#[inline]
+pub fn sane_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=@".contains(c))
+}
+
+/// Makes request ids: a random per-worker prefix and a counter, 32 hex digits.
+pub struct RequestIds {
+    prefix: u64,
+    next: Cell<u64>,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS once per process and varies per instance.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        RequestIds {
+            prefix: h.finish(),
+            next: Cell::new(0),
+        }
+    }
+}
+
+impl RequestIds {
+    #[inline]
+    pub fn next(&self) -> HeaderValue {
+        let n = self.next.get();
+        self.next.set(n.wrapping_add(1));
+        let mut buf = [0u8; 32];
+        hex(self.prefix, &mut buf[..16]);
+        hex(n, &mut buf[16..]);
+        // Hex digits are always a valid header value.
+        HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+    }
+}
+
+#[inline]
+fn hex(mut v: u64, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_headers_go_and_hop_by_hop_too() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret , x-forwarded-for"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn upgrade_survives_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn request_ids_are_unique_and_sane() {
+        let ids = RequestIds::default();
+        let (a, b) = (ids.next(), ids.next());
+        assert_ne!(a, b);
+        assert!(sane_request_id(&a));
+        assert!(!sane_request_id(&HeaderValue::from_static("a b")));
+        assert!(!sane_request_id(&HeaderValue::from_static("")));
+    }
+}

@@ -1,0 +1,86 @@
+//! One worker's pool of keep-alive HTTP/1.1 connections to one node.
+//!
+//! A plain stack of ready `SendRequest`s (most recently used on top, so idle ones at the
+//! bottom age out): no lock, no background task. A connection is put back by the response
+//! body when it ends (see `body.rs`), and a pooled connection idle for longer than the
+//! upstream idle timeout is discarded on checkout, so the node never closes first.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Idle connections kept per node and worker.
+const MAX_IDLE: usize = 512;
+
+pub struct ConnPool {
+    pub addr: SocketAddr,
+    idle: RefCell<Vec<(SendRequest<Incoming>, Instant)>>,
+}
+
+/// Why a new connection could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out")]
+    Timeout,
+    #[error("connect failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] hyper::Error),
+}
+
+impl ConnPool {
+    pub fn new(addr: SocketAddr) -> Self {
+        ConnPool {
+            addr,
+            idle: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// A pooled connection that is still open and was idle less than `max_idle`.
+    #[inline]
+    pub fn take(&self, max_idle: Duration) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.borrow_mut();
+        while let Some((conn, since)) = idle.pop() {
+            if conn.is_closed() || since.elapsed() > max_idle {
+                continue;
+            }
+            return Some(conn);
+        }
+        None
+    }
+
+    /// Gives a connection back after its response ended.
+    #[inline]
+    pub fn put(&self, conn: SendRequest<Incoming>) {
+        if conn.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        if idle.len() < MAX_IDLE {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    /// Opens a new connection and starts its connection task on this worker.
+    pub async fn connect(&self, timeout: Duration) -> Result<SendRequest<Incoming>, ConnectError> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        let _ = stream.set_nodelay(true);
+        let (send, conn) = http1::Builder::new()
+            .handshake::<_, Incoming>(TokioIo::new(stream))
+            .await?;
+        tokio::task::spawn_local(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(send)
+    }
+}

@@ -1,0 +1,111 @@
+//! One worker thread's state: its view of the live topology, its round-robin counters
+//! and its upstream connection pools.
+//!
+//! `snapshot()` is the one lock-free load of the shared topology per request. When the
+//! topology changed since the last request, the worker rebuilds its local tables (counters
+//! per pool, connection pools per node, reusing the pool of every node whose address
+//! stayed); otherwise it hands out an `Rc` to the tables it has.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::TokioTimer;
+use rustc_hash::FxHashMap;
+
+use super::headers::RequestIds;
+use super::pool::ConnPool;
+use crate::balance::Wrr;
+use crate::server::Shared;
+use crate::topology::Topology;
+
+/// Request head limit (DESIGN.md: 64 KiB in all, 100 fields).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
+
+/// The tables of one topology generation, as seen by one worker.
+pub struct LocalSnap {
+    pub topo: Arc<Topology>,
+    /// Indexed by `PoolId`.
+    pub wrr: Vec<Wrr>,
+    /// Indexed by `NodeId`.
+    pub conns: Vec<Rc<ConnPool>>,
+}
+
+pub struct Worker {
+    pub shared: Arc<Shared>,
+    current: RefCell<Option<Rc<LocalSnap>>>,
+    /// Connection pools by node address, kept across topology generations.
+    pools: RefCell<FxHashMap<SocketAddr, Rc<ConnPool>>>,
+    pub request_ids: RequestIds,
+    pub http1: http1::Builder,
+    pub http2: http2::Builder<LocalExec>,
+}
+
+/// Runs hyper's HTTP/2 stream tasks on this worker's `LocalSet`.
+#[derive(Clone, Copy)]
+pub struct LocalExec;
+
+impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let timeouts = shared.topology.load().defaults.timeouts.clone();
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(timeouts.client_header)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .max_headers(MAX_HEADERS);
+        let mut h2 = http2::Builder::new(LocalExec);
+        h2.timer(TokioTimer::new()).max_concurrent_streams(200);
+        Worker {
+            shared,
+            current: RefCell::new(None),
+            pools: RefCell::new(FxHashMap::default()),
+            request_ids: RequestIds::default(),
+            http1: h1,
+            http2: h2,
+        }
+    }
+
+    /// The worker's tables for the live topology.
+    #[inline]
+    pub fn snapshot(&self) -> Rc<LocalSnap> {
+        let live = self.shared.topology.load();
+        if let Some(cur) = &*self.current.borrow() {
+            if Arc::ptr_eq(&cur.topo, &live) {
+                return cur.clone();
+            }
+        }
+        let snap = Rc::new(self.build(Arc::clone(&live)));
+        *self.current.borrow_mut() = Some(snap.clone());
+        snap
+    }
+
+    fn build(&self, topo: Arc<Topology>) -> LocalSnap {
+        let mut pools = self.pools.borrow_mut();
+        let conns: Vec<Rc<ConnPool>> = topo
+            .nodes
+            .iter()
+            .map(|n| {
+                pools
+                    .entry(n.addr)
+                    .or_insert_with(|| Rc::new(ConnPool::new(n.addr)))
+                    .clone()
+            })
+            .collect();
+        pools.retain(|addr, _| topo.nodes.iter().any(|n| n.addr == *addr));
+        let wrr = topo
+            .pools
+            .iter()
+            .map(|p| Wrr::new(p.members.len()))
+            .collect();
+        LocalSnap { topo, wrr, conns }
+    }
+}

@@ -1,0 +1,293 @@
+//! `start()`: the worker threads, the live topology, shutdown and the apply path.
+//!
+//! Each worker is a thread with a current-thread runtime and a `LocalSet`, serving every
+//! listener through its own clone of the listening socket (the kernel spreads accepted
+//! connections over the workers, like nginx's workers). The live topology is one
+//! `ArcSwap` in `Shared`; `Server::apply` is the one way to change it. Shutdown: stop
+//! accepting, ask every connection to finish (HTTP/1 closes after the response in flight,
+//! HTTP/2 sends GOAWAY), wait for them up to the drain timeout, then return.
+
+use std::cell::Cell;
+use std::net::TcpListener as StdListener;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{watch, Notify};
+
+use crate::health::{checker, NodeRegistry};
+use crate::proxy::listener::{accept_loop, ListenerMeta};
+use crate::proxy::worker::Worker;
+use crate::topology::Topology;
+
+/// State shared by every worker and the control plane.
+pub struct Shared {
+    /// The live topology. Written only by `Server::apply`.
+    pub topology: ArcSwap<Topology>,
+    /// Node health and drain, by node identity, across topologies.
+    pub registry: Arc<NodeRegistry>,
+    /// Tells the control plane (health checkers) that the topology changed.
+    changed: watch::Sender<u64>,
+}
+
+/// Counts a worker's open connections so shutdown can wait for them.
+#[derive(Default)]
+pub struct Tracker {
+    open: Cell<usize>,
+    idle: Notify,
+}
+
+pub struct TrackerGuard(Rc<Tracker>);
+
+impl Tracker {
+    pub fn enter(self: &Rc<Self>) -> TrackerGuard {
+        self.open.set(self.open.get() + 1);
+        TrackerGuard(self.clone())
+    }
+
+    async fn wait_idle(&self) {
+        while self.open.get() > 0 {
+            self.idle.notified().await;
+        }
+    }
+}
+
+impl Drop for TrackerGuard {
+    fn drop(&mut self) {
+        let left = self.0.open.get() - 1;
+        self.0.open.set(left);
+        if left == 0 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// How to run.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Worker threads; 0 means one per CPU.
+    pub workers: usize,
+}
+
+/// Why a topology was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("listeners cannot change while running (restart to rebind): {0}")]
+    Listeners(String),
+}
+
+/// A running envgate.
+pub struct Server {
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// Binds a listener the way envgate serves it: address reuse and a deep accept queue.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<StdListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Starts serving `topology` on `listeners` (one per topology listener, by name, already
+/// bound). Returns once every worker runs.
+pub fn start(
+    mut topology: Topology,
+    registry: Arc<NodeRegistry>,
+    listeners: Vec<(String, StdListener)>,
+    options: Options,
+) -> std::io::Result<Server> {
+    for spec in &topology.listeners {
+        if !listeners.iter().any(|(n, _)| *n == spec.name) {
+            return Err(std::io::Error::other(format!(
+                "listener {:?} was not bound",
+                spec.name
+            )));
+        }
+    }
+    if topology.generation == 0 {
+        topology.generation = 1;
+    }
+    let ports: Vec<(String, u16)> = listeners
+        .iter()
+        .map(|(name, l)| {
+            let configured = topology
+                .listeners
+                .iter()
+                .find(|s| s.name == *name)
+                .map(|s| s.bind.port());
+            let port = match configured {
+                Some(p) if p != 0 => p,
+                _ => l.local_addr().map(|a| a.port()).unwrap_or(0),
+            };
+            (name.clone(), port)
+        })
+        .collect();
+    for (_, l) in &listeners {
+        l.set_nonblocking(true)?;
+    }
+    let (changed, changed_rx) = watch::channel(topology.generation);
+    let shared = Arc::new(Shared {
+        topology: ArcSwap::from_pointee(topology),
+        registry,
+        changed,
+    });
+    let (tx, rx) = watch::channel(false);
+    let workers = match options.workers {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    };
+    let mut handles = Vec::new();
+    {
+        let (shared, rx) = (shared.clone(), rx.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(
+            std::thread::Builder::new()
+                .name("envgate-control".into())
+                .spawn(move || rt.block_on(checker::supervise(shared, changed_rx, rx)))?,
+        );
+    }
+    for i in 0..workers {
+        let mut socks = Vec::new();
+        for ((name, l), (_, port)) in listeners.iter().zip(&ports) {
+            socks.push((
+                l.try_clone()?,
+                ListenerMeta {
+                    name: name.clone(),
+                    port: *port,
+                },
+            ));
+        }
+        let shared = shared.clone();
+        let rx = rx.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("envgate-worker-{i}"))
+                .spawn(move || {
+                    let local = tokio::task::LocalSet::new();
+                    local.block_on(&rt, worker_main(shared, socks, rx));
+                })?,
+        );
+    }
+    Ok(Server {
+        shared,
+        shutdown: tx,
+        workers: handles,
+    })
+}
+
+async fn worker_main(
+    shared: Arc<Shared>,
+    socks: Vec<(StdListener, ListenerMeta)>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let worker = Rc::new(Worker::new(shared.clone()));
+    let tracker = Rc::new(Tracker::default());
+    // A worker-local copy of the shutdown signal keeps per-connection clones off the
+    // shared channel's counters.
+    let (local_tx, local_rx) = watch::channel(false);
+    for (sock, meta) in socks {
+        let listener = match tokio::net::TcpListener::from_std(sock) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listener = %meta.name, error = %e, "cannot serve listener");
+                continue;
+            }
+        };
+        tokio::task::spawn_local(accept_loop(
+            worker.clone(),
+            listener,
+            Rc::new(meta),
+            local_rx.clone(),
+            tracker.clone(),
+        ));
+    }
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            break;
+        }
+    }
+    let _ = local_tx.send(true);
+    let drain = shared.topology.load().defaults.timeouts.drain;
+    if tokio::time::timeout(drain, tracker.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.open.get(),
+            "drain timed out; closing the remaining connections"
+        );
+    }
+}
+
+impl Server {
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The live topology.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.shared.topology.load_full()
+    }
+
+    /// Swaps in a new topology (already validated). Listeners cannot change while
+    /// running. Returns the new generation.
+    pub fn apply(&self, mut topology: Topology) -> Result<u64, ApplyError> {
+        let live = self.shared.topology.load();
+        let same = live.listeners.len() == topology.listeners.len()
+            && live.listeners.iter().all(|l| {
+                topology.listeners.iter().any(|n| {
+                    n.name == l.name && n.bind == l.bind && n.tls.is_some() == l.tls.is_some()
+                })
+            });
+        if !same {
+            return Err(ApplyError::Listeners(format!(
+                "running {:?}, new {:?}",
+                live.listeners
+                    .iter()
+                    .map(|l| format!("{}={}", l.name, l.bind))
+                    .collect::<Vec<_>>(),
+                topology
+                    .listeners
+                    .iter()
+                    .map(|l| format!("{}={}", l.name, l.bind))
+                    .collect::<Vec<_>>()
+            )));
+        }
+        topology.generation = live.generation + 1;
+        let generation = topology.generation;
+        let keep: Vec<_> = topology
+            .nodes
+            .iter()
+            .map(|n| (n.name.to_string(), n.addr))
+            .collect();
+        self.shared.topology.store(Arc::new(topology));
+        self.shared.registry.retain(&keep);
+        let _ = self.shared.changed.send(generation);
+        Ok(generation)
+    }
+
+    /// Stops accepting, drains open connections (bounded by the drain timeout) and waits
+    /// for the workers to end.
+    pub fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+}
