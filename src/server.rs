@@ -12,6 +12,7 @@ use std::net::TcpListener as StdListener;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
@@ -29,6 +30,10 @@ pub struct Shared {
     pub registry: Arc<NodeRegistry>,
     /// Tells the control plane (health checkers) that the topology changed.
     changed: watch::Sender<u64>,
+    /// True once the first round of health checks has given its verdicts: workers accept
+    /// only then (connections wait in the accept queue meanwhile), so the first requests
+    /// do not meet nodes that are merely not checked yet.
+    pub ready: watch::Sender<bool>,
 }
 
 /// Counts a worker's open connections so shutdown can wait for them.
@@ -135,10 +140,17 @@ pub fn start(
         l.set_nonblocking(true)?;
     }
     let (changed, changed_rx) = watch::channel(topology.generation);
+    let ready_bound = topology
+        .nodes
+        .iter()
+        .map(|n| n.health.timeout)
+        .max()
+        .unwrap_or_default();
     let shared = Arc::new(Shared {
         topology: ArcSwap::from_pointee(topology),
         registry,
         changed,
+        ready: watch::channel(false).0,
     });
     let (tx, rx) = watch::channel(false);
     let workers = match options.workers {
@@ -156,7 +168,10 @@ pub fn start(
         handles.push(
             std::thread::Builder::new()
                 .name("envgate-control".into())
-                .spawn(move || rt.block_on(checker::supervise(shared, changed_rx, rx)))?,
+                .spawn(move || {
+                    let ready = shared.ready.clone();
+                    rt.block_on(checker::supervise(shared, changed_rx, rx, ready))
+                })?,
         );
     }
     for i in 0..workers {
@@ -180,7 +195,7 @@ pub fn start(
                 .name(format!("envgate-worker-{i}"))
                 .spawn(move || {
                     let local = tokio::task::LocalSet::new();
-                    local.block_on(&rt, worker_main(shared, socks, rx));
+                    local.block_on(&rt, worker_main(shared, socks, rx, ready_bound));
                 })?,
         );
     }
@@ -195,7 +210,14 @@ async fn worker_main(
     shared: Arc<Shared>,
     socks: Vec<(StdListener, ListenerMeta)>,
     mut shutdown: watch::Receiver<bool>,
+    ready_bound: Duration,
 ) {
+    let mut ready = shared.ready.subscribe();
+    let _ = tokio::time::timeout(
+        ready_bound + Duration::from_millis(200),
+        ready.wait_for(|r| *r),
+    )
+    .await;
     let worker = Rc::new(Worker::new(shared.clone()));
     let tracker = Rc::new(Tracker::default());
     // A worker-local copy of the shutdown signal keeps per-connection clones off the

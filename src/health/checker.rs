@@ -128,11 +128,10 @@ impl Jitter {
 async fn check_loop(name: Arc<str>, addr: SocketAddr, spec: HealthSpec, state: Arc<NodeState>) {
     let mut jitter = Jitter::new(&name);
     let mut counter = Counter::default();
-    // Start somewhere in the first interval (but soon: a new node waits for its first pass).
-    let first = spec
-        .interval
-        .mul_f64(jitter.unit() * spec.jitter.min(100.0) / 100.0);
-    tokio::time::sleep(first).await;
+    // The first check runs at once (a new node serves only after its first pass); the
+    // second lands at a random point of the interval, so that nodes added together do not
+    // stay in step.
+    let mut next = spec.interval.mul_f64(jitter.unit());
     loop {
         let result = probe(addr, &spec).await;
         let reason = match &result {
@@ -142,17 +141,21 @@ async fn check_loop(name: Arc<str>, addr: SocketAddr, spec: HealthSpec, state: A
         if let Some((from, to)) = counter.observe(&state, result.is_ok(), &spec) {
             tracing::info!(node = %name, address = %addr, from = ?from, to = ?to, reason = %reason, "node health changed");
         }
-        tokio::time::sleep(jitter.around(spec.interval, spec.jitter)).await;
+        tokio::time::sleep(next).await;
+        next = jitter.around(spec.interval, spec.jitter);
     }
 }
 
-/// Keeps one checker per node of the live topology, until `shutdown`.
+/// Keeps one checker per node of the live topology, until `shutdown`. Once every node of
+/// the first topology has a verdict (or its first check timed out), `ready` turns true.
 pub async fn supervise(
     shared: Arc<Shared>,
     mut changed: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
+    ready: watch::Sender<bool>,
 ) {
     let mut running: HashMap<(Arc<str>, SocketAddr), (HealthSpec, JoinHandle<()>)> = HashMap::new();
+    let mut first = true;
     loop {
         let topo = shared.topology.load_full();
         let mut keep = Vec::new();
@@ -181,6 +184,26 @@ pub async fn supervise(
             }
             stay
         });
+        if first {
+            first = false;
+            let bound = topo
+                .nodes
+                .iter()
+                .map(|n| n.health.timeout)
+                .max()
+                .unwrap_or_default();
+            let deadline = tokio::time::Instant::now() + bound + Duration::from_millis(50);
+            // Control plane, once at start: a short poll is simpler than a notification.
+            while tokio::time::Instant::now() < deadline
+                && topo
+                    .nodes
+                    .iter()
+                    .any(|n| n.state.health() == Health::Unknown)
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let _ = ready.send(true);
+        }
         tokio::select! {
             r = changed.changed() => if r.is_err() { break },
             _ = shutdown.changed() => break,

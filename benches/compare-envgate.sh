@@ -1,0 +1,35 @@
+#!/bin/sh
+# Plugs envgate into ../shared/bench/compare (its `--ours` contract): writes a topology
+# from the harness's variables (LISTEN, UPSTREAMS, BENCH_DIR) and execs envgate.
+#
+#   cargo build --release
+#   ../shared/bench/compare --ours "exec $PWD/benches/compare-envgate.sh" \
+#       --only nginx,haproxy,ours --scenarios small-ka,small-close
+#
+# One port-wide entry, one environment, the three nodes at weight 1 (plain round-robin).
+# Health checks hit `/` (the harness's nodes have no /healthz). WORKERS=1 comes from the
+# harness. ENVGATE overrides the binary.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+bin=${ENVGATE:-$here/../target/release/envgate}
+dir=${BENCH_DIR:-$(mktemp -d)}
+port=${LISTEN##*:}
+conf=$dir/envgate-bench.yaml
+{
+  echo "version: 1"
+  echo "listeners:"
+  echo "  - { name: http, bind: \"$LISTEN\" }"
+  echo "defaults:"
+  echo "  health: { path: /, interval: 2s, timeout: 1s }"
+  echo "nodes:"
+  i=0
+  for u in $(echo "$UPSTREAMS" | tr ',' ' '); do
+    i=$((i + 1))
+    echo "  node-$i: { address: \"$u\" }"
+  done
+  echo "environments:"
+  echo "  bench:"
+  echo "    entries: [\":$port\"]"
+  echo "    nodes: [$(seq -s, -f 'node-%g' 1 "$i")]"
+} > "$conf"
+RUST_LOG=${RUST_LOG:-warn} exec "$bin" run --config "$conf"

@@ -1,0 +1,359 @@
+//! Forwarding through a running envgate: header rewriting, streaming bodies, upgrades,
+//! timeouts, failover on a failed connect, the in-flight limit and graceful drain.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn one_node(addr: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+version: 1
+listeners: [ {{ name: http, bind: "127.0.0.1:{{port:http}}" }} ]
+{extra}
+nodes: {{ a: {{ address: "{addr}" }} }}
+environments:
+  production: {{ entries: ["company.com:{{port:http}}"], nodes: [a] }}
+"#
+    )
+}
+
+fn lines(text: &str) -> Vec<&str> {
+    text.lines().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_rewritten_both_ways() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&one_node(a.addr, ""));
+    let p = eg.port("http");
+    let req = Request::get("/headers")
+        .header("host", "Company.com:8080")
+        .header("connection", "keep-alive, x-drop-me, X-Forwarded-For")
+        .header("x-drop-me", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-request-id", "abc-123")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = send(p, req).await;
+    assert_eq!(r.status, 200);
+    let seen = lines(r.text());
+    for gone in [
+        "x-drop-me",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "connection",
+    ] {
+        assert!(
+            !seen.iter().any(|l| l.starts_with(&format!("{gone}:"))),
+            "{gone} reached the node: {seen:?}"
+        );
+    }
+    // The client's X-Forwarded-For is replaced (127.0.0.1 is not a trusted proxy) even
+    // though the client listed the header in Connection.
+    assert!(seen.contains(&"x-forwarded-for: 127.0.0.1"), "{seen:?}");
+    assert!(seen.contains(&"x-forwarded-proto: http"), "{seen:?}");
+    assert!(
+        seen.contains(&"x-forwarded-host: Company.com:8080"),
+        "{seen:?}"
+    );
+    assert!(seen.contains(&"host: Company.com:8080"), "{seen:?}");
+    assert!(seen.contains(&"x-request-id: abc-123"), "{seen:?}");
+    // Hop-by-hop headers of the answer do not reach the client.
+    for gone in ["x-upstream-secret", "keep-alive", "proxy-authenticate"] {
+        assert!(!r.headers.contains_key(gone), "{gone} reached the client");
+    }
+    assert_eq!(r.headers["x-node"], "a");
+
+    // An insane request id is replaced by a fresh one; two fresh ones differ.
+    let mut ids = Vec::new();
+    for bad in ["has space", ""] {
+        let req = Request::get("/headers")
+            .header("host", "company.com")
+            .header("x-request-id", bad)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = send(p, req).await;
+        let id = lines(r.text())
+            .into_iter()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap()
+            .to_string();
+        assert_eq!(id.len(), 32, "{id}");
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_proxy_forwarded_for_is_appended() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&one_node(
+        a.addr,
+        "defaults: { trusted_proxies: [127.0.0.0/8] }",
+    ));
+    let req = Request::get("/headers")
+        .header("host", "company.com")
+        .header("x-forwarded-for", "203.0.113.7")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = send(eg.port("http"), req).await;
+    assert!(
+        lines(r.text()).contains(&"x-forwarded-for: 203.0.113.7, 127.0.0.1"),
+        "{}",
+        r.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stream_both_ways() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&one_node(a.addr, ""));
+    let p = eg.port("http");
+    const SIZE: u64 = 64 * 1024 * 1024;
+
+    // Upload: a streamed (chunked) body of SIZE bytes comes back whole from /echo.
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", p))
+        .await
+        .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("/echo")
+        .header("host", "company.com")
+        .body(Zeros { left: SIZE })
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            assert!(data.iter().all(|b| *b == 0));
+            got += data.len() as u64;
+        }
+    }
+    assert_eq!(got, SIZE);
+
+    // Download: SIZE bytes with a Content-Length, read frame by frame.
+    let r = send(
+        p,
+        Request::get(format!("/download?bytes={SIZE}"))
+            .header("host", "company.com")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-length"], SIZE.to_string().as_str());
+    assert_eq!(r.body.len() as u64, SIZE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_round_trip() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&one_node(a.addr, ""));
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", eg.port("http")))
+        .await
+        .unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: company.com\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for msg in [&b"hello"[..], b"through the tunnel"] {
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_header_timeout_is_504_and_dead_node_is_502() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&one_node(
+        a.addr,
+        "defaults: { timeouts: { response_header: 300ms }, health: { interval: 1m } }",
+    ));
+    let p = eg.port("http");
+    let r = get(p, "company.com", "/hang").await;
+    assert_eq!(r.status, 504);
+    assert_eq!(
+        r.text(),
+        r#"{"error":"gateway_timeout","environment":"production"}"#
+    );
+    // The node dies; its health check is a minute away, so the request meets the dead
+    // port, and with no other node to try the answer is 502.
+    a.stop();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get(p, "company.com", "/").await.status == 502
+        })
+        .await
+    );
+    let r = get(p, "company.com", "/").await;
+    assert_eq!(
+        r.text(),
+        r#"{"error":"bad_gateway","environment":"production"}"#
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_fails_over_to_the_next_node() {
+    // A listener that never accepts, its accept queue filled: connects to it hang.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    sock.listen(0).unwrap();
+    let black: std::net::SocketAddr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(black),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let b = Upstream::start("b").await;
+    let eg = Envgate::start(&format!(
+        r#"
+version: 1
+listeners: [ {{ name: http, bind: "127.0.0.1:{{port:http}}" }} ]
+defaults:
+  timeouts: {{ connect: 200ms }}
+  health: {{ type: tcp, interval: 1m, timeout: 1s, trust_unknown: true }}
+nodes:
+  black: {{ address: "{black}" }}
+  b: {{ address: "{}" }}
+environments:
+  production: {{ entries: [":{{port:http}}"], nodes: [black, b] }}
+  alone: {{ entries: ["alone.com:{{port:http}}"], nodes: [black] }}
+"#,
+        b.addr
+    ));
+    let p = eg.port("http");
+    // Whichever node round-robin picks first, every request is answered by b.
+    for _ in 0..4 {
+        let r = get(p, "x", "/").await;
+        assert_eq!((r.status.as_u16(), r.node()), (200, "b"));
+    }
+    let r = get(p, "alone.com", "/").await;
+    assert_eq!(r.status, 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_limit_isolates_environments() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&format!(
+        r#"
+version: 1
+listeners: [ {{ name: http, bind: "127.0.0.1:{{port:http}}" }} ]
+nodes: {{ a: {{ address: "{}" }} }}
+environments:
+  busy: {{ entries: ["busy.com:{{port:http}}"], nodes: [a], limits: {{ max_in_flight: 1 }} }}
+  calm: {{ entries: ["calm.com:{{port:http}}"], nodes: [a] }}
+"#,
+        a.addr
+    ));
+    let p = eg.port("http");
+    let slow = tokio::spawn(async move { get(p, "busy.com", "/slow?ms=1000").await });
+    assert!(eventually(Duration::from_secs(5), || async { a.hits() == 1 }).await);
+    let r = get(p, "busy.com", "/").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.text(), r#"{"error":"over_limit","environment":"busy"}"#);
+    assert_eq!(get(p, "calm.com", "/").await.status, 200);
+    assert_eq!(slow.await.unwrap().status, 200);
+    // The slot is given back once the slow exchange ended.
+    assert_eq!(get(p, "busy.com", "/").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_reuses_upstream_connections() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&one_node(a.addr, ""));
+    let p = eg.port("http");
+    // Twenty requests one after the other, each on a new client connection: the node sees
+    // them all on one pooled connection.
+    for _ in 0..20 {
+        assert_eq!(get(p, "company.com", "/").await.status, 200);
+    }
+    assert_eq!(a.hits(), 20);
+    assert_eq!(a.connections(), 1);
+    // Two at once need two.
+    let (x, y) = tokio::join!(
+        get(p, "company.com", "/slow?ms=200"),
+        get(p, "company.com", "/slow?ms=200")
+    );
+    assert_eq!((x.status.as_u16(), y.status.as_u16()), (200, 200));
+    assert_eq!(a.connections(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&one_node(a.addr, ""));
+    let p = eg.port("http");
+    let slow = tokio::spawn(async move { get(p, "company.com", "/slow?ms=700").await });
+    assert!(eventually(Duration::from_secs(5), || async { a.hits() == 1 }).await);
+    let stopping = tokio::spawn(eg.stop());
+    // New connections are refused (or closed unanswered) while the slow one finishes.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            match tokio::net::TcpStream::connect(("127.0.0.1", p)).await {
+                Err(_) => true,
+                Ok(mut s) => {
+                    let _ = s
+                        .write_all(b"GET / HTTP/1.1\r\nHost: company.com\r\n\r\n")
+                        .await;
+                    let mut buf = Vec::new();
+                    matches!(
+                        tokio::time::timeout(Duration::from_millis(300), s.read_to_end(&mut buf))
+                            .await,
+                        Ok(Ok(0))
+                    )
+                }
+            }
+        })
+        .await
+    );
+    let r = slow.await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "a"));
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .unwrap()
+        .unwrap();
+}

@@ -1,0 +1,425 @@
+//! Test helpers: real upstream servers on 127.0.0.1:0, envgate started in-process on
+//! pre-bound listeners, a real HTTP client, and a bounded `eventually` poll.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use envgate::health::NodeRegistry;
+use envgate::server::{Options, Server};
+
+/// Polls `check` every 10 ms until it holds, for at most `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A real HTTP/1.1 upstream that names itself in every answer and counts its hits.
+///
+/// Paths: `/healthz` (200, or 503 once `set_healthy(false)`), `/slow?ms=N`, `/hang`
+/// (never answers), `/echo` (streams the request body back), `/download?bytes=N`,
+/// `/headers` (the request headers, one `name: value` a line; the answer carries
+/// hop-by-hop headers that must not reach the client). A request with `Upgrade: echo` is
+/// switched to a raw echo of bytes.
+pub struct Upstream {
+    pub name: String,
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    healthy: Arc<AtomicBool>,
+    pub last_headers: Arc<Mutex<Option<HeaderMap>>>,
+    /// Client ports of the connections that carried counted (non-health) requests.
+    peers: Arc<Mutex<std::collections::HashSet<u16>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        Self::start_on(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts (or restarts) a node on a given address.
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Upstream {
+        let listener = bind_retry(addr).await;
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        let up = Upstream {
+            name: name.to_string(),
+            addr,
+            hits: Arc::new(AtomicUsize::new(0)),
+            healthy: Arc::new(AtomicBool::new(true)),
+            last_headers: Arc::new(Mutex::new(None)),
+            peers: Arc::default(),
+            stop,
+        };
+        let (name, hits, healthy, last, peers) = (
+            up.name.clone(),
+            up.hits.clone(),
+            up.healthy.clone(),
+            up.last_headers.clone(),
+            up.peers.clone(),
+        );
+        tokio::spawn(async move {
+            let mut stop_rx = stop_rx;
+            loop {
+                let (stream, peer) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                    _ = stop_rx.changed() => return,
+                };
+                let (name, hits, healthy, last, peers) = (
+                    name.clone(),
+                    hits.clone(),
+                    healthy.clone(),
+                    last.clone(),
+                    peers.clone(),
+                );
+                let mut conn_stop = stop_rx.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        if req.uri().path() != "/healthz" {
+                            peers.lock().unwrap().insert(peer.port());
+                        }
+                        serve(
+                            name.clone(),
+                            hits.clone(),
+                            healthy.clone(),
+                            last.clone(),
+                            req,
+                        )
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades();
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = conn_stop.changed() => {}
+                    }
+                });
+            }
+        });
+        up
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// How many connections carried counted requests.
+    pub fn connections(&self) -> usize {
+        self.peers.lock().unwrap().len()
+    }
+
+    pub fn reset_hits(&self) {
+        self.hits.store(0, Ordering::SeqCst);
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    /// Closes the listener and every open connection.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn bind_retry(addr: SocketAddr) -> tokio::net::TcpListener {
+    for _ in 0..100 {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    panic!("cannot bind {addr}");
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+type TestBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+async fn serve(
+    name: String,
+    hits: Arc<AtomicUsize>,
+    healthy: Arc<AtomicBool>,
+    last: Arc<Mutex<Option<HeaderMap>>>,
+    mut req: Request<Incoming>,
+) -> Result<Response<TestBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    if path == "/healthz" {
+        let ok = healthy.load(Ordering::SeqCst);
+        let mut r = Response::new(full(if ok { "ok" } else { "sick" }));
+        *r.status_mut() = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        return Ok(r);
+    }
+    hits.fetch_add(1, Ordering::SeqCst);
+    *last.lock().unwrap() = Some(req.headers().clone());
+    let mut resp = if req
+        .headers()
+        .get(http::header::UPGRADE)
+        .is_some_and(|v| v == "echo")
+    {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(full(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut().insert("upgrade", "echo".parse().unwrap());
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        r
+    } else {
+        match path.as_str() {
+            "/slow" => {
+                tokio::time::sleep(Duration::from_millis(query(&req, "ms").unwrap_or(500))).await;
+                Response::new(full(name.clone()))
+            }
+            "/hang" => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Response::new(full(name.clone()))
+            }
+            "/echo" => Response::new(req.into_body().boxed()),
+            "/download" => Response::new(
+                Zeros {
+                    left: query(&req, "bytes").unwrap_or(0),
+                }
+                .map_err(|never: Infallible| match never {})
+                .boxed(),
+            ),
+            "/headers" => {
+                let mut text = String::new();
+                for (k, v) in req.headers() {
+                    text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+                }
+                let mut r = Response::new(full(text));
+                let h = r.headers_mut();
+                h.insert("connection", "x-upstream-secret".parse().unwrap());
+                h.insert("x-upstream-secret", "1".parse().unwrap());
+                h.insert("keep-alive", "timeout=5".parse().unwrap());
+                h.insert("proxy-authenticate", "Basic".parse().unwrap());
+                r
+            }
+            _ => Response::new(full(name.clone())),
+        }
+    };
+    resp.headers_mut().insert("x-node", name.parse().unwrap());
+    Ok(resp)
+}
+
+/// A body of `left` zero bytes, produced 64 KiB at a time.
+pub struct Zeros {
+    pub left: u64,
+}
+
+static ZEROS: [u8; 65536] = [0; 65536];
+
+impl Body for Zeros {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.left.min(ZEROS.len() as u64);
+        self.left -= n;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+            &ZEROS[..n as usize],
+        )))))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// envgate running in-process on listeners bound here.
+pub struct Envgate {
+    server: Option<Server>,
+    ports: HashMap<String, u16>,
+    pub dir: tempfile::TempDir,
+    pub registry: Arc<NodeRegistry>,
+}
+
+impl Envgate {
+    /// Starts envgate with one worker. In `yaml`, `{port:NAME}` stands for the port of
+    /// listener NAME, bound here on 127.0.0.1 before the file is written.
+    pub fn start(yaml: &str) -> Envgate {
+        let mut ports = HashMap::new();
+        let mut socks = Vec::new();
+        let mut text = yaml.to_string();
+        while let Some(i) = text.find("{port:") {
+            let end = i + text[i..].find('}').unwrap();
+            let name = text[i + 6..end].to_string();
+            let port = *ports.entry(name.clone()).or_insert_with(|| {
+                let l = StdListener::bind("127.0.0.1:0").unwrap();
+                let port = l.local_addr().unwrap().port();
+                socks.push((name.clone(), l));
+                port
+            });
+            text.replace_range(i..=end, &port.to_string());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("envgate.yaml");
+        std::fs::write(&path, &text).unwrap();
+        let registry = Arc::new(NodeRegistry::default());
+        let topology =
+            envgate::config::load_file(&path, &registry).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let server =
+            envgate::server::start(topology, registry.clone(), socks, Options { workers: 1 })
+                .unwrap();
+        Envgate {
+            server: Some(server),
+            ports,
+            dir,
+            registry,
+        }
+    }
+
+    pub fn port(&self, listener: &str) -> u16 {
+        self.ports[listener]
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    /// Validates `yaml` (with the same `{port:NAME}` ports) and applies it.
+    pub fn apply(&self, yaml: &str) -> u64 {
+        let mut text = yaml.to_string();
+        for (name, port) in &self.ports {
+            text = text.replace(&format!("{{port:{name}}}"), &port.to_string());
+        }
+        let topology = envgate::config::parse(&text, self.dir.path(), &self.registry).unwrap();
+        self.server().apply(topology).unwrap()
+    }
+
+    /// Graceful shutdown; returns once envgate has stopped.
+    pub async fn stop(mut self) {
+        let server = self.server.take().unwrap();
+        tokio::task::spawn_blocking(move || server.shutdown())
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Envgate {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+    }
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap()
+    }
+    pub fn node(&self) -> &str {
+        self.headers
+            .get("x-node")
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+}
+
+/// One request on a fresh HTTP/1.1 connection.
+pub async fn send(port: u16, req: Request<Full<Bytes>>) -> Reply {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = tx.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// `GET path` with `Host: host` on a fresh connection.
+pub async fn get(port: u16, host: &str, path: &str) -> Reply {
+    send(
+        port,
+        Request::get(path)
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+}
+
+/// Writes raw bytes, reads until the peer closes (or 5 s), returns what came back.
+pub async fn raw(port: u16, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
