@@ -133,6 +133,7 @@ fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
     let registry = Arc::new(NodeRegistry::default());
     let topology = config::load_file(&path, &registry)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    warn_inactive(&topology);
     let mut listeners = Vec::new();
     for l in &topology.listeners {
         let sock = server::bind(l.bind)
@@ -152,6 +153,21 @@ fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
     server.shutdown();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Says which validated parts of the topology this version does not act on yet.
+fn warn_inactive(t: &envgate::topology::Topology) {
+    if let Some(c) = &t.control {
+        tracing::warn!(bind = %c.bind, "the control endpoint is not served by this version");
+    }
+    for env in &t.environments {
+        if env.canary.is_some() {
+            tracing::warn!(environment = %env.name, "canary split validated but not routed by this version");
+        }
+        if env.tenants.is_some() {
+            tracing::warn!(environment = %env.name, "tenant ranges validated but not routed by this version");
+        }
+    }
 }
 
 /// Blocks until SIGTERM or SIGINT; SIGHUP reloads the topology file.

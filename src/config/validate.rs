@@ -351,6 +351,13 @@ fn listeners(raw: &[RawListener], base: &Path, errs: &mut Errors) -> Vec<Listene
             );
         }
         let tls = l.tls.as_ref().map(|t| {
+            errs.value(
+                format!("{at}.tls"),
+                format!(
+                    "listener {:?}: TLS termination is not available in this version",
+                    l.name
+                ),
+            );
             if t.certificates.is_empty() {
                 errs.value(
                     format!("{at}.tls.certificates"),

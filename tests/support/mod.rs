@@ -423,3 +423,14 @@ pub async fn raw(port: u16, bytes: &[u8]) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A child process killed when the test ends, passed or failed (an orphan would keep the
+/// test runner's output pipe open).
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
