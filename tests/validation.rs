@@ -178,9 +178,9 @@ fn redirects_do_not_chain_into_a_cycle() {
 
 #[test]
 fn every_entry_port_has_a_listener_and_weights_are_sane() {
-    let errs = errors(&format!(
-        "version: 1\nlisteners: [ {{ name: http, bind: \"0.0.0.0:8080\" }} ]\nnodes:\n  app-1: {{ address: \"10.0.0.11:8000\", weight: 0 }}\n  app-2: {{ address: \"10.0.0.12:8000\", weight: 5000 }}\nenvironments:\n  demo:\n    entries: [\":8084\"]\n    nodes: {{ app-1: {{ weight: -1 }} }}\n    canary: {{ environment: other, weight: 150 }}\n  other: {{ nodes: [app-2] }}\n"
-    ));
+    let errs = errors(
+        "version: 1\nlisteners: [ { name: http, bind: \"0.0.0.0:8080\" } ]\nnodes:\n  app-1: { address: \"10.0.0.11:8000\", weight: 0 }\n  app-2: { address: \"10.0.0.12:8000\", weight: 5000 }\nenvironments:\n  demo:\n    entries: [\":8084\"]\n    nodes: { app-1: { weight: -1 } }\n    canary: { environment: other, weight: 150 }\n  other: { nodes: [app-2] }\n",
+    );
     expect(
         &errs,
         "environments.demo.entries[0]",
