@@ -82,6 +82,10 @@ pub enum ApplyError {
     Listeners(String),
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("node {0:?} is not in the running topology")]
+pub struct UnknownNode(pub String);
+
 /// A running envgate.
 pub struct Server {
     shared: Arc<Shared>,
@@ -302,6 +306,21 @@ impl Server {
         self.shared.registry.retain(&keep);
         let _ = self.shared.changed.send(generation);
         Ok(generation)
+    }
+
+    /// Drains a node (`true`): it gets no new requests, finishes those in flight, and
+    /// keeps being health-checked; `false` returns it to service. Applies wherever the node
+    /// is used and survives reloads that keep the node.
+    pub fn set_drained(&self, node: &str, drained: bool) -> Result<(), UnknownNode> {
+        let topo = self.shared.topology.load();
+        let n = topo
+            .nodes
+            .iter()
+            .find(|n| &*n.name == node)
+            .ok_or_else(|| UnknownNode(node.to_string()))?;
+        n.state.set_drained(drained);
+        tracing::info!(node, drained, "node drain changed");
+        Ok(())
     }
 
     /// Stops accepting, drains open connections (bounded by the drain timeout) and waits

@@ -61,8 +61,51 @@ pub struct Defaults {
     pub health: HealthSpec,
     pub timeouts: Timeouts,
     pub retries: u32,
+    pub retry_budget: RetryBudget,
+    pub passive: Passive,
     pub max_in_flight: usize,
     pub trusted_proxies: Vec<Cidr>,
+}
+
+/// How many retries an environment may have at once (DESIGN.md: 20%).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    /// Percent of the environment's requests in flight.
+    pub percent: f64,
+    /// Retries always allowed at once, whatever the load.
+    pub min_retries: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            percent: 20.0,
+            min_retries: 3,
+        }
+    }
+}
+
+/// Passive detection (DESIGN.md: 5 consecutive failures, 30 s doubling to 300 s, at most
+/// half the nodes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Passive {
+    /// Consecutive failures on live traffic that eject a node; 0 turns ejection off.
+    pub consecutive_failures: u32,
+    pub ejection: Duration,
+    pub max_ejection: Duration,
+    /// Most nodes of one pool ejected at once, in percent.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for Passive {
+    fn default() -> Self {
+        Passive {
+            consecutive_failures: 5,
+            ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,9 +225,13 @@ pub struct Environment {
     pub canary: Option<Canary>,
     pub tenants: Option<Tenants>,
     pub retries: u32,
+    /// Percent of usable primaries below which the pick ignores health (0: off).
+    pub panic_threshold: f64,
     pub max_in_flight: usize,
     /// Requests of this environment now being served (all workers).
     pub in_flight: AtomicUsize,
+    /// Retries of this environment now under way (all workers), against the budget.
+    pub retrying: AtomicUsize,
     /// Pre-built JSON bodies of envgate's own answers for this environment, so the hot
     /// path formats nothing.
     pub bodies: EnvBodies,
@@ -230,6 +277,33 @@ impl Environment {
             return None;
         }
         Some(InFlight(self.clone()))
+    }
+}
+
+impl Environment {
+    /// Takes a retry from the budget, or `None` when the environment already has as many
+    /// retries under way as its budget allows.
+    #[inline]
+    pub fn try_retry(self: &Arc<Self>, budget: &RetryBudget) -> Option<Retrying> {
+        let in_flight = self.in_flight.load(Ordering::Relaxed) as f64;
+        let allowed =
+            ((in_flight * budget.percent / 100.0) as usize).max(budget.min_retries as usize);
+        let prev = self.retrying.fetch_add(1, Ordering::Relaxed);
+        if prev >= allowed {
+            self.retrying.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Retrying(self.clone()))
+    }
+}
+
+/// One retry of the environment's budget, given back on drop.
+#[derive(Debug)]
+pub struct Retrying(Arc<Environment>);
+
+impl Drop for Retrying {
+    fn drop(&mut self) {
+        self.0.retrying.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

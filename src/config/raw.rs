@@ -57,9 +57,30 @@ pub struct RawDefaults {
     pub health: Option<RawHealth>,
     pub timeouts: Option<RawTimeouts>,
     pub retries: Option<u32>,
+    pub retry_budget: Option<RawRetryBudget>,
+    pub passive: Option<RawPassive>,
     pub limits: Option<RawLimits>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+}
+
+/// Retries allowed at once per environment: `percent` of its requests in flight, and at
+/// least `min_retries`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetryBudget {
+    pub percent: Option<f64>,
+    pub min_retries: Option<u32>,
+}
+
+/// Passive detection: ejection of a node after consecutive failures on live traffic.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassive {
+    pub consecutive_failures: Option<u32>,
+    pub ejection: Option<String>,
+    pub max_ejection: Option<String>,
+    pub max_ejected_percent: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -125,6 +146,8 @@ pub struct RawEnvironment {
     pub tenants: Option<RawTenants>,
     pub limits: Option<RawLimits>,
     pub retries: Option<u32>,
+    /// Below this percent of usable primary nodes, spread over all of them (0: off).
+    pub panic_threshold: Option<f64>,
 }
 
 /// `nodes: [a, b]` or `nodes: { a: { weight: 5 }, b: }`.

@@ -238,6 +238,18 @@ pub fn validate(
             .and_then(|l| max_in_flight(&format!("{at}.limits"), l, &mut errs))
             .unwrap_or(defaults.max_in_flight);
 
+        let panic_threshold = match env.panic_threshold {
+            Some(p) if !(p.is_finite() && (0.0..=100.0).contains(&p)) => {
+                errs.value(
+                    format!("{at}.panic_threshold"),
+                    format!("panic_threshold {p} must be a percent from 0 to 100"),
+                );
+                0.0
+            }
+            Some(p) => p,
+            None => 0.0,
+        };
+
         environments.push(Arc::new(Environment {
             name: Arc::from(name.as_str()),
             labels: env.labels.clone(),
@@ -246,8 +258,10 @@ pub fn validate(
             canary,
             tenants,
             retries,
+            panic_threshold,
             max_in_flight,
             in_flight: AtomicUsize::new(0),
+            retrying: AtomicUsize::new(0),
             bodies: EnvBodies::new(name),
         }));
     }
@@ -605,10 +619,59 @@ fn defaults(raw: &RawDefaults, errs: &mut Errors) -> Defaults {
             ),
         }
     }
+    let mut retry_budget = RetryBudget::default();
+    if let Some(b) = &raw.retry_budget {
+        if let Some(p) = b.percent {
+            if !(p.is_finite() && (0.0..=100.0).contains(&p)) {
+                errs.value(
+                    "defaults.retry_budget.percent",
+                    format!("{p} must be a percent from 0 to 100"),
+                );
+            }
+            retry_budget.percent = p;
+        }
+        if let Some(m) = b.min_retries {
+            retry_budget.min_retries = m;
+        }
+    }
+    let mut passive = Passive::default();
+    if let Some(p) = &raw.passive {
+        let at = |k: &str| format!("defaults.passive.{k}");
+        if let Some(n) = p.consecutive_failures {
+            passive.consecutive_failures = n;
+        }
+        passive.ejection = duration(&at("ejection"), &p.ejection, passive.ejection, errs);
+        passive.max_ejection = duration(
+            &at("max_ejection"),
+            &p.max_ejection,
+            passive.max_ejection,
+            errs,
+        );
+        if passive.max_ejection < passive.ejection {
+            errs.value(
+                at("max_ejection"),
+                format!(
+                    "max_ejection {:?} is shorter than ejection {:?}",
+                    passive.max_ejection, passive.ejection
+                ),
+            );
+        }
+        if let Some(m) = p.max_ejected_percent {
+            if m > 100 {
+                errs.value(
+                    at("max_ejected_percent"),
+                    format!("{m} must be a percent from 0 to 100"),
+                );
+            }
+            passive.max_ejected_percent = m;
+        }
+    }
     Defaults {
         health,
         timeouts,
         retries,
+        retry_budget,
+        passive,
         max_in_flight,
         trusted_proxies,
     }

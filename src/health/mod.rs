@@ -8,8 +8,17 @@ pub mod checker;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::topology::Passive;
+
+/// Milliseconds since the first call (never 0): a cheap monotonic clock for ejections.
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
 
 /// Health as last decided for a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +37,12 @@ pub struct NodeState {
     trust_unknown: AtomicBool,
     /// Drained by an operator: no new requests, checks go on.
     drained: AtomicBool,
+    /// Consecutive failures seen on live traffic (passive detection).
+    failures: AtomicU32,
+    /// End of the current passive ejection, in `now_ms` time; 0 when not ejected.
+    ejected_until: AtomicU64,
+    /// Ejections since the node last served a request well (the cool-down doubles).
+    ejections: AtomicU32,
 }
 
 impl NodeState {
@@ -36,7 +51,58 @@ impl NodeState {
             health: AtomicU8::new(Health::Unknown as u8),
             trust_unknown: AtomicBool::new(trust_unknown),
             drained: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
         }
+    }
+
+    /// Whether a passive ejection is in force now. Reads the clock only for a node that
+    /// was ejected.
+    #[inline]
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+
+    /// A request to this node got its response head. Writes only when there is state to
+    /// clear, so the common case is two relaxed loads.
+    #[inline]
+    pub fn record_success(&self) -> bool {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejected_until.load(Ordering::Relaxed) != 0 {
+            self.ejected_until.store(0, Ordering::Relaxed);
+            self.ejections.store(0, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// A request to this node failed (connect, reset, timeout). Returns the ejection it
+    /// starts, if this failure reaches the threshold and `may_eject` (the pool's cap on
+    /// ejected nodes) allows it.
+    pub fn record_failure(&self, policy: &Passive, may_eject: bool) -> Option<Duration> {
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if policy.consecutive_failures == 0
+            || n < policy.consecutive_failures
+            || !may_eject
+            || self.is_ejected()
+        {
+            return None;
+        }
+        let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let cool = policy
+            .ejection
+            .saturating_mul(1 << k)
+            .min(policy.max_ejection);
+        self.ejected_until
+            .store(now_ms() + cool.as_millis() as u64, Ordering::Relaxed);
+        Some(cool)
     }
 
     pub fn health(&self) -> Health {
@@ -72,7 +138,7 @@ impl NodeState {
     /// flip a little late is within the tolerance of health checking itself.
     #[inline]
     pub fn usable(&self) -> bool {
-        if self.drained.load(Ordering::Relaxed) {
+        if self.drained.load(Ordering::Relaxed) || self.is_ejected() {
             return false;
         }
         match self.health.load(Ordering::Relaxed) {
@@ -80,6 +146,53 @@ impl NodeState {
             2 => false,
             _ => self.trust_unknown.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejection_after_consecutive_failures_doubles_and_success_clears() {
+        let s = NodeState::new(true);
+        let p = Passive {
+            consecutive_failures: 3,
+            ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(25),
+            max_ejected_percent: 50,
+        };
+        assert_eq!(s.record_failure(&p, true), None);
+        assert_eq!(s.record_failure(&p, true), None);
+        assert_eq!(s.record_failure(&p, true), Some(Duration::from_secs(10)));
+        assert!(s.is_ejected() && !s.usable());
+        // Already ejected: no second ejection.
+        assert_eq!(s.record_failure(&p, true), None);
+        assert!(s.record_success());
+        assert!(s.usable());
+        // The cap on ejected nodes wins over the threshold.
+        for _ in 0..5 {
+            assert_eq!(s.record_failure(&p, false), None);
+        }
+        assert!(s.usable());
+        s.record_success();
+        for _ in 0..2 {
+            s.record_failure(&p, true);
+        }
+        assert_eq!(s.record_failure(&p, true), Some(Duration::from_secs(10)));
+        s.ejected_until.store(1, Ordering::Relaxed); // the cool-down is over
+        assert_eq!(s.record_failure(&p, true), Some(Duration::from_secs(20)));
+        s.ejected_until.store(1, Ordering::Relaxed);
+        assert_eq!(s.record_failure(&p, true), Some(Duration::from_secs(25)));
+    }
+
+    #[test]
+    fn drained_is_never_usable() {
+        let s = NodeState::new(true);
+        s.set_drained(true);
+        assert!(!s.usable());
+        s.set_drained(false);
+        assert!(s.usable());
     }
 }
 

@@ -29,7 +29,7 @@ enum Kind {
 struct Upstream {
     body: Incoming,
     /// The connection to give back once `body` has ended.
-    conn: Option<(Rc<ConnPool>, SendRequest<Incoming>)>,
+    conn: Option<(Rc<ConnPool>, SendRequest<UpBody>)>,
     slot: Option<InFlight>,
 }
 
@@ -67,7 +67,7 @@ impl ProxyBody {
 
     pub fn upstream(
         body: Incoming,
-        conn: Option<(Rc<ConnPool>, SendRequest<Incoming>)>,
+        conn: Option<(Rc<ConnPool>, SendRequest<UpBody>)>,
         slot: Option<InFlight>,
     ) -> Self {
         ProxyBody {
@@ -125,6 +125,45 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream(u) => u.body.size_hint(),
+        }
+    }
+}
+
+/// The body envgate sends to a node: the client's, streamed, or none at all. A request
+/// without a body is `Empty`, which lets it be copied for a retry.
+pub enum UpBody {
+    Empty,
+    Stream(Incoming),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpBody::Empty => Poll::Ready(None),
+            UpBody::Stream(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Empty => true,
+            UpBody::Stream(b) => b.is_end_stream(),
+        }
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Empty => SizeHint::with_exact(0),
+            UpBody::Stream(b) => b.size_hint(),
         }
     }
 }

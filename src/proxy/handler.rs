@@ -1,6 +1,10 @@
 //! Per request: snapshot -> entry -> application -> in-flight slot -> node pick ->
-//! forward (next node on a failed connect) -> response. Also the one mapping from a
-//! failure to envgate's own status and JSON body.
+//! forward -> response, with failover: a request that never reached a node (failed
+//! connect, pooled connection found closed) goes to the next node; a body-less request
+//! with an idempotent method also after a reset or a response-header timeout. Retries are
+//! bounded by `retries` and by the environment's retry budget; every failure counts
+//! against the node (passive ejection). Also the one mapping from a failure to envgate's
+//! own status and JSON body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -8,16 +12,16 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use tokio::io::copy_bidirectional;
 
-use super::body::ProxyBody;
+use super::body::{ProxyBody, UpBody};
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::pool::ConnPool;
 use super::worker::Worker;
-use crate::topology::{NodeId, Timeouts};
+use crate::topology::{Member, NodeId, Timeouts, Topology};
 
 /// What envgate knows of the downstream connection, computed once per connection.
 pub struct ConnInfo {
@@ -52,7 +56,7 @@ fn own(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
 #[allow(clippy::large_enum_variant)]
 enum Failure {
     /// The request never reached the node (connect failed): another node may take it.
-    NotSent(Request<Incoming>),
+    NotSent(Request<UpBody>),
     /// No response head within the response-header timeout.
     Timeout,
     /// The node failed after the request was (maybe) sent.
@@ -62,7 +66,7 @@ enum Failure {
 pub async fn handle(
     worker: Rc<Worker>,
     conn: Rc<ConnInfo>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snap = worker.snapshot();
     let topo = &*snap.topo;
@@ -89,37 +93,59 @@ pub async fn handle(
         ));
     };
 
+    let (parts, body) = req.into_parts();
+    let body = if body.is_end_stream() {
+        UpBody::Empty
+    } else {
+        UpBody::Stream(body)
+    };
+    let mut req = Request::from_parts(parts, body);
     let upgrade = headers::is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     prepare(&mut req, &conn, &worker, host_value, upgrade);
+    // A request without a body and with an idempotent method can be sent again after it
+    // reached a node that failed; any other only when it surely never left envgate.
+    let replayable = !upgrade && idempotent(req.method()) && matches!(req.body(), UpBody::Empty);
 
     let members = &topo.pools[app.pool].members;
     let wrr = &snap.wrr[app.pool];
-    let timeouts = &topo.defaults.timeouts;
+    let defaults = &topo.defaults;
+    let panic_mode = env.panic_threshold > 0.0 && in_panic(topo, members, env.panic_threshold);
     let mut tried = [NodeId::MAX; MAX_ATTEMPTS];
     let attempts = (env.retries as usize + 1).min(MAX_ATTEMPTS);
+    let mut last = Last::NoNode;
+    // Held while a retry is under way, against the environment's retry budget.
+    let mut _retrying = None;
     for attempt in 0..attempts {
-        let pick = wrr.pick(members, |n| {
-            topo.nodes[n].state.usable() && !tried[..attempt].contains(&n)
-        });
+        if attempt > 0 {
+            match env.try_retry(&defaults.retry_budget) {
+                Some(r) => _retrying = Some(r),
+                None => break,
+            }
+        }
+        let tried_so_far = &tried[..attempt];
+        let pick = if panic_mode {
+            wrr.pick(members, |n| {
+                !topo.nodes[n].state.is_drained() && !tried_so_far.contains(&n)
+            })
+        } else {
+            wrr.pick(members, |n| {
+                topo.nodes[n].state.usable() && !tried_so_far.contains(&n)
+            })
+        };
         let Some(i) = pick else {
-            let body = if attempt == 0 {
-                &env.bodies.no_healthy_node
-            } else {
-                &env.bodies.bad_gateway
-            };
-            let status = if attempt == 0 {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::BAD_GATEWAY
-            };
-            return Ok(own(status, body.clone()));
+            break;
         };
         let node = members[i].node;
         tried[attempt] = node;
+        let state = &topo.nodes[node].state;
         let pool = &snap.conns[node];
-        match forward(pool, req, timeouts).await {
+        let copy = (replayable && attempt + 1 < attempts).then(|| replay(&req));
+        match forward(pool, req, &defaults.timeouts).await {
             Ok((mut resp, sender)) => {
+                if state.record_success() {
+                    tracing::info!(node = %topo.nodes[node].name, "node served again after its ejection");
+                }
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     // A switch the client did not ask for cannot be relayed.
                     let Some(down) = downstream_upgrade else {
@@ -142,29 +168,100 @@ pub async fn handle(
                     ProxyBody::upstream(body, conn, Some(slot)),
                 ));
             }
-            Err(Failure::NotSent(back)) => {
-                tracing::debug!(node = %topo.nodes[node].name, "connect failed, trying the next node");
-                req = back;
-            }
-            Err(Failure::Timeout) => {
-                return Ok(own(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    env.bodies.gateway_timeout.clone(),
-                ));
-            }
-            Err(Failure::Failed) => {
-                return Ok(own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone()));
+            Err(failure) => {
+                passive_failure(topo, members, node);
+                let next = match failure {
+                    Failure::NotSent(back) => {
+                        last = Last::BadGateway;
+                        Some(back)
+                    }
+                    Failure::Timeout => {
+                        last = Last::Timeout;
+                        copy
+                    }
+                    Failure::Failed => {
+                        last = Last::BadGateway;
+                        copy
+                    }
+                };
+                match next {
+                    Some(r) => req = r,
+                    None => break,
+                }
             }
         }
     }
-    Ok(own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone()))
+    Ok(match last {
+        Last::NoNode => own(
+            StatusCode::SERVICE_UNAVAILABLE,
+            env.bodies.no_healthy_node.clone(),
+        ),
+        Last::BadGateway => own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone()),
+        Last::Timeout => own(
+            StatusCode::GATEWAY_TIMEOUT,
+            env.bodies.gateway_timeout.clone(),
+        ),
+    })
+}
+
+/// The outcome of the last attempt, for the answer when no attempt succeeded.
+#[derive(Clone, Copy)]
+enum Last {
+    /// No node could be picked at all.
+    NoNode,
+    BadGateway,
+    Timeout,
+}
+
+#[inline]
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// A copy of a body-less request, to send again after a failed attempt.
+fn replay(req: &Request<UpBody>) -> Request<UpBody> {
+    let mut copy = Request::new(UpBody::Empty);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// Whether fewer than `threshold` percent of the pool's primary nodes are usable.
+fn in_panic(topo: &Topology, members: &[Member], threshold: f64) -> bool {
+    let (mut primaries, mut usable) = (0usize, 0usize);
+    for m in members.iter().filter(|m| !m.backup) {
+        primaries += 1;
+        usable += topo.nodes[m.node].state.usable() as usize;
+    }
+    primaries > 0 && (usable as f64) < primaries as f64 * threshold / 100.0
+}
+
+/// Counts a live-traffic failure against `node`, ejecting it when it reaches the
+/// threshold and the pool still has room under its cap of ejected nodes.
+#[cold]
+fn passive_failure(topo: &Topology, members: &[Member], node: NodeId) {
+    let policy = &topo.defaults.passive;
+    let ejected = members
+        .iter()
+        .filter(|m| topo.nodes[m.node].state.is_ejected())
+        .count();
+    let may_eject = (ejected + 1) * 100 <= members.len() * policy.max_ejected_percent as usize;
+    let n = &topo.nodes[node];
+    if let Some(cool) = n.state.record_failure(policy, may_eject) {
+        tracing::warn!(node = %n.name, address = %n.addr, cool_down = ?cool, "node ejected after consecutive failures on live traffic");
+    }
 }
 
 /// Rewrites the request for the node: hop-by-hop headers out, `X-Forwarded-*` and
 /// `X-Request-Id` in, origin-form URI, HTTP/1.1.
 #[inline]
 fn prepare(
-    req: &mut Request<Incoming>,
+    req: &mut Request<UpBody>,
     conn: &ConnInfo,
     worker: &Worker,
     host: Option<HeaderValue>,
@@ -209,9 +306,9 @@ fn prepare(
 /// One attempt on one node: a pooled connection (or a new one), then the request.
 async fn forward(
     pool: &ConnPool,
-    mut req: Request<Incoming>,
+    mut req: Request<UpBody>,
     timeouts: &Timeouts,
-) -> Result<(Response<Incoming>, SendRequest<Incoming>), Failure> {
+) -> Result<(Response<Incoming>, SendRequest<UpBody>), Failure> {
     loop {
         let (mut sender, reused) = match pool.take(timeouts.upstream_idle) {
             Some(s) => (s, true),

@@ -9,18 +9,19 @@ use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use super::body::UpBody;
 
 /// Idle connections kept per node and worker.
 const MAX_IDLE: usize = 512;
 
 pub struct ConnPool {
     pub addr: SocketAddr,
-    idle: RefCell<Vec<(SendRequest<Incoming>, Instant)>>,
+    idle: RefCell<Vec<(SendRequest<UpBody>, Instant)>>,
 }
 
 /// Why a new connection could not be had.
@@ -44,7 +45,7 @@ impl ConnPool {
 
     /// A pooled connection that is still open and was idle less than `max_idle`.
     #[inline]
-    pub fn take(&self, max_idle: Duration) -> Option<SendRequest<Incoming>> {
+    pub fn take(&self, max_idle: Duration) -> Option<SendRequest<UpBody>> {
         let mut idle = self.idle.borrow_mut();
         while let Some((conn, since)) = idle.pop() {
             if conn.is_closed() || since.elapsed() > max_idle {
@@ -57,7 +58,7 @@ impl ConnPool {
 
     /// Gives a connection back after its response ended.
     #[inline]
-    pub fn put(&self, conn: SendRequest<Incoming>) {
+    pub fn put(&self, conn: SendRequest<UpBody>) {
         if conn.is_closed() {
             return;
         }
@@ -68,13 +69,13 @@ impl ConnPool {
     }
 
     /// Opens a new connection and starts its connection task on this worker.
-    pub async fn connect(&self, timeout: Duration) -> Result<SendRequest<Incoming>, ConnectError> {
+    pub async fn connect(&self, timeout: Duration) -> Result<SendRequest<UpBody>, ConnectError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
             .await
             .map_err(|_| ConnectError::Timeout)??;
         let _ = stream.set_nodelay(true);
         let (send, conn) = http1::Builder::new()
-            .handshake::<_, Incoming>(TokioIo::new(stream))
+            .handshake::<_, UpBody>(TokioIo::new(stream))
             .await?;
         tokio::task::spawn_local(async move {
             if let Err(e) = conn.with_upgrades().await {

@@ -51,12 +51,21 @@ where
 pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
-    hits: Arc<AtomicUsize>,
-    healthy: Arc<AtomicBool>,
-    pub last_headers: Arc<Mutex<Option<HeaderMap>>>,
-    /// Client ports of the connections that carried counted (non-health) requests.
-    peers: Arc<Mutex<std::collections::HashSet<u16>>>,
+    state: Arc<NodeShared>,
     stop: watch::Sender<bool>,
+}
+
+/// What an upstream's connections share.
+#[derive(Default)]
+struct NodeShared {
+    name: String,
+    hits: AtomicUsize,
+    healthy: AtomicBool,
+    /// When set, every request (health checks included) waits an hour for its answer.
+    hanging: AtomicBool,
+    last_headers: Mutex<Option<HeaderMap>>,
+    /// Client ports of the connections that carried counted (non-health) requests.
+    peers: Mutex<std::collections::HashSet<u16>>,
 }
 
 impl Upstream {
@@ -68,50 +77,33 @@ impl Upstream {
     pub async fn start_on(name: &str, addr: SocketAddr) -> Upstream {
         let listener = bind_retry(addr).await;
         let addr = listener.local_addr().unwrap();
-        let (stop, stop_rx) = watch::channel(false);
-        let up = Upstream {
+        let (stop, mut stop_rx) = watch::channel(false);
+        let state = Arc::new(NodeShared {
             name: name.to_string(),
-            addr,
-            hits: Arc::new(AtomicUsize::new(0)),
-            healthy: Arc::new(AtomicBool::new(true)),
-            last_headers: Arc::new(Mutex::new(None)),
-            peers: Arc::default(),
-            stop,
-        };
-        let (name, hits, healthy, last, peers) = (
-            up.name.clone(),
-            up.hits.clone(),
-            up.healthy.clone(),
-            up.last_headers.clone(),
-            up.peers.clone(),
-        );
+            healthy: AtomicBool::new(true),
+            ..Default::default()
+        });
+        let shared = state.clone();
         tokio::spawn(async move {
-            let mut stop_rx = stop_rx;
             loop {
                 let (stream, peer) = tokio::select! {
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                     _ = stop_rx.changed() => return,
                 };
-                let (name, hits, healthy, last, peers) = (
-                    name.clone(),
-                    hits.clone(),
-                    healthy.clone(),
-                    last.clone(),
-                    peers.clone(),
-                );
+                let shared = shared.clone();
                 let mut conn_stop = stop_rx.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        if req.uri().path() != "/healthz" {
-                            peers.lock().unwrap().insert(peer.port());
+                        let shared = shared.clone();
+                        async move {
+                            if shared.hanging.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                            }
+                            if req.uri().path() != "/healthz" {
+                                shared.peers.lock().unwrap().insert(peer.port());
+                            }
+                            serve(&shared, req).await
                         }
-                        serve(
-                            name.clone(),
-                            hits.clone(),
-                            healthy.clone(),
-                            last.clone(),
-                            req,
-                        )
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -123,24 +115,38 @@ impl Upstream {
                 });
             }
         });
-        up
+        Upstream {
+            name: name.to_string(),
+            addr,
+            state,
+            stop,
+        }
     }
 
     pub fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
+        self.state.hits.load(Ordering::SeqCst)
     }
 
     /// How many connections carried counted requests.
     pub fn connections(&self) -> usize {
-        self.peers.lock().unwrap().len()
+        self.state.peers.lock().unwrap().len()
+    }
+
+    /// The headers of the last counted request.
+    pub fn last_headers(&self) -> Option<HeaderMap> {
+        self.state.last_headers.lock().unwrap().clone()
     }
 
     pub fn reset_hits(&self) {
-        self.hits.store(0, Ordering::SeqCst);
+        self.state.hits.store(0, Ordering::SeqCst);
     }
 
     pub fn set_healthy(&self, healthy: bool) {
-        self.healthy.store(healthy, Ordering::SeqCst);
+        self.state.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    pub fn set_hanging(&self, hanging: bool) {
+        self.state.hanging.store(hanging, Ordering::SeqCst);
     }
 
     /// Closes the listener and every open connection.
@@ -173,15 +179,13 @@ fn full(b: impl Into<Bytes>) -> TestBody {
 }
 
 async fn serve(
-    name: String,
-    hits: Arc<AtomicUsize>,
-    healthy: Arc<AtomicBool>,
-    last: Arc<Mutex<Option<HeaderMap>>>,
+    shared: &NodeShared,
     mut req: Request<Incoming>,
 ) -> Result<Response<TestBody>, Infallible> {
+    let name = shared.name.clone();
     let path = req.uri().path().to_string();
     if path == "/healthz" {
-        let ok = healthy.load(Ordering::SeqCst);
+        let ok = shared.healthy.load(Ordering::SeqCst);
         let mut r = Response::new(full(if ok { "ok" } else { "sick" }));
         *r.status_mut() = if ok {
             StatusCode::OK
@@ -190,8 +194,8 @@ async fn serve(
         };
         return Ok(r);
     }
-    hits.fetch_add(1, Ordering::SeqCst);
-    *last.lock().unwrap() = Some(req.headers().clone());
+    shared.hits.fetch_add(1, Ordering::SeqCst);
+    *shared.last_headers.lock().unwrap() = Some(req.headers().clone());
     let mut resp = if req
         .headers()
         .get(http::header::UPGRADE)
@@ -432,5 +436,46 @@ impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A node that accepts TCP connections, reads what the client sends and breaks the
+/// connection without answering. `requests()` counts the connections that carried bytes
+/// (health checks of `type: tcp`, which pass on it, send none).
+pub struct Breaker {
+    pub addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Breaker {
+    pub async fn start() -> Breaker {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    if let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf))
+                            .await
+                    {
+                        if n > 0 {
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    // Linger 0: the close is a reset.
+                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    drop(stream);
+                });
+            }
+        });
+        Breaker { addr, requests }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
     }
 }
