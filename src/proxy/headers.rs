@@ -47,6 +47,14 @@ fn tokens(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
 /// `Upgrade` and answers with `Connection: upgrade` (the upgrade must reach the peer).
 #[inline]
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of these: one pass over their few names is cheaper than a
+    // hash probe per hop-by-hop name.
+    if !headers
+        .keys()
+        .any(|k| *k == header::UPGRADE || HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         // Only the uncommon case of custom names allocates.
         let named: Vec<HeaderName> = headers
