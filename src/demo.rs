@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -35,6 +36,8 @@ nodes:
   app-3:   { address: "{app-3}", backup: true }
   test-1:  { address: "{test-1}" }
   tools-1: { address: "{tools-1}" }
+defaults:
+  health: { interval: 1s, timeout: 500ms, rise: 1, fall: 2 }
 environments:
   production:
     labels: { stage: production }
@@ -58,12 +61,14 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let mut addrs = Vec::new();
     let mut text = TOPOLOGY
         .replace("{HTTP}", &port.to_string())
         .replace("{PORTWIDE}", &portwide.to_string());
     for name in NODES {
         let addr = rt.block_on(demo_node(name))?;
         text = text.replace(&format!("{{{name}}}"), &addr.to_string());
+        addrs.push(addr);
     }
     let registry = Arc::new(NodeRegistry::default());
     let topology = config::parse(&text, std::path::Path::new("."), &registry)
@@ -92,6 +97,13 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
     println!("  curl -si -H 'Host: nowhere.example' http://127.0.0.1:{h}/");
     println!("  # headers the node receives (X-Forwarded-*, X-Request-Id)");
     println!("  curl -s -H 'Host: company.localhost' http://127.0.0.1:{h}/headers");
+    let (a1, a2) = (addrs[0], addrs[1]);
+    println!("  # backup: make both primaries fail their health checks; within ~2 s app-3 (backup) serves");
+    println!("  curl -s -X POST http://{a1}/_demo/down; curl -s -X POST http://{a2}/_demo/down");
+    println!("  sleep 3; for i in 1 2 3; do curl -s -H 'Host: company.localhost' http://127.0.0.1:{h}/; done");
+    println!(
+        "  curl -s -X POST http://{a1}/_demo/up; curl -s -X POST http://{a2}/_demo/up   # and back"
+    );
     println!("  # HTTP/2 cleartext");
     println!(
         "  curl -s --http2-prior-knowledge -H 'Host: company.localhost' http://127.0.0.1:{h}/"
@@ -104,27 +116,53 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts one demo node on an ephemeral loopback port.
+/// Starts one demo node on an ephemeral loopback port. `POST /_demo/down` makes its
+/// `/healthz` answer 503 (it keeps serving everything else), `POST /_demo/up` undoes it.
 async fn demo_node(name: &'static str) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let healthy = Arc::new(AtomicBool::new(true));
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let healthy = healthy.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| async move {
-                    let body = if req.uri().path() == "/headers" {
-                        let mut s = format!("{name} received:\n");
-                        for (k, v) in req.headers() {
-                            s.push_str(&format!(
-                                "  {k}: {}\n",
-                                String::from_utf8_lossy(v.as_bytes())
-                            ));
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let healthy = healthy.clone();
+                    async move {
+                        let path = req.uri().path();
+                        if path == "/healthz" {
+                            let up = healthy.load(Ordering::Relaxed);
+                            let mut resp = Response::new(Full::new(Bytes::from_static(if up {
+                                b"ok\n"
+                            } else {
+                                b"down\n"
+                            })));
+                            if !up {
+                                *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                            }
+                            return Ok::<_, Infallible>(resp);
                         }
-                        s
-                    } else {
-                        format!("{name}: {} {}\n", req.method(), req.uri())
-                    };
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                        if let Some(state) = path.strip_prefix("/_demo/") {
+                            healthy.store(state != "down", Ordering::Relaxed);
+                            return Ok(Response::new(Full::new(Bytes::from(format!(
+                                "{name}: health checks now {}\n",
+                                if state == "down" { "fail" } else { "pass" }
+                            )))));
+                        }
+                        let body = if path == "/headers" {
+                            let mut s = format!("{name} received:\n");
+                            for (k, v) in req.headers() {
+                                s.push_str(&format!(
+                                    "  {k}: {}\n",
+                                    String::from_utf8_lossy(v.as_bytes())
+                                ));
+                            }
+                            s
+                        } else {
+                            format!("{name}: {} {}\n", req.method(), req.uri())
+                        };
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                    }
                 });
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)

@@ -67,12 +67,15 @@ pub struct Defaults {
     pub trusted_proxies: Vec<Cidr>,
 }
 
-/// How many retries an environment may have at once (DESIGN.md: 20%).
+/// How many retries an environment may make (DESIGN.md: a budget of 20%): each request
+/// earns `percent`/100 of a retry, each retry spends one. The balance starts at
+/// `min_retries` and holds at most what the last 1,000 requests earned (or
+/// `min_retries`, if more), so a healthy past does not pay for an unbounded storm. When
+/// every request fails, retries add at most `percent` to the load on the nodes. Each worker
+/// keeps its own balance (no shared counter on the hot path).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryBudget {
-    /// Percent of the environment's requests in flight.
     pub percent: f64,
-    /// Retries always allowed at once, whatever the load.
     pub min_retries: u32,
 }
 
@@ -80,8 +83,17 @@ impl Default for RetryBudget {
     fn default() -> Self {
         RetryBudget {
             percent: 20.0,
-            min_retries: 3,
+            min_retries: 10,
         }
+    }
+}
+
+impl RetryBudget {
+    /// Requests whose earnings the balance can hold.
+    pub const WINDOW: f64 = 1000.0;
+
+    pub fn cap(&self) -> f64 {
+        (self.percent / 100.0 * Self::WINDOW).max(self.min_retries as f64)
     }
 }
 
@@ -230,8 +242,6 @@ pub struct Environment {
     pub max_in_flight: usize,
     /// Requests of this environment now being served (all workers).
     pub in_flight: AtomicUsize,
-    /// Retries of this environment now under way (all workers), against the budget.
-    pub retrying: AtomicUsize,
     /// Pre-built JSON bodies of envgate's own answers for this environment, so the hot
     /// path formats nothing.
     pub bodies: EnvBodies,
@@ -277,33 +287,6 @@ impl Environment {
             return None;
         }
         Some(InFlight(self.clone()))
-    }
-}
-
-impl Environment {
-    /// Takes a retry from the budget, or `None` when the environment already has as many
-    /// retries under way as its budget allows.
-    #[inline]
-    pub fn try_retry(self: &Arc<Self>, budget: &RetryBudget) -> Option<Retrying> {
-        let in_flight = self.in_flight.load(Ordering::Relaxed) as f64;
-        let allowed =
-            ((in_flight * budget.percent / 100.0) as usize).max(budget.min_retries as usize);
-        let prev = self.retrying.fetch_add(1, Ordering::Relaxed);
-        if prev >= allowed {
-            self.retrying.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(Retrying(self.clone()))
-    }
-}
-
-/// One retry of the environment's budget, given back on drop.
-#[derive(Debug)]
-pub struct Retrying(Arc<Environment>);
-
-impl Drop for Retrying {
-    fn drop(&mut self) {
-        self.0.retrying.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -177,3 +177,42 @@ fn run_serves_and_stops_on_sigterm() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn demo_serves_its_topology() {
+    // A port p with p + 3 free as well.
+    let port = (0..50)
+        .find_map(|_| {
+            let a = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+            let p = a.local_addr().ok()?.port();
+            std::net::TcpListener::bind(("127.0.0.1", p.checked_add(3)?)).ok()?;
+            Some(p)
+        })
+        .expect("no free port pair");
+    let _child = Child(
+        envgate()
+            .args(["demo", "--workers", "1", "--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    let answer = loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break http_get(port, "company.localhost");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "demo did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("app-1: GET /") || answer.contains("app-2: GET /"),
+        "{answer}"
+    );
+    let answer = http_get(port + 3, "anything.example");
+    assert!(answer.ends_with("tools-1: GET /\n"), "{answer}");
+}

@@ -416,3 +416,30 @@ async fn panic_threshold_spreads_over_all_nodes() {
         .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dying_cluster_is_not_hammered_twice() {
+    let (x, y) = (Breaker::start().await, Breaker::start().await);
+    let eg = Envgate::start(&topology(
+        "  health: { type: tcp, interval: 1m, timeout: 1s }\n  passive: { consecutive_failures: 0 }\n  retries: 2\n  retry_budget: { percent: 20, min_retries: 5 }",
+        &[("x", x.addr), ("y", y.addr)],
+        "[x, y]",
+    ));
+    let p = eg.port("http");
+    // Every request fails. Without a budget each would be tried on both nodes (200
+    // attempts); with it, 100 requests earn 20 retries on top of the 5 to start with.
+    for _ in 0..100 {
+        assert_eq!(get(p, "x", "/").await.status, 502);
+    }
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            x.requests() + y.requests() >= 100
+        })
+        .await
+    );
+    let attempts = x.requests() + y.requests();
+    assert!(
+        (100..=126).contains(&attempts),
+        "{attempts} attempts for 100 requests"
+    );
+}

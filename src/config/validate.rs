@@ -261,7 +261,6 @@ pub fn validate(
             panic_threshold,
             max_in_flight,
             in_flight: AtomicUsize::new(0),
-            retrying: AtomicUsize::new(0),
             bodies: EnvBodies::new(name),
         }));
     }

@@ -114,14 +114,10 @@ pub async fn handle(
     let mut tried = [NodeId::MAX; MAX_ATTEMPTS];
     let attempts = (env.retries as usize + 1).min(MAX_ATTEMPTS);
     let mut last = Last::NoNode;
-    // Held while a retry is under way, against the environment's retry budget.
-    let mut _retrying = None;
+    snap.earn_retry(env_id);
     for attempt in 0..attempts {
-        if attempt > 0 {
-            match env.try_retry(&defaults.retry_budget) {
-                Some(r) => _retrying = Some(r),
-                None => break,
-            }
+        if attempt > 0 && !snap.spend_retry(env_id) {
+            break;
         }
         let tried_so_far = &tried[..attempt];
         let pick = if panic_mode {

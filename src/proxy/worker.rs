@@ -6,7 +6,7 @@
 //! per pool, connection pools per node, reusing the pool of every node whose address
 //! stayed); otherwise it hands out an `Rc` to the tables it has.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use super::headers::RequestIds;
 use super::pool::ConnPool;
 use crate::balance::Wrr;
 use crate::server::Shared;
-use crate::topology::Topology;
+use crate::topology::{EnvId, Topology};
 
 /// Request head limit (DESIGN.md: 64 KiB in all, 100 fields).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -32,6 +32,30 @@ pub struct LocalSnap {
     pub wrr: Vec<Wrr>,
     /// Indexed by `NodeId`.
     pub conns: Vec<Rc<ConnPool>>,
+    /// This worker's retry budget per environment (indexed by `EnvId`), in retries.
+    pub retry_tokens: Vec<Cell<f64>>,
+}
+
+impl LocalSnap {
+    /// Credits the budget of `env` for one request.
+    #[inline]
+    pub fn earn_retry(&self, env: EnvId) {
+        let b = &self.topo.defaults.retry_budget;
+        let t = &self.retry_tokens[env];
+        t.set((t.get() + b.percent / 100.0).min(b.cap()));
+    }
+
+    /// Spends one retry of `env`'s budget, if there is one.
+    #[inline]
+    pub fn spend_retry(&self, env: EnvId) -> bool {
+        let t = &self.retry_tokens[env];
+        if t.get() >= 1.0 {
+            t.set(t.get() - 1.0);
+            true
+        } else {
+            false
+        }
+    }
 }
 
 pub struct Worker {
@@ -106,6 +130,29 @@ impl Worker {
             .iter()
             .map(|p| Wrr::new(p.members.len()))
             .collect();
-        LocalSnap { topo, wrr, conns }
+        // Balances carry over by environment name; a new environment starts at the floor.
+        let budget = topo.defaults.retry_budget;
+        let old = self.current.borrow();
+        let retry_tokens = topo
+            .environments
+            .iter()
+            .map(|e| {
+                let carried = old.as_ref().and_then(|old| {
+                    let i = old.topo.env_by_name(&e.name)?;
+                    Some(old.retry_tokens[i].get())
+                });
+                Cell::new(
+                    carried
+                        .unwrap_or(budget.min_retries as f64)
+                        .min(budget.cap()),
+                )
+            })
+            .collect();
+        LocalSnap {
+            topo,
+            wrr,
+            conns,
+            retry_tokens,
+        }
     }
 }
