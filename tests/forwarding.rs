@@ -357,3 +357,36 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_heads_are_refused() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&one_node(a.addr, ""));
+    let p = eg.port("http");
+    // 101 header fields.
+    let mut req = String::from("GET / HTTP/1.1\r\nHost: company.com\r\n");
+    for i in 0..100 {
+        req.push_str(&format!("X-Field-{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    let answer = raw(p, req.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // A head past 64 KiB in all.
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: company.com\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(70 * 1024)
+    );
+    let answer = raw(p, req.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431") || answer.starts_with("HTTP/1.1 414"),
+        "{answer}"
+    );
+    assert_eq!(a.hits(), 0);
+    // Within the limits all is well.
+    let answer = raw(
+        p,
+        b"GET / HTTP/1.1\r\nHost: company.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

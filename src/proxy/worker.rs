@@ -79,11 +79,14 @@ impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
 }
 
 impl Worker {
+    /// The HTTP builders take the timeouts of the topology at start: hyper's header-read
+    /// timer runs from the moment a connection waits for a request head, so it bounds both
+    /// a slow head and an idle keep-alive connection: min(client_header, idle).
     pub fn new(shared: Arc<Shared>) -> Self {
         let timeouts = shared.topology.load().defaults.timeouts.clone();
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
-            .header_read_timeout(timeouts.client_header)
+            .header_read_timeout(timeouts.client_header.min(timeouts.idle))
             .max_buf_size(MAX_HEAD_BYTES)
             .max_headers(MAX_HEADERS);
         let mut h2 = http2::Builder::new(LocalExec);
