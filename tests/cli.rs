@@ -99,6 +99,20 @@ fn http_get(port: u16, host: &str) -> String {
     out
 }
 
+/// Waits (10 s at most) for a process just started to accept on `port`, then sends it
+/// one request.
+fn first_answer(port: u16, host: &str) -> String {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "nothing accepts on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    http_get(port, host)
+}
+
 #[test]
 fn run_serves_and_stops_on_sigterm() {
     // A node: a plain TCP server answering every request with 200 "node".
@@ -144,18 +158,7 @@ fn run_serves_and_stops_on_sigterm() {
             .spawn()
             .unwrap(),
     );
-    let start = Instant::now();
-    let answer = loop {
-        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            drop(s);
-            break http_get(port, "anything");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "envgate did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let answer = first_answer(port, "anything");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("node"), "{answer}");
     let pid = child.0.id().to_string();
@@ -197,17 +200,7 @@ fn demo_serves_its_topology() {
             .spawn()
             .unwrap(),
     );
-    let start = Instant::now();
-    let answer = loop {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break http_get(port, "company.localhost");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "demo did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let answer = first_answer(port, "company.localhost");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
         answer.contains("app-1: GET /") || answer.contains("app-2: GET /"),

@@ -8,7 +8,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -125,13 +124,7 @@ async fn bodies_stream_both_ways() {
     const SIZE: u64 = 64 * 1024 * 1024;
 
     // Upload: a streamed (chunked) body of SIZE bytes comes back whole from /echo.
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", p))
-        .await
-        .unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut tx = connect(p).await;
     let req = Request::post("/echo")
         .header("host", "company.com")
         .body(Zeros { left: SIZE })

@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use support::*;
 
 const LISTENER: &str = r#"listeners: [ { name: http, bind: "127.0.0.1:{port:http}" } ]"#;
@@ -60,13 +59,7 @@ async fn a_node_stopped_under_load_costs_no_request() {
         let (ok, failed) = (ok.clone(), failed.clone());
         clients.push(tokio::spawn(async move {
             // A keep-alive client connection, 400 requests in a row.
-            let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .unwrap();
-            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
+            let mut tx = connect(port).await;
             for _ in 0..400 {
                 tx.ready().await.unwrap();
                 let req = Request::get("/")

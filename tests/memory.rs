@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use http::Request;
 use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use support::*;
 
 const GIB: u64 = 1 << 30;
@@ -60,13 +59,7 @@ async fn gigabytes_stream_in_constant_memory() {
     assert!(eventually(Duration::from_secs(10), || async { get_ok(port).await }).await);
     let before = peak_rss_kib(child.0.id());
 
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut tx = connect(port).await;
     let req = Request::get(format!("/download?bytes={GIB}"))
         .header("host", "x")
         .body(Zeros { left: 0 })

@@ -386,15 +386,26 @@ impl Reply {
     }
 }
 
-/// One request on a fresh HTTP/1.1 connection.
-pub async fn send(port: u16, req: Request<Full<Bytes>>) -> Reply {
+/// A fresh HTTP/1.1 client connection to 127.0.0.1:`port`.
+pub async fn connect<B>(port: u16) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
     tokio::spawn(conn);
+    tx
+}
+
+/// One request on a fresh HTTP/1.1 connection.
+pub async fn send(port: u16, req: Request<Full<Bytes>>) -> Reply {
+    let mut tx = connect(port).await;
     let resp = tx.send_request(req).await.unwrap();
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
