@@ -149,12 +149,13 @@ fn run_serves_and_stops_on_sigterm() {
         format!("version: 1\nlisteners: [ {{ name: http, bind: \"127.0.0.1:{port}\" }} ]\ndefaults: {{ health: {{ path: / }} }}\nnodes: {{ a: {{ address: \"{node_addr}\" }} }}\nenvironments:\n  e: {{ entries: [\":{port}\"], nodes: [a] }}\n"),
     )
     .unwrap();
+    let log = dir.path().join("envgate.log");
     let mut child = Child(
         envgate()
             .args(["run", "--workers", "1", "--config"])
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -162,11 +163,51 @@ fn run_serves_and_stops_on_sigterm() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("node"), "{answer}");
     let pid = child.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+
+    // SIGHUP re-reads the file: a broken one is refused and the running topology stays...
+    std::fs::write(
+        &conf,
+        "version: 1\nlisteners: [ { name: http, bind: oops } ]\n",
+    )
+    .unwrap();
+    signal("-HUP");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log)
         .unwrap()
-        .success());
+        .contains("topology refused")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "broken reload not reported"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ...a good one is applied: the port-wide entry becomes an exact host.
+    std::fs::write(
+        &conf,
+        format!("version: 1\nlisteners: [ {{ name: http, bind: \"127.0.0.1:{port}\" }} ]\ndefaults: {{ health: {{ path: / }} }}\nnodes: {{ a: {{ address: \"{node_addr}\" }} }}\nenvironments:\n  e: {{ entries: [\"only.example:{port}\"], nodes: [a] }}\n"),
+    )
+    .unwrap();
+    assert!(http_get(port, "anything").starts_with("HTTP/1.1 200"));
+    signal("-HUP");
+    let start = Instant::now();
+    while !http_get(port, "anything").starts_with("HTTP/1.1 404") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "reload not applied"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(http_get(port, "only.example").ends_with("node"));
+
+    signal("-TERM");
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.0.try_wait().unwrap() {

@@ -138,6 +138,8 @@ async fn check_loop(name: Arc<str>, addr: SocketAddr, spec: HealthSpec, state: A
             Ok(()) => "check passed".to_string(),
             Err(e) => e.clone(),
         };
+        // Metrics, once the metrics module exists: envgate_health_checks_total{node,result}
+        // counts here, and envgate_node_up{node} follows each transition below.
         if let Some((from, to)) = counter.observe(&state, result.is_ok(), &spec) {
             tracing::info!(node = %name, address = %addr, from = ?from, to = ?to, reason = %reason, "node health changed");
         }

@@ -248,6 +248,8 @@ fn passive_failure(topo: &Topology, members: &[Member], node: NodeId) {
         .count();
     let may_eject = (ejected + 1) * 100 <= members.len() * policy.max_ejected_percent as usize;
     let n = &topo.nodes[node];
+    // Metrics, once the metrics module exists: ejections and envgate_retries_total count
+    // here, through handles resolved when the topology is compiled.
     if let Some(cool) = n.state.record_failure(policy, may_eject) {
         tracing::warn!(node = %n.name, address = %n.addr, cool_down = ?cool, "node ejected after consecutive failures on live traffic");
     }
