@@ -137,11 +137,6 @@ impl EntryTable {
         }
     }
 
-    /// The ports that entries use.
-    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.ports.keys().copied()
-    }
-
     /// Resolves a request. `host` is the Host header or the `:authority` as sent (any
     /// case, optional port, optional trailing dot); `None` when the request had none.
     #[inline]
