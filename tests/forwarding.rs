@@ -383,3 +383,41 @@ async fn oversized_request_heads_are_refused() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_http2_streams() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&one_node(a.addr, ""));
+    let p = eg.port("http");
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", p))
+        .await
+        .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let uri = format!("http://company.com:{p}/slow?ms=600");
+    let req = Request::get(uri).body(Full::new(Bytes::new())).unwrap();
+    let slow = tokio::spawn(async move {
+        let resp = tx.send_request(req).await.unwrap();
+        let status = resp.status();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    });
+    assert!(eventually(Duration::from_secs(5), || async { a.hits() == 1 }).await);
+    let stopping = tokio::spawn(eg.stop());
+    let (status, body) = slow.await.unwrap();
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"a"[..]));
+    // The server said GOAWAY and closed the connection once the stream was done.
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .unwrap()
+        .unwrap();
+}
