@@ -389,16 +389,7 @@ async fn graceful_shutdown_finishes_http2_streams() {
     let a = Upstream::start("a").await;
     let eg = Envgate::start(&one_node(a.addr, ""));
     let p = eg.port("http");
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", p))
-        .await
-        .unwrap();
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut tx, conn) = connect_h2(p).await;
     let uri = format!("http://company.com:{p}/slow?ms=600");
     let req = Request::get(uri).body(Full::new(Bytes::new())).unwrap();
     let slow = tokio::spawn(async move {

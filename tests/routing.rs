@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,16 +232,7 @@ environments:
 "#,
         a.addr
     ));
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", eg.port("http")))
-        .await
-        .unwrap();
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut tx, _conn) = connect_h2(eg.port("http")).await;
     for path in ["/", "/headers"] {
         let uri = format!("http://company.com:{}{path}", eg.port("http"));
         let req = http::Request::get(uri)

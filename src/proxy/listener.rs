@@ -109,26 +109,25 @@ async fn serve(
         let worker = worker.clone();
         service_fn(move |req| handle(worker.clone(), info.clone(), req))
     };
+    // Serve until the connection ends; on shutdown, ask it to finish what it has (HTTP/1:
+    // close after the response in flight; HTTP/2: GOAWAY) and wait for that.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        }};
+    }
     if h2 {
-        let conn = worker.http2.serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = shutdown.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        drive!(worker.http2.serve_connection(io, svc));
     } else {
-        let conn = worker.http1.serve_connection(io, svc).with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = shutdown.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        drive!(worker.http1.serve_connection(io, svc).with_upgrades());
     }
 }
 

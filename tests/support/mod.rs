@@ -403,6 +403,25 @@ where
     tx
 }
 
+/// A fresh HTTP/2 (prior knowledge) client connection, and the task driving it.
+pub async fn connect_h2(
+    port: u16,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    (tx, tokio::spawn(conn))
+}
+
 /// One request on a fresh HTTP/1.1 connection.
 pub async fn send(port: u16, req: Request<Full<Bytes>>) -> Reply {
     let mut tx = connect(port).await;
