@@ -278,6 +278,8 @@ fn prepare(
     *req.version_mut() = Version::HTTP_11;
     let h = req.headers_mut();
     headers::strip_hop_by_hop(h, upgrade);
+    // Room for the four headers added below, in one growth at most.
+    h.reserve(4);
     if let Some(host) = host {
         if !h.contains_key(header::HOST) {
             h.insert(header::HOST, host.clone());

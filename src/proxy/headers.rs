@@ -15,7 +15,7 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Hop-by-hop headers of RFC 9110 section 7.6.1, plus the old `Proxy-Connection` and
 /// `Keep-Alive`.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -47,12 +47,17 @@ fn tokens(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
 /// `Upgrade` and answers with `Connection: upgrade` (the upgrade must reach the peer).
 #[inline]
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Most messages carry none of these: one pass over their few names is cheaper than a
-    // hash probe per hop-by-hop name.
-    if !headers
-        .keys()
-        .any(|k| *k == header::UPGRADE || HOP_BY_HOP.contains(k))
-    {
+    // One pass over the message's few names finds the hop-by-hop ones (usually none, or
+    // just `Connection: keep-alive`), so only those cost a removal.
+    let mut found: [Option<HeaderName>; 9] = Default::default();
+    let mut n = 0;
+    for k in headers.keys() {
+        if *k == header::UPGRADE || HOP_BY_HOP.contains(k) {
+            found[n] = Some(k.clone());
+            n += 1;
+        }
+    }
+    if n == 0 {
         return;
     }
     if headers.contains_key(header::CONNECTION) {
@@ -72,13 +77,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for name in found.iter_mut().take(n).filter_map(Option::take) {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
