@@ -299,7 +299,7 @@ fn prepare(
     h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
     if !h.get(&X_REQUEST_ID).is_some_and(headers::sane_request_id) {
-        h.insert(&X_REQUEST_ID, worker.request_ids.next());
+        h.insert(&X_REQUEST_ID, worker.request_ids.next(&worker.values));
     }
 }
 

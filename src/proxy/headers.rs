@@ -4,7 +4,9 @@
 //! Order matters: the names listed in `Connection` are removed *before* envgate adds its
 //! own headers, so a client cannot make envgate drop `X-Forwarded-For` by listing it.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+
+use bytes::BytesMut;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -97,6 +99,30 @@ pub fn sane_request_id(v: &HeaderValue) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=@".contains(c))
 }
 
+/// Header values made by envgate (request ids, client addresses), cut from a per-worker
+/// arena of 8 KiB: one allocation per chunk instead of one per value, and the values are
+/// shared from the start, so cloning them (as the copy kept for a retry does) allocates
+/// nothing either.
+#[derive(Default)]
+pub struct ValueArena {
+    arena: RefCell<BytesMut>,
+}
+
+const ARENA: usize = 8 * 1024;
+
+impl ValueArena {
+    /// `bytes` as a header value; `None` when they are not a valid one.
+    #[inline]
+    pub fn value(&self, bytes: &[u8]) -> Option<HeaderValue> {
+        let mut arena = self.arena.borrow_mut();
+        if arena.capacity() < bytes.len() {
+            *arena = BytesMut::with_capacity(ARENA.max(bytes.len()));
+        }
+        arena.extend_from_slice(bytes);
+        HeaderValue::from_maybe_shared(arena.split().freeze()).ok()
+    }
+}
+
 /// Makes request ids: a random per-worker prefix and a counter, 32 hex digits.
 pub struct RequestIds {
     prefix: u64,
@@ -123,14 +149,14 @@ impl Default for RequestIds {
 
 impl RequestIds {
     #[inline]
-    pub fn next(&self) -> HeaderValue {
+    pub fn next(&self, arena: &ValueArena) -> HeaderValue {
         let n = self.next.get();
         self.next.set(n.wrapping_add(1));
         let mut buf = [0u8; 32];
         hex(self.prefix, &mut buf[..16]);
         hex(n, &mut buf[16..]);
         // Hex digits are always a valid header value.
-        HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+        arena.value(&buf).expect("hex is a valid header value")
     }
 }
 
@@ -177,8 +203,8 @@ mod tests {
 
     #[test]
     fn request_ids_are_unique_and_sane() {
-        let ids = RequestIds::default();
-        let (a, b) = (ids.next(), ids.next());
+        let (ids, arena) = (RequestIds::default(), ValueArena::default());
+        let (a, b) = (ids.next(&arena), ids.next(&arena));
         assert_ne!(a, b);
         assert!(sane_request_id(&a));
         assert!(!sane_request_id(&HeaderValue::from_static("a b")));

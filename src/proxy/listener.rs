@@ -95,8 +95,7 @@ async fn serve(
     let info = Rc::new(ConnInfo {
         peer,
         local_port: meta.port,
-        // An IP address is always a valid header value.
-        peer_value: HeaderValue::from_str(&ip.to_string()).expect("ip is a header value"),
+        peer_value: peer_value(&worker, ip),
         trusted,
         proto: HeaderValue::from_static("http"),
     });
@@ -129,6 +128,20 @@ async fn serve(
     } else {
         drive!(worker.http1.serve_connection(io, svc).with_upgrades());
     }
+}
+
+/// The client's address as an `X-Forwarded-For` value, formatted without allocating.
+fn peer_value(worker: &Worker, ip: std::net::IpAddr) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    // An IP address is at most 45 characters, and always a valid header value.
+    let _ = write!(cursor, "{ip}");
+    let len = cursor.position() as usize;
+    worker
+        .values
+        .value(&buf[..len])
+        .expect("an IP address is a header value")
 }
 
 /// Reads the first bytes of a connection and tells whether it speaks HTTP/2 with prior

@@ -15,7 +15,7 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::TokioTimer;
 use rustc_hash::FxHashMap;
 
-use super::headers::RequestIds;
+use super::headers::{RequestIds, ValueArena};
 use super::pool::ConnPool;
 use crate::balance::Wrr;
 use crate::server::Shared;
@@ -64,6 +64,7 @@ pub struct Worker {
     /// Connection pools by node address, kept across topology generations.
     pools: RefCell<FxHashMap<SocketAddr, Rc<ConnPool>>>,
     pub request_ids: RequestIds,
+    pub values: ValueArena,
     pub http1: http1::Builder,
     pub http2: http2::Builder<LocalExec>,
 }
@@ -96,6 +97,7 @@ impl Worker {
             current: RefCell::new(None),
             pools: RefCell::new(FxHashMap::default()),
             request_ids: RequestIds::default(),
+            values: ValueArena::default(),
             http1: h1,
             http2: h2,
         }
