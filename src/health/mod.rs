@@ -30,6 +30,16 @@ pub enum Health {
     Down = 2,
 }
 
+impl Health {
+    fn from_u8(v: u8) -> Health {
+        match v {
+            1 => Health::Up,
+            2 => Health::Down,
+            _ => Health::Unknown,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct NodeState {
     health: AtomicU8,
@@ -106,20 +116,12 @@ impl NodeState {
     }
 
     pub fn health(&self) -> Health {
-        match self.health.load(Ordering::Relaxed) {
-            1 => Health::Up,
-            2 => Health::Down,
-            _ => Health::Unknown,
-        }
+        Health::from_u8(self.health.load(Ordering::Relaxed))
     }
 
     /// Sets the health and returns the previous one.
     pub fn set_health(&self, h: Health) -> Health {
-        match self.health.swap(h as u8, Ordering::Relaxed) {
-            1 => Health::Up,
-            2 => Health::Down,
-            _ => Health::Unknown,
-        }
+        Health::from_u8(self.health.swap(h as u8, Ordering::Relaxed))
     }
 
     pub fn set_trust_unknown(&self, trust: bool) {
