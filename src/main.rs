@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use envgate::config::{self, LoadError};
 use envgate::health::NodeRegistry;
@@ -130,6 +131,16 @@ fn check(files: &[PathBuf]) -> ExitCode {
 }
 
 fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
+    // Signal handlers first: a SIGHUP or SIGTERM that arrives while the topology is read,
+    // the listeners bound or the workers started must not meet the default action (which
+    // ends the process). It waits in its stream until `wait_for_signals` takes it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let signals = {
+        let _runtime = rt.enter();
+        Signals::register().context("cannot install signal handlers")?
+    };
     let registry = Arc::new(NodeRegistry::default());
     let topology = config::load_file(&path, &registry)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -148,7 +159,7 @@ fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
         "serving"
     );
     let server = server::start(topology, registry.clone(), listeners, Options { workers })?;
-    wait_for_signals(&server, &path, &registry)?;
+    wait_for_signals(&rt, signals, &server, &path, &registry)?;
     tracing::info!("shutting down: draining connections");
     server.shutdown();
     tracing::info!("stopped");
@@ -170,20 +181,39 @@ fn warn_inactive(t: &envgate::topology::Topology) {
     }
 }
 
-/// Blocks until SIGTERM or SIGINT; SIGHUP reloads the topology file.
+/// The signals `run` acts on, caught from the start.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; must run inside the runtime that will wait on them.
+    fn register() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// Blocks until SIGTERM or SIGINT; SIGHUP reloads the topology file. A signal that arrived
+/// during start-up is acted on here (a SIGHUP then re-reads the file once).
 fn wait_for_signals(
+    rt: &tokio::runtime::Runtime,
+    signals: Signals,
     server: &Server,
     path: &std::path::Path,
     registry: &NodeRegistry,
 ) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     rt.block_on(async {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         loop {
             tokio::select! {
                 _ = term.recv() => return Ok(()),

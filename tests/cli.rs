@@ -1,5 +1,6 @@
 //! The `envgate` binary: `check` exit codes and output, the shipped topologies in
-//! `config/`, and `run` serving then stopping on SIGTERM.
+//! `config/`, `run` serving then stopping on SIGTERM, and signals that arrive during
+//! start-up.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
@@ -68,12 +69,16 @@ fn check_exit_codes_and_one_problem_a_line() {
     let syntax = dir.path().join("syntax.yaml");
     std::fs::write(
         &syntax,
-        "version: 1\nlisteners: [ { name: http, bind: \"0.0.0.0:8080\", port: 1 } ]\n",
+        "version: 1\nlisteners: { name: http, bind: \"0.0.0.0:8080\" }\n",
     )
     .unwrap();
     let out = envgate().arg("check").arg(&syntax).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("unknown field `port`"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("listeners") && text.contains("line"),
+        "{text}"
+    );
 
     let out = envgate()
         .arg("check")
@@ -83,6 +88,31 @@ fn check_exit_codes_and_one_problem_a_line() {
     assert_eq!(out.status.code(), Some(2));
     let out = envgate().arg("check").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn check_reports_a_typo_and_the_other_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("typo.yaml");
+    std::fs::write(
+        &file,
+        "version: 1\nlisteners: [ { name: http, bind: \"0.0.0.0:8080\" } ]\nnodes: { a: { address: \"10.0.0.1:80\" } }\nenvironments:\n  staging: { entires: [\"s.com:8080\"], nodes: [a, ghost] }\n",
+    )
+    .unwrap();
+    let out = envgate().arg("check").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("environments.staging.entires")
+            && lines[0].contains("unknown key \"entires\""),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("environments.staging.nodes[1]") && lines[1].contains("\"ghost\""),
+        "{text}"
+    );
 }
 
 /// Sends one request with a raw socket and returns the whole answer.
@@ -249,4 +279,168 @@ fn demo_serves_its_topology() {
     );
     let answer = http_get(port + 3, "anything.example");
     assert!(answer.ends_with("tools-1: GET /\n"), "{answer}");
+}
+
+fn kill(sig: &str, pid: u32) {
+    assert!(Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success())
+}
+
+/// Waits (10 s at most) for `child` to exit.
+fn exit_status(child: &mut Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "envgate did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `envgate run` held in its start-up: its topology file is a FIFO, so reading it waits
+/// until `release` writes the topology.
+struct HeldStart {
+    dir: tempfile::TempDir,
+    conf: std::path::PathBuf,
+    log: std::path::PathBuf,
+    port: u16,
+    child: Child,
+}
+
+/// Starts `envgate run` on a FIFO and waits (10 s at most) until SIGHUP, SIGINT and SIGTERM
+/// are caught: a signal sent before the program reaches `main` meets the default action
+/// whatever it does, so the test starts signalling from there, with start-up still held
+/// at reading the topology (before any listener is bound).
+fn held_start() -> HeldStart {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("envgate.yaml");
+    assert!(Command::new("mkfifo")
+        .arg(&conf)
+        .status()
+        .unwrap()
+        .success());
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let log = dir.path().join("envgate.log");
+    let mut child = Child(
+        envgate()
+            .args(["run", "--workers", "1", "--config"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Bits of SIGHUP (1), SIGINT (2) and SIGTERM (15) in /proc's signal masks.
+    const HANDLED: u64 = 1 << 0 | 1 << 1 | 1 << 14;
+    let pid = child.0.id();
+    let start = Instant::now();
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & HANDLED == HANDLED {
+            break;
+        }
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "envgate exited: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "SIGHUP, SIGINT and SIGTERM are not caught while the topology is read (SigCgt {caught:x})"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    HeldStart {
+        dir,
+        conf,
+        log,
+        port,
+        child,
+    }
+}
+
+impl HeldStart {
+    /// Lets start-up go on with a topology that serves `only.example` on the port. Once
+    /// envgate has the FIFO open, a regular file with the same text takes its name, so a
+    /// later reload reads that.
+    fn release(&self) {
+        let port = self.port;
+        let text = format!("version: 1\nlisteners: [ {{ name: http, bind: \"127.0.0.1:{port}\" }} ]\nnodes: {{ a: {{ address: \"127.0.0.1:1\" }} }}\nenvironments:\n  e: {{ entries: [\"only.example:{port}\"], nodes: [a] }}\n");
+        let plain = self.dir.path().join("plain.yaml");
+        std::fs::write(&plain, &text).unwrap();
+        let (conf, done) = (self.conf.clone(), std::sync::mpsc::channel());
+        std::thread::spawn(move || {
+            // Opening a FIFO for writing waits for its reader.
+            let mut fifo = std::fs::OpenOptions::new().write(true).open(&conf).unwrap();
+            std::fs::rename(&plain, &conf).unwrap();
+            fifo.write_all(text.as_bytes()).unwrap();
+            drop(fifo);
+            let _ = done.0.send(());
+        });
+        done.1
+            .recv_timeout(Duration::from_secs(10))
+            .expect("envgate never read its topology");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+#[test]
+fn sighup_during_start_up_does_not_stop_it() {
+    let mut held = held_start();
+    let pid = held.child.0.id();
+    // SIGHUP a few times over 200 ms, before the topology is even read.
+    for _ in 0..5 {
+        kill("-HUP", pid);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(
+            held.child.0.try_wait().unwrap().is_none(),
+            "SIGHUP during start-up stopped envgate: {}",
+            held.log()
+        );
+    }
+    held.release();
+    let answer = first_answer(held.port, "anything");
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    // The SIGHUP was kept, not lost: once serving, the file is read again.
+    let start = Instant::now();
+    while !held.log().contains("topology applied") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no reload after start-up: {}",
+            held.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(http_get(held.port, "anything").starts_with("HTTP/1.1 404"));
+
+    kill("-TERM", pid);
+    let status = exit_status(&mut held.child);
+    assert!(status.success(), "{status:?}: {}", held.log());
+}
+
+#[test]
+fn sigterm_during_start_up_stops_it_cleanly() {
+    let mut held = held_start();
+    kill("-TERM", held.child.0.id());
+    held.release();
+    let status = exit_status(&mut held.child);
+    assert!(status.success(), "{status:?}: {}", held.log());
 }

@@ -1,6 +1,8 @@
 //! Every rule of DESIGN.md's conflict table, and the shape checks around it: the error
 //! names the YAML path and, for conflicts, both parties.
 
+use std::time::Duration;
+
 use envgate::config::{parse, ConfigError, ErrorKind, LoadError};
 use envgate::health::NodeRegistry;
 
@@ -272,16 +274,322 @@ fn all_problems_are_reported_at_once() {
     assert_eq!(errs.len(), 3, "{errs:#?}");
 }
 
+/// Parses a document expected to be valid.
+fn topology(yaml: &str) -> envgate::topology::Topology {
+    parse(yaml, std::path::Path::new("."), &NodeRegistry::default())
+        .unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+}
+
+/// `BASE` plus one environment `e` on `a.com:8080` with `extra` keys, and `defaults`.
+fn with(defaults: &str, extra: &str) -> String {
+    format!("{BASE}defaults:\n{defaults}\nenvironments:\n  e: {{ entries: [\"a.com:8080\"], nodes: [app-1]{extra} }}\n")
+}
+
 #[test]
-fn unknown_keys_and_wrong_types_are_refused() {
-    let e = parse_error(&format!(
-        "{BASE}environments:\n  a: {{ entires: [\"x.com:8080\"], nodes: [app-1] }}\n"
-    ));
-    assert!(e.contains("entires"), "{e}");
-    assert!(e.contains("line"), "{e}");
-    let e =
-        parse_error("version: 1\nlisteners: [ { name: http, bind: \"0.0.0.0:80\", tsl: {} } ]\n");
-    assert!(e.contains("tsl"), "{e}");
+fn wrong_types_are_refused() {
     let e = parse_error("version: one\n");
     assert!(e.contains("version"), "{e}");
+    let e = parse_error(&format!(
+        "{BASE}environments:\n  a: {{ entries: \"x.com:8080\", nodes: [app-1] }}\n"
+    ));
+    assert!(e.contains("line"), "{e}");
+    let e = parse_error("version: 1\nlisteners: [ {\n");
+    assert!(e.contains("line"), "{e}");
+    // A misspelt required key reads as a missing one; the unknown key is named with it.
+    let e = parse_error("version: 1\nnodes: { a: { adress: \"10.0.0.1:80\" } }\n");
+    assert!(e.contains("address"), "{e}");
+    assert!(e.contains("nodes.a.adress"), "{e}");
+}
+
+#[test]
+fn unknown_keys_are_errors_with_their_path() {
+    let errs = errors(&format!(
+        "{BASE}defaults: {{ timeouts: {{ conect: 1s }}, health: {{ intervall: 1s }} }}\nenvironments:\n  a: {{ entires: [\"x.com:8080\"], nodes: [app-1], apps: [ {{ name: s, version: 1, prefix: / }} ] }}\n"
+    ));
+    expect(
+        &errs,
+        "environments.a.entires",
+        ErrorKind::Value,
+        &["unknown key \"entires\""],
+    );
+    expect(
+        &errs,
+        "environments.a.apps[0].prefix",
+        ErrorKind::Value,
+        &["unknown key \"prefix\""],
+    );
+    expect(
+        &errs,
+        "defaults.timeouts.conect",
+        ErrorKind::Value,
+        &["unknown key \"conect\""],
+    );
+    expect(
+        &errs,
+        "defaults.health.intervall",
+        ErrorKind::Value,
+        &["unknown key \"intervall\""],
+    );
+    let errs = errors(
+        "version: 1\nlisteners: [ { name: http, bind: \"0.0.0.0:80\", tsl: {} } ]\nwhatever: 1\n",
+    );
+    expect(&errs, "listeners[0].tsl", ErrorKind::Value, &["\"tsl\""]);
+    expect(&errs, "whatever", ErrorKind::Value, &["\"whatever\""]);
+    // An unknown key alone is enough to refuse a document.
+    let errs = errors(&format!(
+        "{BASE}environments:\n  a: {{ entries: [\"x.com:8080\"], nodes: [app-1], retires: 3 }}\n"
+    ));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    expect(
+        &errs,
+        "environments.a.retires",
+        ErrorKind::Value,
+        &["unknown key"],
+    );
+}
+
+#[test]
+fn a_typo_does_not_hide_the_other_problems() {
+    let errs = errors(&format!(
+        "{BASE}environments:\n  staging: {{ entires: [\"x.com:8080\"], nodes: [app-1, app-9] }}\n"
+    ));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    // Unknown keys come first.
+    assert_eq!(errs[0].path, "environments.staging.entires", "{errs:#?}");
+    expect(
+        &errs,
+        "environments.staging.entires",
+        ErrorKind::Value,
+        &["unknown key \"entires\""],
+    );
+    expect(
+        &errs,
+        "environments.staging.nodes[1]",
+        ErrorKind::Reference,
+        &["\"app-9\"", "not defined"],
+    );
+}
+
+#[test]
+fn node_overrides_in_a_map_keep_both_forms() {
+    let t = topology(&format!(
+        "{BASE}environments:\n  a: {{ entries: [\"a.com:8080\"], nodes: {{ app-1: {{ weight: 5 }}, app-2: }} }}\n  b: {{ entries: [\"b.com:8080\"], nodes: [app-1] }}\n"
+    ));
+    assert_eq!(t.environments.len(), 2);
+    // Inside the untagged list-or-map form, a typo is still refused, as a parse error.
+    let e = parse_error(&format!(
+        "{BASE}environments:\n  a: {{ entries: [\"a.com:8080\"], nodes: {{ app-1: {{ wieght: 5 }} }} }}\n"
+    ));
+    assert!(e.contains("environments"), "{e}");
+}
+
+#[test]
+fn new_timeouts_have_defaults_and_take_durations() {
+    let t = topology(&with("  retries: 1", ""));
+    let d = &t.defaults.timeouts;
+    assert_eq!(d.body_idle, Duration::from_secs(60));
+    assert_eq!(d.request, Duration::from_secs(60));
+    assert_eq!(d.tunnel_idle, Duration::from_secs(3600));
+    let t = topology(&with(
+        "  timeouts: { body_idle: 5s, request: 2m, tunnel_idle: 30d }",
+        "",
+    ));
+    let d = &t.defaults.timeouts;
+    assert_eq!(d.body_idle, Duration::from_secs(5));
+    assert_eq!(d.request, Duration::from_secs(120));
+    assert_eq!(d.tunnel_idle, Duration::from_secs(30 * 86400));
+    let errs = errors(&with(
+        "  timeouts: { body_idle: 0s, request: soon, tunnel_idle: -1s }",
+        "",
+    ));
+    expect(
+        &errs,
+        "defaults.timeouts.body_idle",
+        ErrorKind::Value,
+        &["zero"],
+    );
+    expect(
+        &errs,
+        "defaults.timeouts.request",
+        ErrorKind::Value,
+        &["\"soon\""],
+    );
+    expect(
+        &errs,
+        "defaults.timeouts.tunnel_idle",
+        ErrorKind::Value,
+        &[],
+    );
+}
+
+#[test]
+fn no_duration_is_longer_than_30_days() {
+    let errs = errors(&with(
+        "  timeouts: { tunnel_idle: 31d, connect: 1000000h, drain: 999999999999999999999s }\n  health: { interval: 60d, timeout: 720h 1s }\n  passive: { ejection: 30d 1ms, max_ejection: 1y }",
+        "",
+    ));
+    for path in [
+        "defaults.timeouts.tunnel_idle",
+        "defaults.timeouts.connect",
+        "defaults.health.interval",
+        "defaults.health.timeout",
+        "defaults.passive.ejection",
+        "defaults.passive.max_ejection",
+    ] {
+        expect(
+            &errs,
+            path,
+            ErrorKind::Value,
+            &["longer than the maximum of 30d"],
+        );
+    }
+    // Too large even to read: refused all the same.
+    expect(&errs, "defaults.timeouts.drain", ErrorKind::Value, &[]);
+    // A node's own health check too.
+    let errs = errors(
+        "version: 1\nlisteners: [ { name: http, bind: \"127.0.0.1:8080\" } ]\nnodes:\n  app-1: { address: \"10.0.0.11:8000\", health: { interval: 40d, timeout: 40d } }\nenvironments:\n  e: { entries: [\"a.com:8080\"], nodes: [app-1] }\n"
+    );
+    expect(
+        &errs,
+        "nodes.app-1.health.interval",
+        ErrorKind::Value,
+        &["30d"],
+    );
+    // Exactly 30 days passes.
+    topology(&with(
+        "  health: { interval: 30d, timeout: 720h }\n  passive: { ejection: 30d, max_ejection: 30d }",
+        "",
+    ));
+}
+
+#[test]
+fn max_request_body_takes_sizes_and_falls_back_to_the_default() {
+    let t = topology(&with("  retries: 1", ""));
+    assert_eq!(t.defaults.max_request_body, None);
+    assert_eq!(t.environments[0].max_request_body, None);
+
+    let t = topology(&with(
+        "  limits: { max_request_body: 10MiB }",
+        ", limits: { max_in_flight: 5 }",
+    ));
+    assert_eq!(t.defaults.max_request_body, Some(10 << 20));
+    assert_eq!(t.environments[0].max_request_body, Some(10 << 20));
+
+    for (written, bytes) in [
+        ("64KiB", 64 * 1024),
+        ("64KB", 64_000),
+        ("1GB", 1_000_000_000),
+        ("1GiB", 1 << 30),
+        ("512B", 512),
+        ("1048576", 1 << 20),
+        ("\"1\"", 1),
+    ] {
+        let t = topology(&with(
+            "  limits: { max_request_body: 1MiB }",
+            &format!(", limits: {{ max_request_body: {written} }}"),
+        ));
+        assert_eq!(t.environments[0].max_request_body, Some(bytes), "{written}");
+        assert_eq!(t.defaults.max_request_body, Some(1 << 20));
+    }
+
+    let errs = errors(&with(
+        "  limits: { max_request_body: 0 }",
+        ", limits: { max_request_body: 10 MiBs }",
+    ));
+    expect(
+        &errs,
+        "defaults.limits.max_request_body",
+        ErrorKind::Value,
+        &["at least 1"],
+    );
+    expect(
+        &errs,
+        "environments.e.limits.max_request_body",
+        ErrorKind::Value,
+        &["\"10 MiBs\"", "is not a size"],
+    );
+    for bad in ["1.5MiB", "-1", "lots", "10TB", "99999999999GiB", "0B"] {
+        let errs = errors(&with(
+            "  retries: 1",
+            &format!(", limits: {{ max_request_body: \"{bad}\" }}"),
+        ));
+        expect(
+            &errs,
+            "environments.e.limits.max_request_body",
+            ErrorKind::Value,
+            &[],
+        );
+    }
+    // Not a scalar at all: the shape is wrong.
+    parse_error(&with("  limits: { max_request_body: [1] }", ""));
+}
+
+#[test]
+fn allow_encoded_slash_defaults_to_false() {
+    assert!(
+        !topology(&with("  retries: 1", ""))
+            .defaults
+            .allow_encoded_slash
+    );
+    assert!(
+        topology(&with("  allow_encoded_slash: true", ""))
+            .defaults
+            .allow_encoded_slash
+    );
+    assert!(
+        !topology(&with("  allow_encoded_slash: false", ""))
+            .defaults
+            .allow_encoded_slash
+    );
+    parse_error(&with("  allow_encoded_slash: sometimes", ""));
+}
+
+#[test]
+fn upgrades_and_connect_per_environment() {
+    let t = topology(&with("  retries: 1", ""));
+    let e = &t.environments[0];
+    assert_eq!(e.upgrades, vec!["websocket".to_string()]);
+    assert!(!e.allow_connect);
+    assert_eq!(e.in_flight.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    let t = topology(&with(
+        "  retries: 1",
+        ", upgrades: [WebSocket, my-proto], allow_connect: true",
+    ));
+    let e = &t.environments[0];
+    assert_eq!(e.upgrades, vec!["websocket".to_string(), "my-proto".into()]);
+    assert!(e.allow_connect);
+
+    let t = topology(&with("  retries: 1", ", upgrades: []"));
+    assert!(t.environments[0].upgrades.is_empty());
+
+    let errs = errors(&with(
+        "  retries: 1",
+        ", upgrades: [websocket, H2C, \"tls/1.0\", \"\", WEBSOCKET]",
+    ));
+    expect(
+        &errs,
+        "environments.e.upgrades[1]",
+        ErrorKind::Value,
+        &["h2c upgrades are never tunnelled (a client could bypass routing inside the tunnel)"],
+    );
+    expect(
+        &errs,
+        "environments.e.upgrades[2]",
+        ErrorKind::Value,
+        &["\"tls/1.0\"", "token"],
+    );
+    expect(
+        &errs,
+        "environments.e.upgrades[3]",
+        ErrorKind::Value,
+        &["token"],
+    );
+    expect(
+        &errs,
+        "environments.e.upgrades[4]",
+        ErrorKind::Value,
+        &["twice"],
+    );
+    parse_error(&with("  retries: 1", ", allow_connect: maybe"));
 }

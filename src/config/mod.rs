@@ -62,19 +62,84 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
-    /// Not YAML, or not the shape of a topology (unknown key, wrong type).
+    /// Not YAML, or not the shape of a topology (wrong type, missing required key).
     #[error("{0}")]
     Parse(String),
-    /// Well formed, but breaks the rules; every problem is listed.
+    /// Well formed, but breaks the rules (unknown keys included); every problem is listed.
     #[error("{} problem(s):\n{}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<ConfigError>),
 }
 
 /// Parses and validates a document. `base_dir` is where relative paths in it point.
+///
+/// Unknown keys do not stop the parse: each becomes an error of its own, listed before the
+/// problems validation finds, so a typo never hides the rest of the document's problems
+/// (and never passes silently either: the document is still refused).
 pub fn parse(text: &str, base_dir: &Path, registry: &NodeRegistry) -> Result<Topology, LoadError> {
-    let raw: raw::RawTopology =
-        serde_norway::from_str(text).map_err(|e| LoadError::Parse(e.to_string()))?;
-    validate::validate(raw, base_dir, registry).map_err(LoadError::Invalid)
+    // (YAML path, key) of every key that no field took.
+    let mut unknown: Vec<(String, String)> = Vec::new();
+    let de = serde_norway::Deserializer::from_str(text);
+    let raw: Result<raw::RawTopology, _> = serde_ignored::deserialize(de, |path| {
+        unknown.push((yaml_path(&path), last_key(&path)));
+    });
+    let raw = match raw {
+        Ok(raw) => raw,
+        Err(e) if unknown.is_empty() => return Err(LoadError::Parse(e.to_string())),
+        // A misspelt required key shows up as missing: name the unknown keys seen so far.
+        Err(e) => {
+            let paths: Vec<&str> = unknown.iter().map(|(p, _)| p.as_str()).collect();
+            return Err(LoadError::Parse(format!(
+                "{e} (unknown keys: {})",
+                paths.join(", ")
+            )));
+        }
+    };
+    let mut errors: Vec<ConfigError> = unknown
+        .into_iter()
+        .map(|(path, key)| ConfigError {
+            path,
+            kind: ErrorKind::Value,
+            message: format!("unknown key {key:?}"),
+        })
+        .collect();
+    match validate::validate(raw, base_dir, registry) {
+        Ok(topology) if errors.is_empty() => Ok(topology),
+        Ok(_) => Err(LoadError::Invalid(errors)),
+        Err(more) => {
+            errors.extend(more);
+            Err(LoadError::Invalid(errors))
+        }
+    }
+}
+
+/// `serde_ignored`'s path in the notation of validation errors: `environments.a.entires`,
+/// `listeners[0].tsl`.
+fn yaml_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", yaml_path(parent)),
+        Path::Map { parent, key } => match yaml_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => yaml_path(parent),
+    }
+}
+
+/// The last key of a `serde_ignored` path (`entires` in `environments.a.entires`).
+fn last_key(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { index, .. } => format!("[{index}]"),
+        Path::Map { key, .. } => key.clone(),
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => last_key(parent),
+    }
 }
 
 /// Reads, parses and validates the topology file at `path`.
@@ -91,4 +156,64 @@ pub fn load_file(path: &Path, registry: &NodeRegistry) -> Result<Topology, LoadE
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("{s:?} is not a duration ({e}); write 500ms, 2s, 1m"))
+}
+
+/// Parses a size in bytes: `10MiB`, `64KiB`, `1GB`, `512B` or a plain `1048576`. Units
+/// (case ignored): B, KB = 1000, KiB = 1024, MB, MiB, GB, GiB; a space may stand between
+/// the number and the unit. Whole numbers only.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size; write 64KiB, 10MiB, 1GB or a number of bytes");
+    let t = s.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = t.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let factor: u64 = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "kib" => 1 << 10,
+        "mb" => 1000 * 1000,
+        "mib" => 1 << 20,
+        "gb" => 1000 * 1000 * 1000,
+        "gib" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large a size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_in_bytes_and_units() {
+        for (text, bytes) in [
+            ("0", 0),
+            ("1048576", 1 << 20),
+            ("512B", 512),
+            ("64KiB", 64 * 1024),
+            ("64KB", 64_000),
+            ("10MiB", 10 << 20),
+            ("10MB", 10_000_000),
+            ("1GiB", 1 << 30),
+            ("1GB", 1_000_000_000),
+            (" 2 kib ", 2048),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+    }
+
+    #[test]
+    fn malformed_sizes_are_refused() {
+        for text in [
+            "", "MiB", "1.5MiB", "-1", "10 MiBs", "10TB", "ten", "1e6", "0x10",
+        ] {
+            let e = parse_size(text).unwrap_err();
+            assert!(e.contains("is not a size"), "{text}: {e}");
+        }
+        let e = parse_size("99999999999GiB").unwrap_err();
+        assert!(e.contains("too large"), "{e}");
+        assert!(parse_size("99999999999999999999").is_err());
+    }
 }

@@ -1,15 +1,18 @@
 //! serde mirror of the topology YAML (DESIGN.md, "Topology file").
 //!
-//! No logic lives here: every field is as the operator wrote it, and every struct refuses
-//! unknown keys so that a typo never passes silently. `validate.rs` turns these into the
-//! checked `Topology`; nothing outside `config/` sees a `RawX`.
+//! No logic lives here: every field is as the operator wrote it. Unknown keys are not refused
+//! by serde here: `config::parse` reads the document through `serde_ignored`, which reports
+//! each ignored key with its path, so a typo becomes one validation error among the others
+//! instead of hiding them. The one exception is `RawEnvNode`, which sits inside an untagged
+//! enum: serde buffers such content before trying each variant, out of `serde_ignored`'s
+//! sight, so it keeps `deny_unknown_fields`. `validate.rs` turns these into the checked
+//! `Topology`; nothing outside `config/` sees a `RawX`.
 
 use indexmap::IndexMap;
 use serde::{Deserialize, Deserializer};
 
 /// The whole document.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTopology {
     pub version: u32,
     #[serde(default)]
@@ -24,7 +27,6 @@ pub struct RawTopology {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub name: String,
     pub bind: String,
@@ -32,27 +34,23 @@ pub struct RawListener {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTls {
     pub certificates: Vec<RawCertificate>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawCertificate {
     pub cert: String,
     pub key: String,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawControl {
     pub bind: String,
     pub token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawDefaults {
     pub health: Option<RawHealth>,
     pub timeouts: Option<RawTimeouts>,
@@ -62,12 +60,13 @@ pub struct RawDefaults {
     pub limits: Option<RawLimits>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Whether a percent-encoded `/` may appear in a request path.
+    pub allow_encoded_slash: Option<bool>,
 }
 
 /// Retries allowed at once per environment: `percent` of its requests in flight, and at
 /// least `min_retries`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRetryBudget {
     pub percent: Option<f64>,
     pub min_retries: Option<u32>,
@@ -75,7 +74,6 @@ pub struct RawRetryBudget {
 
 /// Passive detection: ejection of a node after consecutive failures on live traffic.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawPassive {
     pub consecutive_failures: Option<u32>,
     pub ejection: Option<String>,
@@ -84,7 +82,6 @@ pub struct RawPassive {
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawHealth {
     /// `http` (default) or `tcp`.
     #[serde(rename = "type")]
@@ -102,7 +99,6 @@ pub struct RawHealth {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTimeouts {
     pub connect: Option<String>,
     pub response_header: Option<String>,
@@ -110,16 +106,20 @@ pub struct RawTimeouts {
     pub client_header: Option<String>,
     pub upstream_idle: Option<String>,
     pub drain: Option<String>,
+    pub body_idle: Option<String>,
+    pub request: Option<String>,
+    pub tunnel_idle: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub max_in_flight: Option<u64>,
+    /// A size as written: `10MiB`, `64KiB` or a plain number of bytes.
+    #[serde(default, deserialize_with = "opt_scalar_string")]
+    pub max_request_body: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawNode {
     pub address: String,
     pub weight: Option<i64>,
@@ -132,7 +132,6 @@ pub struct RawNode {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawEnvironment {
     #[serde(default)]
     pub labels: IndexMap<String, String>,
@@ -148,6 +147,10 @@ pub struct RawEnvironment {
     pub retries: Option<u32>,
     /// Below this percent of usable primary nodes, spread over all of them (0: off).
     pub panic_threshold: Option<f64>,
+    /// Protocols a client may switch to with `Upgrade`.
+    pub upgrades: Option<Vec<String>>,
+    /// Whether `CONNECT` is tunnelled.
+    pub allow_connect: Option<bool>,
 }
 
 /// `nodes: [a, b]` or `nodes: { a: { weight: 5 }, b: }`.
@@ -172,7 +175,6 @@ pub struct RawEnvNode {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawApp {
     pub name: String,
     #[serde(deserialize_with = "scalar_string")]
@@ -182,7 +184,6 @@ pub struct RawApp {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawCanary {
     pub environment: String,
     pub weight: f64,
@@ -193,7 +194,6 @@ pub struct RawCanary {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTenants {
     pub key: RawTenantKey,
     #[serde(default)]
@@ -202,7 +202,6 @@ pub struct RawTenants {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTenantKey {
     pub header: Option<String>,
     pub host_label: Option<u32>,
@@ -211,7 +210,6 @@ pub struct RawTenantKey {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTenantRange {
     pub from: u64,
     pub to: u64,
@@ -226,6 +224,20 @@ fn scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         serde_norway::Value::Number(n) => Ok(n.to_string()),
         other => Err(D::Error::custom(format!(
             "expected a version string, found {other:?}"
+        ))),
+    }
+}
+
+/// Accepts `10MiB` or `1048576` as a string (sizes are read by `validate.rs`); `null` or
+/// nothing is `None`.
+fn opt_scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::Error;
+    match serde_norway::Value::deserialize(d)? {
+        serde_norway::Value::Null => Ok(None),
+        serde_norway::Value::String(s) => Ok(Some(s)),
+        serde_norway::Value::Number(n) => Ok(Some(n.to_string())),
+        other => Err(D::Error::custom(format!(
+            "expected a size such as 10MiB or a number of bytes, found {other:?}"
         ))),
     }
 }

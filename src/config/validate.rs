@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use super::raw::*;
-use super::{parse_duration, ConfigError, ErrorKind};
+use super::{parse_duration, parse_size, ConfigError, ErrorKind};
 use crate::health::NodeRegistry;
 use crate::routing::host::{Entry, EntryTable};
 use crate::topology::*;
@@ -22,6 +22,11 @@ use crate::topology::*;
 pub const MAX_WEIGHT: i64 = 1000;
 /// Highest number of retries an environment may ask for.
 pub const MAX_RETRIES: u32 = 10;
+/// Longest duration a document may hold (30d): far beyond any sensible timeout or interval,
+/// and far below what would overflow a timer's deadline (`Instant + Duration`).
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// Protocols an environment lets clients switch to when it names none.
+pub const DEFAULT_UPGRADES: &[&str] = &["websocket"];
 
 #[derive(Default)]
 struct Errors(Vec<ConfigError>);
@@ -237,6 +242,12 @@ pub fn validate(
             .as_ref()
             .and_then(|l| max_in_flight(&format!("{at}.limits"), l, &mut errs))
             .unwrap_or(defaults.max_in_flight);
+        let max_request_body = env
+            .limits
+            .as_ref()
+            .and_then(|l| max_request_body(&format!("{at}.limits"), l, &mut errs))
+            .or(defaults.max_request_body);
+        let upgrades = upgrades(&at, env.upgrades.as_deref(), &mut errs);
 
         let panic_threshold = match env.panic_threshold {
             Some(p) if !(p.is_finite() && (0.0..=100.0).contains(&p)) => {
@@ -260,7 +271,10 @@ pub fn validate(
             retries,
             panic_threshold,
             max_in_flight,
-            in_flight: AtomicUsize::new(0),
+            max_request_body,
+            upgrades,
+            allow_connect: env.allow_connect.unwrap_or(false),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             bodies: EnvBodies::new(name),
         }));
     }
@@ -445,6 +459,8 @@ fn control(c: &RawControl, base: &Path, errs: &mut Errors) -> Option<ControlSpec
     Some(ControlSpec { bind, token_file })
 }
 
+/// Every duration of the document goes through here: above zero and at most
+/// `MAX_DURATION`.
 fn duration(
     at: &str,
     s: &Option<String>,
@@ -456,6 +472,10 @@ fn duration(
         Some(s) => match parse_duration(s) {
             Ok(d) if d.is_zero() => {
                 errs.value(at, format!("{s:?} must be longer than zero"));
+                default
+            }
+            Ok(d) if d > MAX_DURATION => {
+                errs.value(at, format!("{s:?} is longer than the maximum of 30d"));
                 default
             }
             Ok(d) => d,
@@ -560,6 +580,49 @@ fn max_in_flight(at: &str, l: &RawLimits, errs: &mut Errors) -> Option<usize> {
     }
 }
 
+fn max_request_body(at: &str, l: &RawLimits, errs: &mut Errors) -> Option<u64> {
+    let at = format!("{at}.max_request_body");
+    match parse_size(l.max_request_body.as_deref()?) {
+        Ok(0) => {
+            errs.value(at, "max_request_body must be at least 1 byte");
+            None
+        }
+        Ok(n) => Some(n),
+        Err(e) => {
+            errs.value(at, e);
+            None
+        }
+    }
+}
+
+/// The `upgrades` of environment `at`: HTTP tokens, stored lowercase; `h2c` never.
+fn upgrades(at: &str, raw: Option<&[String]>, errs: &mut Errors) -> Vec<String> {
+    let Some(raw) = raw else {
+        return DEFAULT_UPGRADES.iter().map(|p| p.to_string()).collect();
+    };
+    let mut out: Vec<String> = Vec::new();
+    for (i, p) in raw.iter().enumerate() {
+        let path = format!("{at}.upgrades[{i}]");
+        let name = p.to_ascii_lowercase();
+        if !valid_token(&name) {
+            errs.value(
+                path,
+                format!("{p:?} is not a protocol name (an HTTP token such as websocket)"),
+            );
+        } else if name == "h2c" {
+            errs.value(
+                path,
+                "h2c upgrades are never tunnelled (a client could bypass routing inside the tunnel)",
+            );
+        } else if out.contains(&name) {
+            errs.value(path, format!("upgrade {name:?} is listed twice"));
+        } else {
+            out.push(name);
+        }
+    }
+    out
+}
+
 fn defaults(raw: &RawDefaults, errs: &mut Errors) -> Defaults {
     let health = raw
         .health
@@ -593,6 +656,9 @@ fn defaults(raw: &RawDefaults, errs: &mut Errors) -> Defaults {
                     errs,
                 ),
                 drain: duration(&at("drain"), &t.drain, base.drain, errs),
+                body_idle: duration(&at("body_idle"), &t.body_idle, base.body_idle, errs),
+                request: duration(&at("request"), &t.request, base.request, errs),
+                tunnel_idle: duration(&at("tunnel_idle"), &t.tunnel_idle, base.tunnel_idle, errs),
             }
         }
     };
@@ -608,6 +674,10 @@ fn defaults(raw: &RawDefaults, errs: &mut Errors) -> Defaults {
         .as_ref()
         .and_then(|l| max_in_flight("defaults.limits", l, errs))
         .unwrap_or(10_000);
+    let max_request_body = raw
+        .limits
+        .as_ref()
+        .and_then(|l| max_request_body("defaults.limits", l, errs));
     let mut trusted_proxies = Vec::new();
     for (i, c) in raw.trusted_proxies.iter().enumerate() {
         match parse_cidr(c) {
@@ -672,7 +742,9 @@ fn defaults(raw: &RawDefaults, errs: &mut Errors) -> Defaults {
         retry_budget,
         passive,
         max_in_flight,
+        max_request_body,
         trusted_proxies,
+        allow_encoded_slash: raw.allow_encoded_slash.unwrap_or(false),
     }
 }
 
