@@ -30,6 +30,17 @@ impl Wrr {
             .or_else(|| self.pick_among(members, true, &usable))
     }
 
+    /// Picks among primary members only (panic mode: backups are never in it).
+    #[inline]
+    pub fn pick_primary(
+        &self,
+        members: &[Member],
+        usable: impl Fn(NodeId) -> bool,
+    ) -> Option<usize> {
+        debug_assert_eq!(members.len(), self.current.len());
+        self.pick_among(members, false, &usable)
+    }
+
     #[inline]
     fn pick_among(
         &self,

@@ -43,6 +43,7 @@ pub struct Tracker {
     idle: Notify,
 }
 
+/// One open connection or tunnel; dropping it ends its count.
 pub struct TrackerGuard(Rc<Tracker>);
 
 impl Tracker {
@@ -222,8 +223,8 @@ async fn worker_main(
         ready.wait_for(|r| *r),
     )
     .await;
-    let worker = Rc::new(Worker::new(shared.clone()));
     let tracker = Rc::new(Tracker::default());
+    let worker = Rc::new(Worker::new(shared.clone(), tracker.clone()));
     // A worker-local copy of the shutdown signal keeps per-connection clones off the
     // shared channel's counters.
     let (local_tx, local_rx) = watch::channel(false);
@@ -296,6 +297,15 @@ impl Server {
             )));
         }
         topology.generation = live.generation + 1;
+        // An environment that stays keeps counting its requests in flight, so a reload
+        // does not open a second allowance next to the first.
+        for env in &mut topology.environments {
+            if let Some(old) = live.env_by_name(&env.name) {
+                if let Some(env) = Arc::get_mut(env) {
+                    env.in_flight = live.environments[old].in_flight.clone();
+                }
+            }
+        }
         let generation = topology.generation;
         let keep: Vec<_> = topology
             .nodes

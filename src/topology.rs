@@ -64,7 +64,12 @@ pub struct Defaults {
     pub retry_budget: RetryBudget,
     pub passive: Passive,
     pub max_in_flight: usize,
+    /// Largest request body, in bytes, for environments that set none (`None`: no limit).
+    pub max_request_body: Option<u64>,
     pub trusted_proxies: Vec<Cidr>,
+    /// Whether a percent-encoded `/` (`%2F`) may appear in a path (passed on encoded);
+    /// by default such a request gets 400.
+    pub allow_encoded_slash: bool,
 }
 
 /// How many retries an environment may make (DESIGN.md: a budget of 20%): each request
@@ -169,6 +174,15 @@ pub struct Timeouts {
     pub upstream_idle: Duration,
     /// Bound on the graceful drain at shutdown.
     pub drain: Duration,
+    /// Longest wait for progress of a body in either direction: a client that stalls its
+    /// upload gets 408; a node that stalls its response is cut and counted against.
+    pub body_idle: Duration,
+    /// Overall deadline of one request across every attempt (connects, retries and the
+    /// waits for a response head); the time spent uploading the request body is not
+    /// counted.
+    pub request: Duration,
+    /// Longest a tunnel (`Upgrade`, `CONNECT`) may stay without a byte either way.
+    pub tunnel_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -180,6 +194,9 @@ impl Default for Timeouts {
             client_header: Duration::from_secs(10),
             upstream_idle: Duration::from_secs(4),
             drain: Duration::from_secs(30),
+            body_idle: Duration::from_secs(60),
+            request: Duration::from_secs(60),
+            tunnel_idle: Duration::from_secs(3600),
         }
     }
 }
@@ -240,8 +257,17 @@ pub struct Environment {
     /// Percent of usable primaries below which the pick ignores health (0: off).
     pub panic_threshold: f64,
     pub max_in_flight: usize,
-    /// Requests of this environment now being served (all workers).
-    pub in_flight: AtomicUsize,
+    /// Largest request body in bytes (`None`: no limit); 413 beyond.
+    pub max_request_body: Option<u64>,
+    /// Protocols a client may switch to with `Upgrade` (lowercase; default `websocket`);
+    /// any other `Upgrade` is removed and the request forwarded as a plain one.
+    pub upgrades: Vec<String>,
+    /// Whether `CONNECT` is tunnelled to a node (otherwise 405).
+    pub allow_connect: bool,
+    /// Requests of this environment now being served (all workers). Shared with the
+    /// environment of the same name in the previous topology, so a reload does not reset
+    /// the count (bound when the topology is applied).
+    pub in_flight: Arc<AtomicUsize>,
     /// Pre-built JSON bodies of envgate's own answers for this environment, so the hot
     /// path formats nothing.
     pub bodies: EnvBodies,
@@ -253,6 +279,7 @@ pub struct EnvBodies {
     pub over_limit: Bytes,
     pub bad_gateway: Bytes,
     pub gateway_timeout: Bytes,
+    pub no_capacity: Bytes,
 }
 
 impl EnvBodies {
@@ -265,6 +292,7 @@ impl EnvBodies {
             over_limit: body("over_limit"),
             bad_gateway: body("bad_gateway"),
             gateway_timeout: body("gateway_timeout"),
+            no_capacity: body("no_capacity"),
         }
     }
 }

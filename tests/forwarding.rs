@@ -158,7 +158,8 @@ async fn bodies_stream_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_round_trip() {
     let a = Upstream::start("a").await;
-    let eg = Envgate::start(&one_node(a.addr, ""));
+    // Only the protocols an environment lists are tunnelled (by default, websocket).
+    let eg = Envgate::start(&topo(&[("a", a.addr)], "", "upgrades: [echo]"));
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", eg.port("http")))
         .await
         .unwrap();
@@ -184,6 +185,26 @@ async fn upgrade_round_trip() {
             .unwrap()
             .unwrap();
         assert_eq!(back, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlisted_upgrades_and_h2c_are_stripped() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&one_node(a.addr, ""));
+    let p = eg.port("http");
+    for proto in ["echo", "h2c", "websocket, h2c"] {
+        let req = format!(
+            "GET /headers HTTP/1.1\r\nHost: company.com\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {proto}\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+        );
+        let mut s = raw_conn(p).await;
+        s.write_all(req.as_bytes()).await.unwrap();
+        let head = read_head(&mut s).await;
+        // Forwarded as a plain request: the node saw no Upgrade and answered normally.
+        assert!(head.starts_with("HTTP/1.1 200"), "{proto}: {head}");
+        let seen = a.last_headers().unwrap();
+        assert!(seen.get("upgrade").is_none(), "{proto}: {seen:?}");
+        assert!(seen.get("http2-settings").is_none(), "{proto}: {seen:?}");
     }
 }
 

@@ -62,43 +62,60 @@ impl Counter {
     }
 }
 
-/// One probe of `addr`. `Err` says why it failed.
-pub async fn probe(addr: SocketAddr, spec: &HealthSpec) -> Result<(), String> {
+/// Why a probe did not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeError {
+    /// The node failed the check.
+    Failed(String),
+    /// envgate could not run the check for lack of its own resources (file descriptors,
+    /// ports, buffers): says nothing of the node, so it is not counted.
+    Local(String),
+}
+
+/// One probe of `addr`.
+pub async fn probe(addr: SocketAddr, spec: &HealthSpec) -> Result<(), ProbeError> {
     let work = async {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let stream = TcpStream::connect(addr).await.map_err(|e| {
+            if crate::proxy::error::is_local_resource_error(&e) {
+                ProbeError::Local(format!("connect: {e}"))
+            } else {
+                ProbeError::Failed(format!("connect: {e}"))
+            }
+        })?;
         if spec.kind == CheckKind::Tcp {
             return Ok(());
         }
         let _ = stream.set_nodelay(true);
         let (mut send, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await
-            .map_err(|e| format!("handshake: {e}"))?;
+            .map_err(|e| ProbeError::Failed(format!("handshake: {e}")))?;
         tokio::spawn(conn);
         let req = http::Request::get(spec.path.as_str())
             .header(http::header::HOST, addr.to_string())
             .header(http::header::USER_AGENT, "envgate-health")
             .header(http::header::CONNECTION, "close")
             .body(Empty::new())
-            .map_err(|e| format!("request: {e}"))?;
+            .map_err(|e| ProbeError::Failed(format!("request: {e}")))?;
         let resp = send
             .send_request(req)
             .await
-            .map_err(|e| format!("request: {e}"))?;
+            .map_err(|e| ProbeError::Failed(format!("request: {e}")))?;
         let status = resp.status().as_u16();
         if (spec.expect.0..=spec.expect.1).contains(&status) {
             Ok(())
         } else {
-            Err(format!(
+            Err(ProbeError::Failed(format!(
                 "status {status}, expected {}-{}",
                 spec.expect.0, spec.expect.1
-            ))
+            )))
         }
     };
     match tokio::time::timeout(spec.timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer within {:?}", spec.timeout)),
+        Err(_) => Err(ProbeError::Failed(format!(
+            "no answer within {:?}",
+            spec.timeout
+        ))),
     }
 }
 
@@ -133,7 +150,16 @@ async fn check_loop(name: Arc<str>, addr: SocketAddr, spec: HealthSpec, state: A
     // stay in step.
     let mut next = spec.interval.mul_f64(jitter.unit());
     loop {
-        let result = probe(addr, &spec).await;
+        let result = match probe(addr, &spec).await {
+            Err(ProbeError::Local(e)) => {
+                tracing::warn!(node = %name, address = %addr, error = %e, "health check not run for lack of local resources; not counted");
+                tokio::time::sleep(next).await;
+                next = jitter.around(spec.interval, spec.jitter);
+                continue;
+            }
+            Err(ProbeError::Failed(e)) => Err(e),
+            Ok(()) => Ok(()),
+        };
         let reason = match &result {
             Ok(()) => "check passed".to_string(),
             Err(e) => e.clone(),
@@ -156,7 +182,14 @@ pub async fn supervise(
     mut shutdown: watch::Receiver<bool>,
     ready: watch::Sender<bool>,
 ) {
-    let mut running: HashMap<(Arc<str>, SocketAddr), (HealthSpec, JoinHandle<()>)> = HashMap::new();
+    // Keyed by node identity; a checker is kept only while it updates the very state the
+    // live topology reads (a node removed and added back between two looks gets a new
+    // state, hence a new checker).
+    #[allow(clippy::type_complexity)]
+    let mut running: HashMap<
+        (Arc<str>, SocketAddr),
+        (HealthSpec, Arc<NodeState>, JoinHandle<()>),
+    > = HashMap::new();
     let mut first = true;
     loop {
         let topo = shared.topology.load_full();
@@ -164,8 +197,8 @@ pub async fn supervise(
         for node in &topo.nodes {
             let key = (node.name.clone(), node.addr);
             keep.push(key.clone());
-            if let Some((spec, _)) = running.get(&key) {
-                if *spec == node.health {
+            if let Some((spec, state, _)) = running.get(&key) {
+                if *spec == node.health && Arc::ptr_eq(state, &node.state) {
                     continue;
                 }
             }
@@ -175,11 +208,13 @@ pub async fn supervise(
                 node.health.clone(),
                 node.state.clone(),
             ));
-            if let Some((_, old)) = running.insert(key, (node.health.clone(), task)) {
+            if let Some((_, _, old)) =
+                running.insert(key, (node.health.clone(), node.state.clone(), task))
+            {
                 old.abort();
             }
         }
-        running.retain(|k, (_, task)| {
+        running.retain(|k, (_, _, task)| {
             let stay = keep.contains(k);
             if !stay {
                 task.abort();
@@ -211,7 +246,7 @@ pub async fn supervise(
             _ = shutdown.changed() => break,
         }
     }
-    for (_, (_, task)) in running {
+    for (_, (_, _, task)) in running {
         task.abort();
     }
 }

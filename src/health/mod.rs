@@ -90,28 +90,46 @@ impl NodeState {
         false
     }
 
-    /// A request to this node failed (connect, reset, timeout). Returns the ejection it
-    /// starts, if this failure reaches the threshold and `may_eject` (the pool's cap on
-    /// ejected nodes) allows it.
+    /// A request to this node failed by the node's own fault (connect, reset, timeout).
+    /// Returns the ejection it starts, if this failure reaches the threshold and
+    /// `may_eject` (the pool's cap on ejected nodes) allows it.
     pub fn record_failure(&self, policy: &Passive, may_eject: bool) -> Option<Duration> {
+        if self.count_failure(policy) && may_eject {
+            self.eject(policy)
+        } else {
+            None
+        }
+    }
+
+    /// Counts one failure; true when the node has reached the ejection threshold and is
+    /// not ejected already.
+    pub fn count_failure(&self, policy: &Passive) -> bool {
         let n = self
             .failures
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
-        if policy.consecutive_failures == 0
-            || n < policy.consecutive_failures
-            || !may_eject
-            || self.is_ejected()
-        {
+        policy.consecutive_failures != 0 && n >= policy.consecutive_failures && !self.is_ejected()
+    }
+
+    /// Ejects the node for its cool-down, unless an ejection is already in force. Several
+    /// workers may decide to eject at once: the compare-and-swap lets exactly one of them
+    /// start the ejection (and double the next cool-down).
+    pub fn eject(&self, policy: &Passive) -> Option<Duration> {
+        let current = self.ejected_until.load(Ordering::Relaxed);
+        let now = now_ms();
+        if current != 0 && now < current {
             return None;
         }
-        let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let k = self.ejections.load(Ordering::Relaxed).min(16);
         let cool = policy
             .ejection
             .saturating_mul(1 << k)
             .min(policy.max_ejection);
+        let until = now.saturating_add(cool.as_millis() as u64);
         self.ejected_until
-            .store(now_ms() + cool.as_millis() as u64, Ordering::Relaxed);
+            .compare_exchange(current, until, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()?;
+        self.ejections.fetch_add(1, Ordering::Relaxed);
         Some(cool)
     }
 
@@ -186,6 +204,31 @@ mod tests {
         assert_eq!(s.record_failure(&p, true), Some(Duration::from_secs(20)));
         s.ejected_until.store(1, Ordering::Relaxed);
         assert_eq!(s.record_failure(&p, true), Some(Duration::from_secs(25)));
+    }
+
+    #[test]
+    fn concurrent_ejections_count_once() {
+        let s = Arc::new(NodeState::new(true));
+        let p = Passive {
+            consecutive_failures: 1,
+            ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 100,
+        };
+        let ejected = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..100 {
+                        if s.record_failure(&p, true).is_some() {
+                            ejected.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(ejected.load(Ordering::Relaxed), 1);
+        assert_eq!(s.ejections.load(Ordering::Relaxed), 1);
     }
 
     #[test]

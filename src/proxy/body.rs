@@ -1,29 +1,67 @@
-//! The response body envgate sends downstream: either its own small JSON answer or the
-//! node's body, streamed frame by frame.
+//! The bodies envgate relays, with the time bounds and the blame that go with them.
 //!
-//! An upstream body carries the pooled connection it came on; the connection goes back to
-//! its pool only once the body has ended (an HTTP/1 connection is busy until then), and is
-//! dropped, closing it, if the body fails or the client goes away first. The body also
-//! holds the environment's in-flight slot, so the limit counts whole exchanges.
+//! `ProxyBody` goes downstream: envgate's own small JSON answer, or the node's body
+//! streamed frame by frame. An upstream body carries the pooled connection it came on; the
+//! connection goes back to its pool only once the body has ended (and the request body, if
+//! any, was sent whole), and is dropped, closing it, if the body fails or the client goes
+//! away first. It also holds the environment's in-flight slot, so the limit counts whole
+//! exchanges. A node that sends no byte for `body_idle` while envgate waits on it, or
+//! breaks its body, is counted against (passive detection) and the body ends in an error,
+//! so hyper closes the client's connection instead of passing a cut body off as complete.
+//!
+//! `UpBody` goes to a node: nothing, or the client's body (`ClientBody`), which enforces
+//! `max_request_body` and `body_idle` on the client and records in a `BodyWatch` how the
+//! upload goes: the handler reads it to start the response-head timer only once the body
+//! was sent whole, and to tell a client's fault from a node's.
+//!
+//! Idle timers are armed lazily: only when a poll finds no data, and re-armed only when
+//! they fire early, so a body that flows costs one clock read per wait, not a timer reset.
 
+use std::cell::Cell;
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
+use tokio::time::{Instant, Sleep};
 
+use super::error::{BodyError, ClientFault};
+use super::handler::StreamGuard;
 use super::pool::ConnPool;
-use crate::topology::InFlight;
+use super::worker::LocalSnap;
+use crate::topology::{InFlight, NodeId, PoolId};
 
 pub struct ProxyBody {
     kind: Kind,
+    /// The HTTP/2 stream this answers, counted open until the body is dropped.
+    stream: Option<StreamGuard>,
 }
 
+// The upstream variant is the common one; boxing it would cost an allocation per response.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     Full(Option<Bytes>),
     Upstream(Upstream),
+}
+
+/// Which node a body came from, to count its failures against it.
+pub struct Blame {
+    pub snap: Rc<LocalSnap>,
+    pub pool: PoolId,
+    pub node: NodeId,
+}
+
+impl Blame {
+    #[cold]
+    fn fail(&self, why: &'static str) {
+        let topo = &self.snap.topo;
+        tracing::debug!(node = %topo.nodes[self.node].name, why, "node failed mid-body");
+        super::handler::passive_failure(topo, &topo.pools[self.pool].members, self.node);
+    }
 }
 
 struct Upstream {
@@ -31,12 +69,22 @@ struct Upstream {
     /// The connection to give back once `body` has ended.
     conn: Option<(Rc<ConnPool>, SendRequest<UpBody>)>,
     slot: Option<InFlight>,
+    blame: Blame,
+    /// How the request body went, when there was one.
+    upload: Option<Rc<BodyWatch>>,
+    idle: Duration,
+    /// Armed on the first wait for the node; fires `idle` after the wait began.
+    stall: Option<Pin<Box<Sleep>>>,
+    waiting_since: Option<Instant>,
 }
 
 impl Upstream {
     fn finish(&mut self) {
         if let Some((pool, conn)) = self.conn.take() {
-            pool.put(conn);
+            // A connection still sending the request body is not free.
+            if self.upload.as_ref().is_none_or(|w| w.is_done()) {
+                pool.put(conn);
+            }
         }
         self.slot = None;
     }
@@ -56,12 +104,14 @@ impl ProxyBody {
     pub fn full(bytes: Bytes) -> Self {
         ProxyBody {
             kind: Kind::Full(Some(bytes)),
+            stream: None,
         }
     }
 
     pub fn empty() -> Self {
         ProxyBody {
             kind: Kind::Full(None),
+            stream: None,
         }
     }
 
@@ -69,22 +119,40 @@ impl ProxyBody {
         body: Incoming,
         conn: Option<(Rc<ConnPool>, SendRequest<UpBody>)>,
         slot: Option<InFlight>,
+        blame: Blame,
+        upload: Option<Rc<BodyWatch>>,
+        idle: Duration,
     ) -> Self {
         ProxyBody {
-            kind: Kind::Upstream(Upstream { body, conn, slot }),
+            kind: Kind::Upstream(Upstream {
+                body,
+                conn,
+                slot,
+                blame,
+                upload,
+                idle,
+                stall: None,
+                waiting_since: None,
+            }),
+            stream: None,
         }
+    }
+
+    /// Keeps an HTTP/2 stream counted open until this body is done with.
+    pub fn hold(&mut self, stream: StreamGuard) {
+        self.stream = Some(stream);
     }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.get_mut().kind {
             Kind::Full(b) => Poll::Ready(
                 b.take()
@@ -97,6 +165,7 @@ impl Body for ProxyBody {
                     Poll::Ready(None)
                 }
                 Poll::Ready(Some(Ok(frame))) => {
+                    u.waiting_since = None;
                     if u.body.is_end_stream() {
                         u.finish();
                     }
@@ -105,9 +174,33 @@ impl Body for ProxyBody {
                 Poll::Ready(Some(Err(e))) => {
                     // The connection's state is unknown: close it rather than reuse it.
                     u.conn = None;
-                    Poll::Ready(Some(Err(e)))
+                    // A client whose upload broke also breaks the node's exchange.
+                    if u.upload.as_ref().is_none_or(|w| w.client_fault().is_none()) {
+                        u.blame.fail("body error");
+                    }
+                    Poll::Ready(Some(Err(BodyError::Node(e))))
                 }
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => {
+                    let now = Instant::now();
+                    let since = *u.waiting_since.get_or_insert(now);
+                    let idle = u.idle;
+                    let stall = u
+                        .stall
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + idle)));
+                    loop {
+                        if stall.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        let due = since + idle;
+                        if due > Instant::now() {
+                            stall.as_mut().reset(due);
+                            continue;
+                        }
+                        u.conn = None;
+                        u.blame.fail("body stalled");
+                        return Poll::Ready(Some(Err(BodyError::NodeStalled)));
+                    }
+                }
             },
         }
     }
@@ -129,22 +222,183 @@ impl Body for ProxyBody {
     }
 }
 
+/// How a request body's upload goes, shared between the body (which writes it) and the
+/// handler (which reads it). Same thread, so plain cells.
+#[derive(Debug)]
+pub struct BodyWatch {
+    state: Cell<Upload>,
+    /// When the body last handed a frame on.
+    last_frame: Cell<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upload {
+    /// The node's connection holds the last frame (or none was asked for yet).
+    Sending,
+    /// Waiting for the client's next bytes.
+    WaitingClient,
+    /// Sent whole at this instant.
+    Done(Instant),
+    Failed(ClientFault),
+}
+
+impl BodyWatch {
+    pub fn new() -> Rc<Self> {
+        Rc::new(BodyWatch {
+            state: Cell::new(Upload::Sending),
+            last_frame: Cell::new(Instant::now()),
+        })
+    }
+
+    pub fn state(&self) -> Upload {
+        self.state.get()
+    }
+
+    pub fn last_frame(&self) -> Instant {
+        self.last_frame.get()
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.state.get(), Upload::Done(_))
+    }
+
+    pub fn client_fault(&self) -> Option<ClientFault> {
+        match self.state.get() {
+            Upload::Failed(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+/// The client's request body on its way to a node.
+pub struct ClientBody {
+    inner: Incoming,
+    watch: Rc<BodyWatch>,
+    /// Bytes still allowed by `max_request_body`.
+    left: u64,
+    idle: Duration,
+    stall: Option<Pin<Box<Sleep>>>,
+    waiting_since: Option<Instant>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, watch: Rc<BodyWatch>, limit: Option<u64>, idle: Duration) -> Self {
+        ClientBody {
+            inner,
+            watch,
+            left: limit.unwrap_or(u64::MAX),
+            idle,
+            stall: None,
+            waiting_since: None,
+        }
+    }
+
+    #[cold]
+    fn fail(&mut self, fault: ClientFault) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.watch.state.set(Upload::Failed(fault));
+        Poll::Ready(Some(Err(BodyError::Client(fault))))
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if let Upload::Failed(f) = this.watch.state.get() {
+            return Poll::Ready(Some(Err(BodyError::Client(f))));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > this.left {
+                        return this.fail(ClientFault::TooLarge);
+                    }
+                    this.left -= n;
+                }
+                let now = Instant::now();
+                this.waiting_since = None;
+                this.watch.last_frame.set(now);
+                this.watch.state.set(if this.inner.is_end_stream() {
+                    Upload::Done(now)
+                } else {
+                    Upload::Sending
+                });
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.watch.state.set(Upload::Done(Instant::now()));
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let fault = ClientFault::of(&e);
+                tracing::debug!(error = %e, ?fault, "client body failed");
+                this.fail(fault)
+            }
+            Poll::Pending => {
+                let now = Instant::now();
+                let since = *this.waiting_since.get_or_insert(now);
+                this.watch.state.set(Upload::WaitingClient);
+                let idle = this.idle;
+                let stall = this
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + idle)));
+                loop {
+                    if stall.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let due = since + idle;
+                    if due > Instant::now() {
+                        stall.as_mut().reset(due);
+                        continue;
+                    }
+                    return this.fail(ClientFault::Stalled);
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The body envgate sends to a node: the client's, streamed, or none at all. A request
 /// without a body is `Empty`, which lets it be copied for a retry.
 pub enum UpBody {
     Empty,
-    Stream(Incoming),
+    Stream(ClientBody),
+}
+
+impl UpBody {
+    pub fn watch(&self) -> Option<&Rc<BodyWatch>> {
+        match self {
+            UpBody::Empty => None,
+            UpBody::Stream(b) => Some(&b.watch),
+        }
+    }
 }
 
 impl Body for UpBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             UpBody::Empty => Poll::Ready(None),
             UpBody::Stream(b) => Pin::new(b).poll_frame(cx),

@@ -1,14 +1,26 @@
-//! Per request: snapshot -> entry -> application -> in-flight slot -> node pick ->
-//! forward -> response, with failover: a request that never reached a node (failed
-//! connect, pooled connection found closed) goes to the next node; a body-less request
-//! with an idempotent method also after a reset or a response-header timeout. Retries are
-//! bounded by `retries` and by the environment's retry budget; every failure counts
-//! against the node (passive ejection). Also the one mapping from a failure to envgate's
-//! own status and JSON body.
+//! Per request: snapshot -> target and Host checks -> path normalisation -> entry ->
+//! application -> limits -> in-flight slot -> node pick -> forward -> response, with
+//! failover.
+//!
+//! Failover: a request that never reached a node (failed connect, pooled connection found
+//! closed) goes to the next node; a body-less request with an idempotent method also after
+//! a reset or a response-head timeout. Retries are bounded by `retries`, by the
+//! environment's retry budget (a token is spent only once a node to retry on is found) and
+//! by the overall request deadline. Only the node's own faults count against it (see
+//! `error.rs`): a client's broken, stalled or oversized body is answered 400, 408 or 413
+//! and blames no one; envgate's own resource errors are logged, never blamed.
+//!
+//! Time bounds of one exchange: connect (then the next node); the request body's idle time
+//! (`body_idle`: a client that stalls gets 408; a node that stops reading the upload is
+//! blamed); the response head, whose timer starts once the request body was sent whole;
+//! the overall deadline across attempts (upload time not counted); then the response
+//! body's idle time (in `body.rs`).
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -16,12 +28,18 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use tokio::io::copy_bidirectional;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
-use super::body::{ProxyBody, UpBody};
+use super::body::{Blame, BodyWatch, ClientBody, ProxyBody, UpBody, Upload};
+use super::error::{is_local_resource_error, own, ClientFault, Refusal};
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
-use super::pool::ConnPool;
-use super::worker::Worker;
-use crate::topology::{Member, NodeId, Timeouts, Topology};
+use super::pool::{ConnPool, ConnectError};
+use super::worker::{Worker, MAX_HEADERS};
+use crate::routing::host::valid_authority;
+use crate::routing::path;
+use crate::server::TrackerGuard;
+use crate::topology::{InFlight, Member, NodeId, Timeouts, Topology};
 
 /// What envgate knows of the downstream connection, computed once per connection.
 pub struct ConnInfo {
@@ -30,24 +48,90 @@ pub struct ConnInfo {
     pub local_port: u16,
     /// The peer's address as an `X-Forwarded-For` value.
     pub peer_value: HeaderValue,
-    /// Whether the peer is a trusted proxy whose `X-Forwarded-For` is kept.
+    /// Whether the peer is a trusted proxy whose `X-Forwarded-*` headers are kept.
     pub trusted: bool,
     pub proto: HeaderValue,
+    /// Requests seen on this connection so far.
+    pub requests: Cell<u64>,
+    /// Stream accounting of an HTTP/2 connection; `None` for HTTP/1.
+    pub h2: Option<Rc<H2Conn>>,
 }
 
-static NO_ROUTE: &[u8] = br#"{"error":"no_route"}"#;
+/// Streams of one HTTP/2 connection, for its idle timeout and its reset bound. Written by
+/// the connection's own streams (same thread), read by its watchdog in `listener.rs`.
+#[derive(Debug)]
+pub struct H2Conn {
+    /// Streams whose exchange is not over (handler running or response body alive).
+    pub open: Cell<u32>,
+    /// When the last stream ended (or the connection started).
+    pub last_close: Cell<Instant>,
+    /// Streams the client reset (or abandoned) before envgate answered them.
+    pub early_resets: Cell<u32>,
+    /// Streams envgate answered.
+    pub answered: Cell<u32>,
+    /// Woken when `early_resets` crosses its bound: the connection is closed.
+    pub abuse: Notify,
+}
+
+/// Early resets a connection may make before it is closed, if they also exceed a quarter
+/// of its answered streams (a client that resets each stream just after envgate forwarded
+/// it would otherwise keep hundreds of requests in flight at the nodes).
+pub const MAX_EARLY_RESETS: u32 = 100;
+
+impl H2Conn {
+    pub fn new() -> Rc<Self> {
+        Rc::new(H2Conn {
+            open: Cell::new(0),
+            last_close: Cell::new(Instant::now()),
+            early_resets: Cell::new(0),
+            answered: Cell::new(0),
+            abuse: Notify::new(),
+        })
+    }
+}
+
+/// One open HTTP/2 stream; its drop ends the stream's exchange.
+pub struct StreamGuard {
+    conn: Rc<H2Conn>,
+    answered: bool,
+}
+
+impl StreamGuard {
+    fn enter(conn: Rc<H2Conn>) -> Self {
+        conn.open.set(conn.open.get() + 1);
+        StreamGuard {
+            conn,
+            answered: false,
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let c = &self.conn;
+        c.open.set(c.open.get() - 1);
+        if c.open.get() == 0 {
+            c.last_close.set(Instant::now());
+        }
+        if !self.answered {
+            let resets = c.early_resets.get() + 1;
+            c.early_resets.set(resets);
+            if resets >= MAX_EARLY_RESETS && resets.saturating_mul(4) > c.answered.get() {
+                c.abuse.notify_one();
+            }
+        }
+    }
+}
+
 /// Most attempts one request makes (1 + the highest `retries`).
 const MAX_ATTEMPTS: usize = 1 + crate::config::validate::MAX_RETRIES as usize;
 
-#[inline]
-fn own(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
+/// Who an attempt's failure is put on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    Node,
+    /// envgate's own resources ran out.
+    Local,
 }
 
 /// How one attempt on one node failed.
@@ -55,12 +139,18 @@ fn own(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
 // success variant of the same `Result` is as large.
 #[allow(clippy::large_enum_variant)]
 enum Failure {
-    /// The request never reached the node (connect failed): another node may take it.
-    NotSent(Request<UpBody>),
-    /// No response head within the response-header timeout.
+    /// The request never reached the node: another node may take it.
+    NotSent(Request<UpBody>, Cause),
+    /// No response head within `response_header` after the request was sent whole.
     Timeout,
+    /// The overall request deadline passed.
+    Deadline,
+    /// The node stopped reading the request body.
+    UploadStalled,
     /// The node failed after the request was (maybe) sent.
     Failed,
+    /// The client's body failed: the client's fault, not the node's.
+    Client(ClientFault),
 }
 
 pub async fn handle(
@@ -68,60 +158,189 @@ pub async fn handle(
     conn: Rc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    conn.requests.set(conn.requests.get() + 1);
+    match &conn.h2 {
+        None => Ok(exchange(&worker, &conn, req).await),
+        Some(h2) => {
+            let mut stream = StreamGuard::enter(h2.clone());
+            let mut resp = exchange(&worker, &conn, req).await;
+            stream.answered = true;
+            h2.answered.set(h2.answered.get().saturating_add(1));
+            resp.body_mut().hold(stream);
+            Ok(resp)
+        }
+    }
+}
+
+/// The host a request is routed by and sent to the node with.
+struct Target {
+    /// `None` only for HTTP/1.0 without Host.
+    host: Option<HeaderValue>,
+    /// Taken from the request target's authority (absolute form, HTTP/2, CONNECT), so the
+    /// Host sent to the node must be replaced by it.
+    from_authority: bool,
+}
+
+/// RFC 9112 3.2 and RFC 9113 8.3.1: one Host, well formed; the authority of the target
+/// wins over Host; HTTP/2's `host` must agree with `:authority`; target forms match the
+/// method.
+#[inline]
+fn target(req: &Request<Incoming>, worker: &Worker) -> Result<Target, Refusal> {
+    let h2 = req.version() == Version::HTTP_2;
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Refusal::DuplicateHost);
+    }
+    let uri = req.uri();
+    if req.method() == Method::CONNECT {
+        if uri.authority().is_none() {
+            return Err(Refusal::BadTarget);
+        }
+    } else if (uri.scheme().is_none() && uri.authority().is_some())
+        || (uri.path() == "*" && req.method() != Method::OPTIONS)
+    {
+        // Authority-form, or `*` with a method other than OPTIONS.
+        return Err(Refusal::BadTarget);
+    }
+    match uri.authority() {
+        Some(a) => {
+            let a = a.as_str().as_bytes();
+            if !valid_authority(a) {
+                return Err(Refusal::BadHost);
+            }
+            if h2 && host.is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(a)) {
+                return Err(Refusal::HostMismatch);
+            }
+            let value = worker.values.value(a).ok_or(Refusal::BadHost)?;
+            Ok(Target {
+                host: Some(value),
+                from_authority: true,
+            })
+        }
+        None => match host {
+            Some(h) if valid_authority(h.as_bytes()) => Ok(Target {
+                host: Some(h.clone()),
+                from_authority: false,
+            }),
+            Some(_) => Err(Refusal::BadHost),
+            None if req.version() == Version::HTTP_10 || req.version() == Version::HTTP_09 => {
+                Ok(Target {
+                    host: None,
+                    from_authority: false,
+                })
+            }
+            None => Err(Refusal::MissingHost),
+        },
+    }
+}
+
+async fn exchange(
+    worker: &Rc<Worker>,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let h1 = conn.h2.is_none();
     let snap = worker.snapshot();
     let topo = &*snap.topo;
 
-    // The authority of an absolute URI (always there in HTTP/2) wins over Host.
-    let host_value: Option<HeaderValue> = match req.uri().authority() {
-        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => req.headers().get(header::HOST).cloned(),
+    let target = match target(&req, worker) {
+        Ok(t) => t,
+        Err(r) => return r.response(h1),
     };
-    let Some(env_id) = topo
-        .entries
-        .lookup(host_value.as_ref().map(|h| h.as_bytes()), conn.local_port)
-    else {
-        return Ok(own(StatusCode::NOT_FOUND, Bytes::from_static(NO_ROUTE)));
-    };
-    let env = &topo.environments[env_id];
-    let Some(app) = env.app_for(req.uri().path()) else {
-        return Ok(own(StatusCode::NOT_FOUND, Bytes::from_static(NO_ROUTE)));
-    };
-    let Some(slot) = env.try_enter() else {
-        return Ok(own(
-            StatusCode::SERVICE_UNAVAILABLE,
-            env.bodies.over_limit.clone(),
-        ));
+    if !h1 && req.headers().len() > MAX_HEADERS {
+        return Refusal::TooManyFields.response(h1);
+    }
+    if h1 {
+        if let Some(te) = req.headers().get(header::TRANSFER_ENCODING) {
+            // hyper decodes `chunked` only; any other coding (or a list) would reach the
+            // node without its framing.
+            if !te.as_bytes().eq_ignore_ascii_case(b"chunked")
+                || req
+                    .headers()
+                    .get_all(header::TRANSFER_ENCODING)
+                    .iter()
+                    .count()
+                    > 1
+            {
+                return Refusal::BadTransferEncoding.response(h1);
+            }
+        }
+    }
+    let connect = req.method() == Method::CONNECT;
+    let new_path = if connect || req.uri().path() == "*" {
+        None
+    } else {
+        match path::normalize(req.uri().path(), topo.defaults.allow_encoded_slash) {
+            Ok(p) => p,
+            Err(e) => return Refusal::BadPath(e).response(h1),
+        }
     };
 
+    let Some(env_id) = topo
+        .entries
+        .lookup(target.host.as_ref().map(|h| h.as_bytes()), conn.local_port)
+    else {
+        return no_route();
+    };
+    let env = &topo.environments[env_id];
+    if connect && !env.allow_connect {
+        return Refusal::ConnectNotAllowed.response(h1);
+    }
+    let Some(app) = env.app_for(new_path.as_deref().unwrap_or(req.uri().path())) else {
+        return no_route();
+    };
+    let limit = env.max_request_body;
+    if limit.is_some_and(|l| req.body().size_hint().lower() > l) {
+        return Refusal::BodyTooLarge.response(h1);
+    }
+    let Some(slot) = env.try_enter() else {
+        return own(
+            StatusCode::SERVICE_UNAVAILABLE,
+            env.bodies.over_limit.clone(),
+        );
+    };
+    let timeouts = &topo.defaults.timeouts;
+
     let (parts, body) = req.into_parts();
-    let body = if body.is_end_stream() {
-        UpBody::Empty
+    let (body, watch) = if body.is_end_stream() {
+        (UpBody::Empty, None)
     } else {
-        UpBody::Stream(body)
+        let watch = BodyWatch::new();
+        let body = ClientBody::new(body, watch.clone(), limit, timeouts.body_idle);
+        (UpBody::Stream(body), Some(watch))
     };
     let mut req = Request::from_parts(parts, body);
-    let upgrade = headers::is_upgrade(req.headers());
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    prepare(&mut req, &conn, &worker, host_value, upgrade);
+    let upgrade = !connect
+        && headers::is_upgrade(req.headers())
+        && headers::upgrade_allowed(req.headers(), &env.upgrades);
+    let tunnelled = upgrade || connect;
+    let mut downstream_upgrade = tunnelled.then(|| hyper::upgrade::on(&mut req));
+    prepare(&mut req, conn, worker, target, new_path, upgrade, connect);
     // A request without a body and with an idempotent method can be sent again after it
     // reached a node that failed; any other only when it surely never left envgate.
-    let replayable = !upgrade && idempotent(req.method()) && matches!(req.body(), UpBody::Empty);
+    let replayable = !tunnelled && idempotent(req.method()) && matches!(req.body(), UpBody::Empty);
 
     let members = &topo.pools[app.pool].members;
     let wrr = &snap.wrr[app.pool];
-    let defaults = &topo.defaults;
-    let panic_mode = env.panic_threshold > 0.0 && in_panic(topo, members, env.panic_threshold);
+    // Panic mode spreads over every primary, healthy or not, but only when no backup can
+    // serve either: healthy backups come first.
+    let panic_mode = env.panic_threshold > 0.0
+        && in_panic(topo, members, env.panic_threshold)
+        && !members
+            .iter()
+            .any(|m| m.backup && topo.nodes[m.node].state.usable());
+    let overall = Instant::now() + timeouts.request;
     let mut tried = [NodeId::MAX; MAX_ATTEMPTS];
     let attempts = (env.retries as usize + 1).min(MAX_ATTEMPTS);
     let mut last = Last::NoNode;
+    // The first attempt costs no retry token; neither does one after a local failure.
+    let mut free = true;
     snap.earn_retry(env_id);
     for attempt in 0..attempts {
-        if attempt > 0 && !snap.spend_retry(env_id) {
-            break;
-        }
         let tried_so_far = &tried[..attempt];
         let pick = if panic_mode {
-            wrr.pick(members, |n| {
+            wrr.pick_primary(members, |n| {
                 !topo.nodes[n].state.is_drained() && !tried_so_far.contains(&n)
             })
         } else {
@@ -132,72 +351,121 @@ pub async fn handle(
         let Some(i) = pick else {
             break;
         };
+        if !free && !snap.spend_retry(env_id) {
+            break;
+        }
+        free = false;
         let node = members[i].node;
         tried[attempt] = node;
         let state = &topo.nodes[node].state;
         let pool = &snap.conns[node];
         let copy = (replayable && attempt + 1 < attempts).then(|| replay(&req));
-        match forward(pool, req, &defaults.timeouts).await {
+        match forward(pool, req, timeouts, overall).await {
             Ok((mut resp, sender)) => {
                 if state.record_success() {
                     tracing::info!(node = %topo.nodes[node].name, "node served again after its ejection");
                 }
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let status = resp.status();
+                let switched =
+                    status == StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success());
+                if switched {
                     // A switch the client did not ask for cannot be relayed.
-                    let Some(down) = downstream_upgrade else {
-                        return Ok(own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone()));
+                    let Some(down) = downstream_upgrade.take() else {
+                        return own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone());
                     };
                     let up = hyper::upgrade::on(&mut resp);
-                    tokio::task::spawn_local(tunnel(down, up));
-                    headers::strip_hop_by_hop(resp.headers_mut(), true);
-                    let (parts, body) = resp.into_parts();
-                    return Ok(Response::from_parts(
-                        parts,
-                        ProxyBody::upstream(body, None, Some(slot)),
+                    tokio::task::spawn_local(tunnel(
+                        down,
+                        up,
+                        slot,
+                        timeouts.tunnel_idle,
+                        worker.tracker.enter(),
                     ));
+                    headers::strip_hop_by_hop(resp.headers_mut(), upgrade);
+                    let (parts, _) = resp.into_parts();
+                    return Response::from_parts(parts, ProxyBody::empty());
                 }
                 headers::strip_hop_by_hop(resp.headers_mut(), false);
                 let (parts, body) = resp.into_parts();
-                let conn = Some((pool.clone(), sender));
-                return Ok(Response::from_parts(
+                let blame = Blame {
+                    snap: snap.clone(),
+                    pool: app.pool,
+                    node,
+                };
+                return Response::from_parts(
                     parts,
-                    ProxyBody::upstream(body, conn, Some(slot)),
-                ));
+                    ProxyBody::upstream(
+                        body,
+                        Some((pool.clone(), sender)),
+                        Some(slot),
+                        blame,
+                        watch,
+                        timeouts.body_idle,
+                    ),
+                );
             }
             Err(failure) => {
-                passive_failure(topo, members, node);
                 let next = match failure {
-                    Failure::NotSent(back) => {
+                    Failure::Client(fault) => return fault.refusal().response(h1),
+                    Failure::NotSent(back, Cause::Local) => {
+                        tracing::warn!(node = %topo.nodes[node].name, "connect failed for lack of local resources (file descriptors, ports or buffers); not counted against the node");
+                        last = Last::Local;
+                        free = true;
+                        Some(back)
+                    }
+                    Failure::NotSent(back, Cause::Node) => {
+                        passive_failure(topo, members, node);
                         last = Last::BadGateway;
                         Some(back)
                     }
                     Failure::Timeout => {
+                        passive_failure(topo, members, node);
                         last = Last::Timeout;
                         copy
                     }
+                    Failure::UploadStalled => {
+                        passive_failure(topo, members, node);
+                        last = Last::Timeout;
+                        None
+                    }
+                    Failure::Deadline => {
+                        last = Last::Timeout;
+                        None
+                    }
                     Failure::Failed => {
+                        passive_failure(topo, members, node);
                         last = Last::BadGateway;
                         copy
                     }
                 };
                 match next {
-                    Some(r) => req = r,
-                    None => break,
+                    Some(r) if Instant::now() < overall => req = r,
+                    _ => break,
                 }
             }
         }
     }
-    Ok(match last {
+    match last {
         Last::NoNode => own(
             StatusCode::SERVICE_UNAVAILABLE,
             env.bodies.no_healthy_node.clone(),
+        ),
+        Last::Local => own(
+            StatusCode::SERVICE_UNAVAILABLE,
+            env.bodies.no_capacity.clone(),
         ),
         Last::BadGateway => own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone()),
         Last::Timeout => own(
             StatusCode::GATEWAY_TIMEOUT,
             env.bodies.gateway_timeout.clone(),
         ),
-    })
+    }
+}
+
+#[cold]
+fn no_route() -> Response<ProxyBody> {
+    static NO_ROUTE: &[u8] = br#"{"error":"no_route"}"#;
+    own(StatusCode::NOT_FOUND, Bytes::from_static(NO_ROUTE))
 }
 
 /// The outcome of the last attempt, for the answer when no attempt succeeded.
@@ -205,6 +473,8 @@ pub async fn handle(
 enum Last {
     /// No node could be picked at all.
     NoNode,
+    /// envgate could not open a connection for lack of its own resources.
+    Local,
     BadGateway,
     Timeout,
 }
@@ -237,109 +507,232 @@ fn in_panic(topo: &Topology, members: &[Member], threshold: f64) -> bool {
     primaries > 0 && (usable as f64) < primaries as f64 * threshold / 100.0
 }
 
-/// Counts a live-traffic failure against `node`, ejecting it when it reaches the
-/// threshold and the pool still has room under its cap of ejected nodes.
+/// Serialises ejection decisions, so that the cap on ejected nodes holds when several
+/// workers eject at once. Taken only when a node reaches its failure threshold, never on
+/// the hot path.
+static EJECTIONS: Mutex<()> = Mutex::new(());
+
+/// Counts a live-traffic failure of the node's own against `node`, ejecting it when it
+/// reaches the threshold and the pool still has room under its cap of ejected nodes.
 #[cold]
-fn passive_failure(topo: &Topology, members: &[Member], node: NodeId) {
+pub(crate) fn passive_failure(topo: &Topology, members: &[Member], node: NodeId) {
     let policy = &topo.defaults.passive;
+    let n = &topo.nodes[node];
+    // Metrics, once the metrics module exists: ejections and envgate_retries_total count
+    // here, through handles resolved when the topology is compiled.
+    if !n.state.count_failure(policy) {
+        return;
+    }
+    let _one_at_a_time = EJECTIONS.lock().unwrap_or_else(|e| e.into_inner());
     let ejected = members
         .iter()
         .filter(|m| topo.nodes[m.node].state.is_ejected())
         .count();
     let may_eject = (ejected + 1) * 100 <= members.len() * policy.max_ejected_percent as usize;
-    let n = &topo.nodes[node];
-    // Metrics, once the metrics module exists: ejections and envgate_retries_total count
-    // here, through handles resolved when the topology is compiled.
-    if let Some(cool) = n.state.record_failure(policy, may_eject) {
+    if !may_eject {
+        return;
+    }
+    if let Some(cool) = n.state.eject(policy) {
         tracing::warn!(node = %n.name, address = %n.addr, cool_down = ?cool, "node ejected after consecutive failures on live traffic");
     }
 }
 
-/// Rewrites the request for the node: hop-by-hop headers out, `X-Forwarded-*` and
-/// `X-Request-Id` in, origin-form URI, HTTP/1.1.
+/// Rewrites the request for the node: the normalised path, origin-form URI (authority
+/// form for CONNECT), HTTP/1.1, exactly one Host (the one routing used), hop-by-hop
+/// headers out, HTTP/2 cookies joined, `X-Forwarded-*` and `X-Request-Id` in.
 #[inline]
 fn prepare(
     req: &mut Request<UpBody>,
     conn: &ConnInfo,
     worker: &Worker,
-    host: Option<HeaderValue>,
+    target: Target,
+    new_path: Option<String>,
     upgrade: bool,
+    connect: bool,
 ) {
-    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|pq| pq.as_str())
-            .unwrap_or("/");
-        if let Ok(uri) = pq.parse::<Uri>() {
-            *req.uri_mut() = uri;
+    let was_h2 = req.version() == Version::HTTP_2;
+    if !connect {
+        if let Some(mut p) = new_path {
+            if let Some(q) = req.uri().query() {
+                p.push('?');
+                p.push_str(q);
+            }
+            if let Ok(uri) = Uri::try_from(p) {
+                *req.uri_mut() = uri;
+            }
+        } else if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|pq| pq.as_str())
+                .unwrap_or("/");
+            if let Ok(uri) = pq.parse::<Uri>() {
+                *req.uri_mut() = uri;
+            }
         }
     }
     *req.version_mut() = Version::HTTP_11;
     let h = req.headers_mut();
+    if was_h2 {
+        headers::join_cookies(h);
+    }
     headers::strip_hop_by_hop(h, upgrade);
-    // Room for the four headers added below, in one growth at most.
-    h.reserve(4);
-    if let Some(host) = host {
-        if !h.contains_key(header::HOST) {
+    // Room for the headers added below, in one growth at most.
+    h.reserve(5);
+    if let Some(host) = target.host {
+        if target.from_authority {
             h.insert(header::HOST, host.clone());
         }
-        h.insert(&X_FORWARDED_HOST, host);
-    }
-    let xff = match h.get(&X_FORWARDED_FOR) {
-        Some(prev) if conn.trusted => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + conn.peer_value.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(conn.peer_value.as_bytes());
-            HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.peer_value.clone())
+        if !(conn.trusted && h.contains_key(&X_FORWARDED_HOST)) {
+            h.insert(&X_FORWARDED_HOST, host);
         }
-        _ => conn.peer_value.clone(),
+    }
+    let xff = if conn.trusted {
+        headers::append_forwarded_for(h, &conn.peer_value)
+    } else {
+        None
     };
-    h.insert(&X_FORWARDED_FOR, xff);
-    h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
-    if !h.get(&X_REQUEST_ID).is_some_and(headers::sane_request_id) {
+    h.insert(
+        &X_FORWARDED_FOR,
+        xff.unwrap_or_else(|| conn.peer_value.clone()),
+    );
+    if conn.trusted {
+        if !h.contains_key(&X_FORWARDED_PROTO) {
+            h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
+        }
+    } else {
+        h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
+        h.remove(header::FORWARDED);
+    }
+    let mut ids = h.get_all(&X_REQUEST_ID).iter();
+    let keep = match (ids.next(), ids.next()) {
+        (Some(v), None) => headers::sane_request_id(v),
+        _ => false,
+    };
+    if !keep {
         h.insert(&X_REQUEST_ID, worker.request_ids.next(&worker.values));
     }
 }
 
-/// One attempt on one node: a pooled connection (or a new one), then the request.
+/// One attempt on one node: a pooled connection (or a new one), then the request, bounded
+/// by the response-head timer (from the moment the body was sent whole), the upload's idle
+/// time and the overall deadline.
 async fn forward(
     pool: &ConnPool,
     mut req: Request<UpBody>,
-    timeouts: &Timeouts,
+    t: &Timeouts,
+    overall: Instant,
 ) -> Result<(Response<Incoming>, SendRequest<UpBody>), Failure> {
     loop {
-        let (mut sender, reused) = match pool.take(timeouts.upstream_idle) {
+        let (mut sender, reused) = match pool.take(t.upstream_idle) {
             Some(s) => (s, true),
-            None => match pool.connect(timeouts.connect).await {
-                Ok(s) => (s, false),
-                Err(e) => {
-                    tracing::debug!(node = %pool.addr, error = %e, "connect failed");
-                    return Err(Failure::NotSent(req));
+            None => {
+                let now = Instant::now();
+                if now >= overall {
+                    return Err(Failure::Deadline);
                 }
-            },
+                match pool.connect(t.connect.min(overall - now)).await {
+                    Ok(s) => (s, false),
+                    Err(ConnectError::Io(e)) if is_local_resource_error(&e) => {
+                        return Err(Failure::NotSent(req, Cause::Local));
+                    }
+                    Err(e) => {
+                        tracing::debug!(node = %pool.addr, error = %e, "connect failed");
+                        return Err(Failure::NotSent(req, Cause::Node));
+                    }
+                }
+            }
         };
-        match tokio::time::timeout(timeouts.response_header, sender.try_send_request(req)).await {
-            Err(_) => return Err(Failure::Timeout),
-            Ok(Ok(resp)) => return Ok((resp, sender)),
-            Ok(Err(mut e)) => match e.take_message() {
-                // A pooled connection the node had closed: the request was not written,
-                // so it goes on a fresh connection to the same node.
-                Some(back) if reused => req = back,
-                Some(back) => return Err(Failure::NotSent(back)),
-                None => {
-                    tracing::debug!(node = %pool.addr, error = %e.error(), "upstream request failed");
-                    return Err(Failure::Failed);
+        let watch = req.body().watch().cloned();
+        let sent_at = Instant::now();
+        let send = sender.try_send_request(req);
+        tokio::pin!(send);
+        let first = next_deadline(watch.as_deref(), sent_at, t, overall, sent_at)?;
+        let sleep = tokio::time::sleep_until(first);
+        tokio::pin!(sleep);
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = &mut send => break r,
+                () = &mut sleep => {
+                    let d = next_deadline(watch.as_deref(), sent_at, t, overall, Instant::now())?;
+                    sleep.as_mut().reset(d);
                 }
-            },
+            }
+        };
+        match result {
+            Ok(resp) => return Ok((resp, sender)),
+            Err(mut e) => {
+                if let Some(f) = watch.as_ref().and_then(|w| w.client_fault()) {
+                    return Err(Failure::Client(f));
+                }
+                match e.take_message() {
+                    // A pooled connection the node had closed: the request was not written,
+                    // so it goes on a fresh connection to the same node.
+                    Some(back) if reused => req = back,
+                    Some(back) => return Err(Failure::NotSent(back, Cause::Node)),
+                    None => {
+                        tracing::debug!(node = %pool.addr, error = %e.error(), "upstream request failed");
+                        return Err(Failure::Failed);
+                    }
+                }
+            }
         }
     }
 }
 
-/// Relays an upgraded connection (WebSocket and the like) both ways until either side
-/// closes.
-async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+/// When to look at an attempt again, or how it failed by `now`.
+// Only the small variants of `Failure` are returned; a type of its own would need a
+// conversion at each call for nothing.
+#[allow(clippy::result_large_err)]
+#[inline]
+fn next_deadline(
+    watch: Option<&BodyWatch>,
+    sent_at: Instant,
+    t: &Timeouts,
+    overall: Instant,
+    now: Instant,
+) -> Result<Instant, Failure> {
+    let state = watch.map_or(Upload::Done(sent_at), |w| w.state());
+    match state {
+        Upload::Done(done) => {
+            let head = done + t.response_header;
+            // The time spent uploading does not count against the overall deadline.
+            let all = overall + done.saturating_duration_since(sent_at);
+            if now >= head {
+                Err(Failure::Timeout)
+            } else if now >= all {
+                Err(Failure::Deadline)
+            } else {
+                Ok(head.min(all))
+            }
+        }
+        Upload::Failed(f) => Err(Failure::Client(f)),
+        // The client's own idle timer (in `ClientBody`) ends a stalled upload.
+        Upload::WaitingClient => Ok(now + t.body_idle.min(t.response_header)),
+        Upload::Sending => {
+            // The body handed its last frame on and is not asked for more: the node does
+            // not read.
+            let due = watch.map_or(now, |w| w.last_frame()) + t.body_idle;
+            if now >= due {
+                Err(Failure::UploadStalled)
+            } else {
+                Ok(due.min(now + t.response_header))
+            }
+        }
+    }
+}
+
+/// Relays an upgraded connection (WebSocket, CONNECT) both ways until either side closes
+/// or nothing moves for `idle`. It holds its environment's in-flight slot while open and
+/// is counted by the worker's drain at shutdown (then closed at the drain's end).
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    slot: InFlight,
+    idle: std::time::Duration,
+    drain: TrackerGuard,
+) {
     let (down, up) = match tokio::try_join!(down, up) {
         Ok(pair) => pair,
         Err(e) => {
@@ -347,7 +740,81 @@ async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) 
             return;
         }
     };
-    let mut down = hyper_util::rt::TokioIo::new(down);
-    let mut up = hyper_util::rt::TokioIo::new(up);
-    let _ = copy_bidirectional(&mut down, &mut up).await;
+    let activity = Cell::new(Instant::now());
+    let mut down = Active {
+        io: hyper_util::rt::TokioIo::new(down),
+        last: &activity,
+    };
+    let mut up = Active {
+        io: hyper_util::rt::TokioIo::new(up),
+        last: &activity,
+    };
+    let copy = copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut copy => break,
+            () = &mut sleep => {
+                let due = activity.get() + idle;
+                if due <= Instant::now() {
+                    tracing::debug!("tunnel closed after its idle timeout");
+                    break;
+                }
+                sleep.as_mut().reset(due);
+            }
+        }
+    }
+    drop(slot);
+    drop(drain);
+}
+
+/// An I/O object that notes when bytes last moved.
+struct Active<'a, T> {
+    io: T,
+    last: &'a Cell<Instant>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Active<'_, T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.last.set(Instant::now());
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Active<'_, T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.last.set(Instant::now());
+        }
+        r
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }

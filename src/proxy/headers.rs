@@ -62,6 +62,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if n == 0 {
         return;
     }
+    // RFC 9112 6.3: with Transfer-Encoding, Content-Length is wrong by definition; the body
+    // was de-chunked, so a stale length would frame it wrongly on the other side.
+    if found[..n]
+        .iter()
+        .any(|k| k.as_ref() == Some(&header::TRANSFER_ENCODING))
+    {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     if headers.contains_key(header::CONNECTION) {
         // Only the uncommon case of custom names allocates.
         let named: Vec<HeaderName> = headers
@@ -87,6 +95,65 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+/// Whether every protocol a request's `Upgrade` asks for is one the environment tunnels.
+/// `h2c` never is: inside such a tunnel later requests would bypass routing.
+#[inline]
+pub fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let mut any = false;
+    for v in headers.get_all(header::UPGRADE) {
+        for t in tokens(v) {
+            // `websocket`, or `name/version`.
+            let name = t.split(|b| *b == b'/').next().unwrap_or(t);
+            if name.eq_ignore_ascii_case(b"h2c")
+                || !allowed
+                    .iter()
+                    .any(|a| a.as_bytes().eq_ignore_ascii_case(name))
+            {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
+}
+
+/// Joins several `Cookie` fields (HTTP/2 sends one per cookie) into one, separated by
+/// `; `, for an HTTP/1.1 node (RFC 9113 8.2.3).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut it = headers.get_all(header::COOKIE).iter();
+    if it.next().is_none() || it.next().is_none() {
+        return;
+    }
+    let mut v = Vec::new();
+    for c in headers.get_all(header::COOKIE) {
+        if !v.is_empty() {
+            v.extend_from_slice(b"; ");
+        }
+        v.extend_from_slice(c.as_bytes());
+    }
+    if let Ok(joined) = HeaderValue::from_bytes(&v) {
+        headers.insert(header::COOKIE, joined);
+    }
+}
+
+/// A trusted proxy's `X-Forwarded-For` fields, joined in order, with `peer` appended; `None`
+/// when there were none.
+pub fn append_forwarded_for(headers: &HeaderMap, peer: &HeaderValue) -> Option<HeaderValue> {
+    let mut v = Vec::new();
+    for prev in headers.get_all(&X_FORWARDED_FOR) {
+        if !v.is_empty() {
+            v.extend_from_slice(b", ");
+        }
+        v.extend_from_slice(prev.as_bytes());
+    }
+    if v.is_empty() {
+        return None;
+    }
+    v.extend_from_slice(b", ");
+    v.extend_from_slice(peer.as_bytes());
+    HeaderValue::from_bytes(&v).ok()
 }
 
 /// Whether a client's `X-Request-Id` may be passed on as it is.
@@ -199,6 +266,54 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn transfer_encoding_removes_content_length() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty());
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[header::CONTENT_LENGTH], "5");
+    }
+
+    #[test]
+    fn upgrades_cookies_and_forwarded_for() {
+        let allowed = vec!["websocket".to_string()];
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
+        assert!(upgrade_allowed(&h, &allowed));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!upgrade_allowed(&h, &["h2c".to_string()]));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket, foo"));
+        assert!(!upgrade_allowed(&h, &allowed));
+
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(h[header::COOKIE], "a=1; b=2");
+
+        let mut h = HeaderMap::new();
+        let peer = HeaderValue::from_static("9.9.9.9");
+        assert_eq!(append_forwarded_for(&h, &peer), None);
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("2.2.2.2, 3.3.3.3"),
+        );
+        assert_eq!(
+            append_forwarded_for(&h, &peer).unwrap(),
+            "1.1.1.1, 2.2.2.2, 3.3.3.3, 9.9.9.9"
+        );
     }
 
     #[test]

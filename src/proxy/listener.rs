@@ -2,9 +2,18 @@
 //!
 //! Each connection is HTTP/1.1 unless its first bytes are the HTTP/2 connection preface
 //! (cleartext HTTP/2 with prior knowledge). The bytes read to decide are handed back to
-//! hyper through `Prefixed`, so the check costs no extra system call in the common case
-//! where the request is already in the socket buffer. The first read is bounded by the
-//! client header timeout; hyper's header-read timeout bounds the rest.
+//! hyper through `ClientIo`, so the check costs no extra system call in the common case
+//! where the request is already in the socket buffer.
+//!
+//! Time bounds of a connection: the first request head must be complete within
+//! `client_header` of the accept (the wait for the first byte counts: when it had to wait,
+//! a watchdog holds the connection to that bound until the first request arrives); later
+//! heads and idle keep-alive time are hyper's header-read timeout. HTTP/2 connections get
+//! a watchdog of their own: no stream for `idle` (or no first request within
+//! `client_header`, which also bounds a header block left incomplete) closes them with
+//! GOAWAY; keep-alive pings find dead peers; a client that resets too many streams after
+//! envgate accepted them is closed. A client that stops reading what envgate writes for
+//! `body_idle` loses its connection (`ClientIo`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,8 +28,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 
-use super::handler::{handle, ConnInfo};
+use super::handler::{handle, ConnInfo, H2Conn};
 use super::worker::Worker;
 use crate::server::Tracker;
 
@@ -73,7 +83,7 @@ async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let topo = worker.shared.topology.load();
-    let header_timeout = topo.defaults.timeouts.client_header;
+    let timeouts = topo.defaults.timeouts.clone();
     let trusted = topo
         .defaults
         .trusted_proxies
@@ -81,10 +91,11 @@ async fn serve(
         .any(|c| c.contains(peer.ip()));
     drop(topo);
 
-    let (first, h2) = match tokio::time::timeout(header_timeout, sniff(&stream)).await {
-        Ok(Ok(Some(v))) => v,
-        _ => return, // closed, failed or silent: nothing to answer
-    };
+    let (first, h2, waited_since) =
+        match tokio::time::timeout(timeouts.client_header, sniff(&stream)).await {
+            Ok(Ok(Some(v))) => v,
+            _ => return, // closed, failed or silent: nothing to answer
+        };
     let ip = match peer.ip() {
         std::net::IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -98,35 +109,86 @@ async fn serve(
         peer_value: peer_value(&worker, ip),
         trusted,
         proto: HeaderValue::from_static("http"),
+        requests: std::cell::Cell::new(0),
+        h2: h2.then(H2Conn::new),
     });
-    let io = TokioIo::new(Prefixed {
+    let io = TokioIo::new(ClientIo {
         prefix: first,
         pos: 0,
         inner: stream,
+        write_idle: timeouts.body_idle,
+        stall: None,
+        waiting_since: None,
     });
     let svc = {
         let worker = worker.clone();
+        let info = info.clone();
         service_fn(move |req| handle(worker.clone(), info.clone(), req))
     };
     // Serve until the connection ends; on shutdown, ask it to finish what it has (HTTP/1:
-    // close after the response in flight; HTTP/2: GOAWAY) and wait for that.
-    macro_rules! drive {
-        ($conn:expr) => {{
-            let conn = $conn;
-            tokio::pin!(conn);
+    // close after the response in flight; HTTP/2: GOAWAY) and wait for that (the worker's
+    // drain bounds the wait).
+    if let Some(h2c) = info.h2.clone() {
+        let conn = worker.http2.serve_connection(io, svc);
+        tokio::pin!(conn);
+        let started = waited_since.unwrap_or_else(Instant::now);
+        let sleep = tokio::time::sleep_until(started + timeouts.client_header);
+        tokio::pin!(sleep);
+        loop {
             tokio::select! {
-                _ = conn.as_mut() => {}
+                _ = conn.as_mut() => return,
+                _ = shutdown.changed() => break,
+                () = h2c.abuse.notified() => {
+                    tracing::warn!(peer = %peer, resets = h2c.early_resets.get(), "closing an HTTP/2 connection that reset too many streams after they were accepted");
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                    return;
+                }
+                () = &mut sleep => {
+                    let now = Instant::now();
+                    let due = if h2c.open.get() > 0 {
+                        now + timeouts.idle
+                    } else if info.requests.get() == 0 {
+                        started + timeouts.client_header
+                    } else {
+                        h2c.last_close.get() + timeouts.idle
+                    };
+                    if due <= now {
+                        tracing::debug!(peer = %peer, "closing an idle HTTP/2 connection");
+                        break;
+                    }
+                    sleep.as_mut().reset(due);
+                }
+            }
+        }
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    } else {
+        let conn = worker.http1.serve_connection(io, svc).with_upgrades();
+        tokio::pin!(conn);
+        if let Some(since) = waited_since {
+            // The first byte came late: what is left of `client_header` bounds the head.
+            tokio::select! {
+                _ = conn.as_mut() => return,
                 _ = shutdown.changed() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
+                    return;
+                }
+                () = tokio::time::sleep_until(since + timeouts.client_header) => {
+                    if info.requests.get() == 0 {
+                        return;
+                    }
                 }
             }
-        }};
-    }
-    if h2 {
-        drive!(worker.http2.serve_connection(io, svc));
-    } else {
-        drive!(worker.http1.serve_connection(io, svc).with_upgrades());
+        }
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
     }
 }
 
@@ -144,11 +206,16 @@ fn peer_value(worker: &Worker, ip: std::net::IpAddr) -> HeaderValue {
         .expect("an IP address is a header value")
 }
 
+/// What the first read of a connection found: the bytes, whether they are the HTTP/2
+/// preface, and when the wait for them began if there was one.
+type Sniffed = (Vec<u8>, bool, Option<Instant>);
+
 /// Reads the first bytes of a connection and tells whether it speaks HTTP/2 with prior
 /// knowledge. `None` when the peer closed before sending anything.
-async fn sniff(stream: &TcpStream) -> io::Result<Option<(Vec<u8>, bool)>> {
+async fn sniff(stream: &TcpStream) -> io::Result<Option<Sniffed>> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
+    let mut waited = None;
     loop {
         match stream.try_read(&mut buf[len..]) {
             Ok(0) => return Ok(None),
@@ -157,27 +224,73 @@ async fn sniff(stream: &TcpStream) -> io::Result<Option<(Vec<u8>, bool)>> {
                 let seen = &buf[..len.min(H2_PREFACE.len())];
                 if !H2_PREFACE.starts_with(seen) {
                     buf.truncate(len);
-                    return Ok(Some((buf, false)));
+                    return Ok(Some((buf, false, waited)));
                 }
                 if len >= H2_PREFACE.len() {
                     buf.truncate(len);
-                    return Ok(Some((buf, true)));
+                    return Ok(Some((buf, true, waited)));
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.readable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                waited.get_or_insert_with(Instant::now);
+                stream.readable().await?
+            }
             Err(e) => return Err(e),
         }
     }
 }
 
-/// A stream whose first bytes were already read: they are replayed before the rest.
-struct Prefixed {
+/// The client's connection: first bytes already read are replayed before the rest, and a
+/// write that cannot proceed for `write_idle` (the client does not read) fails the
+/// connection. The timer is armed only once a write blocks.
+struct ClientIo {
     prefix: Vec<u8>,
     pos: usize,
     inner: TcpStream,
+    write_idle: Duration,
+    stall: Option<Pin<Box<Sleep>>>,
+    waiting_since: Option<Instant>,
 }
 
-impl AsyncRead for Prefixed {
+impl ClientIo {
+    #[cold]
+    fn write_blocked<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        use std::future::Future;
+        let now = Instant::now();
+        let since = *self.waiting_since.get_or_insert(now);
+        let idle = self.write_idle;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + idle)));
+        loop {
+            if stall.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let due = since + idle;
+            if due > Instant::now() {
+                stall.as_mut().reset(due);
+                continue;
+            }
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing for the body idle timeout",
+            )));
+        }
+    }
+
+    #[inline]
+    fn wrote<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Pending => self.write_blocked(cx),
+            r => {
+                self.waiting_since = None;
+                r
+            }
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
     #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
@@ -200,14 +313,16 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl AsyncWrite for ClientIo {
     #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(r, cx)
     }
     #[inline]
     fn poll_write_vectored(
@@ -215,7 +330,9 @@ impl AsyncWrite for Prefixed {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(r, cx)
     }
     #[inline]
     fn is_write_vectored(&self) -> bool {
@@ -223,7 +340,9 @@ impl AsyncWrite for Prefixed {
     }
     #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.wrote(r, cx)
     }
     #[inline]
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -6,6 +6,7 @@
 //! per-node health atomics.
 
 pub mod body;
+pub mod error;
 pub mod handler;
 pub mod headers;
 pub mod listener;

@@ -18,6 +18,9 @@ use super::body::UpBody;
 
 /// Idle connections kept per node and worker.
 const MAX_IDLE: usize = 512;
+/// Largest response head a node may send (like the request side): beyond it the answer
+/// is malformed, 502, and counts against the node.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 pub struct ConnPool {
     pub addr: SocketAddr,
@@ -75,6 +78,7 @@ impl ConnPool {
             .map_err(|_| ConnectError::Timeout)??;
         let _ = stream.set_nodelay(true);
         let (send, conn) = http1::Builder::new()
+            .max_buf_size(MAX_RESPONSE_HEAD)
             .handshake::<_, UpBody>(TokioIo::new(stream))
             .await?;
         tokio::task::spawn_local(async move {

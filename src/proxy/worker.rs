@@ -10,6 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::TokioTimer;
@@ -18,12 +19,20 @@ use rustc_hash::FxHashMap;
 use super::headers::{RequestIds, ValueArena};
 use super::pool::ConnPool;
 use crate::balance::Wrr;
-use crate::server::Shared;
+use crate::server::{Shared, Tracker};
 use crate::topology::{EnvId, Topology};
 
-/// Request head limit (DESIGN.md: 64 KiB in all, 100 fields).
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-const MAX_HEADERS: usize = 100;
+/// Request head limit (DESIGN.md: 64 KiB in all, 100 fields), for HTTP/1 and HTTP/2.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub const MAX_HEADERS: usize = 100;
+/// HTTP/2 flow-control windows: what one stream, and one connection, may push at envgate
+/// before it reads. With 1,000 connections pushing bodies at a slow node, this bounds the
+/// buffered bytes to about 1 GiB in the worst case instead of hyper's default of several.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONN_WINDOW: u32 = 1024 * 1024;
+/// Keep-alive pings on idle HTTP/2 connections, and how long a ping may go unanswered.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The tables of one topology generation, as seen by one worker.
 pub struct LocalSnap {
@@ -67,6 +76,8 @@ pub struct Worker {
     pub values: ValueArena,
     pub http1: http1::Builder,
     pub http2: http2::Builder<LocalExec>,
+    /// Open connections and tunnels of this worker, for the drain at shutdown.
+    pub tracker: Rc<Tracker>,
 }
 
 /// Runs hyper's HTTP/2 stream tasks on this worker's `LocalSet`.
@@ -83,7 +94,7 @@ impl Worker {
     /// The HTTP builders take the timeouts of the topology at start: hyper's header-read
     /// timer runs from the moment a connection waits for a request head, so it bounds both
     /// a slow head and an idle keep-alive connection: min(client_header, idle).
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>, tracker: Rc<Tracker>) -> Self {
         let timeouts = shared.topology.load().defaults.timeouts.clone();
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
@@ -91,7 +102,15 @@ impl Worker {
             .max_buf_size(MAX_HEAD_BYTES)
             .max_headers(MAX_HEADERS);
         let mut h2 = http2::Builder::new(LocalExec);
-        h2.timer(TokioTimer::new()).max_concurrent_streams(200);
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(200)
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONN_WINDOW)
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(Some(256));
         Worker {
             shared,
             current: RefCell::new(None),
@@ -100,6 +119,7 @@ impl Worker {
             values: ValueArena::default(),
             http1: h1,
             http2: h2,
+            tracker,
         }
     }
 

@@ -85,6 +85,44 @@ impl Entry {
     }
 }
 
+/// Whether a Host value or an authority is a valid reg-name or IP literal with an optional
+/// numeric port (RFC 9110 7.2, RFC 3986 3.2): no userinfo, path, spaces or second port.
+/// `a.com`, `a.com:8080`, `a.com.`, `10.0.0.1:80`, `[::1]:80` pass; `a.com:@evil`,
+/// `a.com/x`, `a b`, `a:80:81`, `` do not.
+#[inline]
+pub fn valid_authority(raw: &[u8]) -> bool {
+    let (host_ok, rest) = if raw.first() == Some(&b'[') {
+        let Some(end) = raw.iter().position(|b| *b == b']') else {
+            return false;
+        };
+        let ok = std::str::from_utf8(&raw[1..end])
+            .ok()
+            .is_some_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok());
+        (ok, &raw[end + 1..])
+    } else {
+        let end = raw.iter().position(|b| *b == b':').unwrap_or(raw.len());
+        let host = &raw[..end];
+        let ok = !host.is_empty()
+            && host.len() <= MAX_HOST
+            && host
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        (ok, &raw[end..])
+    };
+    if !host_ok {
+        return false;
+    }
+    match rest {
+        [] => true,
+        [b':', port @ ..] => {
+            port.len() <= 5
+                && port.iter().all(u8::is_ascii_digit)
+                && port.iter().fold(0u32, |n, d| n * 10 + (d - b'0') as u32) <= 65535
+        }
+        _ => false,
+    }
+}
+
 fn valid_host(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 253
@@ -250,6 +288,37 @@ mod tests {
         let mut t = table(&[("a.com:80", 1), (":81", 2)]);
         assert_eq!(t.insert(&Entry::parse("A.com.:80").unwrap(), 3), Err(1));
         assert_eq!(t.insert(&Entry::parse(":81").unwrap(), 3), Err(2));
+    }
+
+    #[test]
+    fn authorities() {
+        for ok in [
+            "a.com",
+            "A.com:8080",
+            "a.com.",
+            "a.com:",
+            "10.0.0.1:80",
+            "[::1]:80",
+            "[::1]",
+            "my_host",
+        ] {
+            assert!(valid_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "a.com:@evil",
+            "user@a.com",
+            "a.com/x",
+            "a b",
+            "a:80:81",
+            "a.com:123456",
+            "a.com:65536",
+            "[::1",
+            "[zz]:80",
+            ":80",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]

@@ -44,7 +44,8 @@ where
 /// A real HTTP/1.1 upstream that names itself in every answer and counts its hits.
 ///
 /// Paths: `/healthz` (200, or 503 once `set_healthy(false)`), `/slow?ms=N`, `/hang`
-/// (never answers), `/echo` (streams the request body back), `/download?bytes=N`,
+/// (never answers), `/echo` (streams the request body back), `/consume` (reads the whole
+/// request body, then answers its length), `/download?bytes=N`,
 /// `/headers` (the request headers, one `name: value` a line; the answer carries
 /// hop-by-hop headers that must not reach the client). A request with `Upgrade: echo` is
 /// switched to a raw echo of bytes.
@@ -184,6 +185,11 @@ async fn serve(
 ) -> Result<Response<TestBody>, Infallible> {
     let name = shared.name.clone();
     let path = req.uri().path().to_string();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_default();
     if path == "/healthz" {
         let ok = shared.healthy.load(Ordering::SeqCst);
         let mut r = Response::new(full(if ok { "ok" } else { "sick" }));
@@ -230,6 +236,14 @@ async fn serve(
                 Response::new(full(name.clone()))
             }
             "/echo" => Response::new(req.into_body().boxed()),
+            "/consume" => match req.into_body().collect().await {
+                Ok(b) => Response::new(full(b.to_bytes().len().to_string())),
+                Err(_) => {
+                    let mut r = Response::new(full("broken body"));
+                    *r.status_mut() = StatusCode::BAD_REQUEST;
+                    r
+                }
+            },
             "/download" => Response::new(
                 Zeros {
                     left: query(&req, "bytes").unwrap_or(0),
@@ -254,6 +268,10 @@ async fn serve(
         }
     };
     resp.headers_mut().insert("x-node", name.parse().unwrap());
+    // The request target as the node received it.
+    if let Ok(v) = http::HeaderValue::from_str(&target) {
+        resp.headers_mut().insert("x-target", v);
+    }
     Ok(resp)
 }
 
@@ -508,4 +526,152 @@ impl Breaker {
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
     }
+}
+
+/// A misbehaving node on raw TCP: for every connection it reads a request head (and
+/// nothing more), writes `answer` as it is, then does what `after` says. `requests()`
+/// counts the heads it read. Health checks should be `type: tcp` in front of it.
+pub struct RawNode {
+    pub addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Close the connection.
+    Close,
+    /// Keep it open without another byte, for an hour.
+    Hang,
+}
+
+impl RawNode {
+    pub async fn start(answer: Vec<u8>, after: After) -> RawNode {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = requests.clone();
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (count, answer) = (count.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.write_all(&answer).await;
+                    if after == After::Hang {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                });
+            }
+        });
+        RawNode { addr, requests }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// A raw client connection to envgate.
+pub async fn raw_conn(port: u16) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap()
+}
+
+/// Reads one response head from `s` (byte by byte: what follows stays in the socket).
+pub async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Whether the peer closes `s` (reads until EOF or an error) within `limit`; what was read
+/// meanwhile is appended to `out`.
+pub async fn closes_within(
+    s: &mut tokio::net::TcpStream,
+    limit: Duration,
+    out: &mut Vec<u8>,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// An HTTP/2 (prior knowledge) client made with the `h2` crate, which sends exactly the
+/// fields it is given (several `cookie` fields, a `host` beside `:authority`...).
+pub async fn h2_client(port: u16) -> h2::client::SendRequest<Bytes> {
+    let tcp = raw_conn(port).await;
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Sends a body-less request on an h2 client and reads the answer whole.
+pub async fn h2_send(client: &mut h2::client::SendRequest<Bytes>, req: Request<()>) -> Reply {
+    let mut client = client.clone().ready().await.unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    let (parts, mut body) = resp.into_parts();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: Bytes::from(bytes),
+    }
+}
+
+/// A topology with one listener `http`, the nodes given (name, address) and one
+/// environment `production` on `company.com` and `*.company.com` using all of them.
+/// `defaults` and `env` are extra YAML for the `defaults` map and the environment's map
+/// (each `key: value` pairs separated by `, `, or empty).
+pub fn topo(nodes: &[(&str, SocketAddr)], defaults: &str, env: &str) -> String {
+    let list: Vec<String> = nodes
+        .iter()
+        .map(|(n, a)| format!("    {n}: {{ address: \"{a}\" }}"))
+        .collect();
+    let names: Vec<&str> = nodes.iter().map(|(n, _)| *n).collect();
+    let env = if env.is_empty() {
+        String::new()
+    } else {
+        format!(", {env}")
+    };
+    format!(
+        r#"version: 1
+listeners: [ {{ name: http, bind: "127.0.0.1:{{port:http}}" }} ]
+defaults: {{ {defaults} }}
+nodes:
+{}
+environments:
+  production: {{ entries: ["company.com:{{port:http}}", "*.company.com:{{port:http}}"], nodes: [{}]{env} }}
+"#,
+        list.join("\n"),
+        names.join(", ")
+    )
 }

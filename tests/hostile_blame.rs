@@ -1,0 +1,131 @@
+//! A client must never get a healthy node ejected: broken, aborted and stalled request
+//! bodies are the client's fault, answered 400 or 408 (or not at all), and leave the node's
+//! record alone. Raw sockets send what a polite client would refuse to.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::AsyncWriteExt;
+
+/// Two nodes that eject after two consecutive failures, with no cap on ejections: if
+/// client faults counted, `a` would be out after the first abuses.
+fn strict(a: &Upstream, b: &Upstream) -> String {
+    topo(
+        &[("a", a.addr), ("b", b.addr)],
+        "timeouts: { body_idle: 300ms }, passive: { consecutive_failures: 2, max_ejected_percent: 100, ejection: 1m }",
+        "",
+    )
+}
+
+/// Both nodes still take turns: nobody was ejected.
+async fn both_serve(port: u16) {
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let r = get(port, "company.com", "/").await;
+        assert_eq!(r.status, 200);
+        seen.insert(r.node().to_string());
+    }
+    assert_eq!(seen.len(), 2, "a node was ejected: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_chunked_bodies_are_400_and_blame_no_node() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let eg = Envgate::start(&strict(&a, &b));
+    let p = eg.port("http");
+    for _ in 0..6 {
+        let answer = raw(
+            p,
+            b"POST /consume HTTP/1.1\r\nHost: company.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("bad_body"), "{answer}");
+    }
+    both_serve(p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_bodies_are_408_and_blame_no_node() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let eg = Envgate::start(&strict(&a, &b));
+    let p = eg.port("http");
+    for _ in 0..4 {
+        let mut s = raw_conn(p).await;
+        s.write_all(
+            b"POST /consume HTTP/1.1\r\nHost: company.com\r\nContent-Length: 100\r\n\r\nonly ten b",
+        )
+        .await
+        .unwrap();
+        // Nothing more: envgate gives up on the client after body_idle.
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+        let mut rest = Vec::new();
+        assert!(closes_within(&mut s, Duration::from_secs(5), &mut rest).await);
+    }
+    both_serve(p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_uploads_blame_no_node() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let eg = Envgate::start(&strict(&a, &b));
+    let p = eg.port("http");
+    for i in 0..6 {
+        let mut s = raw_conn(p).await;
+        s.write_all(b"POST /consume HTTP/1.1\r\nHost: company.com\r\nContent-Length: 1000\r\n\r\nsome of it")
+            .await
+            .unwrap();
+        // Wait until the upload reached a node, then go away (half the time with a reset).
+        let before = a.hits() + b.hits();
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                a.hits() + b.hits() > before
+            })
+            .await
+        );
+        if i % 2 == 0 {
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        }
+        drop(s);
+    }
+    both_serve(p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_is_413_and_blames_no_node() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let eg = Envgate::start(&topo(
+        &[("a", a.addr), ("b", b.addr)],
+        "passive: { consecutive_failures: 2, max_ejected_percent: 100, ejection: 1m }, limits: { max_request_body: 1KiB }",
+        "",
+    ));
+    let p = eg.port("http");
+    // Announced: refused before anything reaches a node.
+    let big = format!(
+        "POST /consume HTTP/1.1\r\nHost: company.com\r\nContent-Length: 2000\r\n\r\n{}",
+        "x".repeat(2000)
+    );
+    let answer = raw(p, big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(a.hits() + b.hits(), 0);
+    // Chunked: cut once it passes the limit.
+    for _ in 0..4 {
+        let chunk = "y".repeat(600);
+        let req = format!(
+            "POST /consume HTTP/1.1\r\nHost: company.com\r\nTransfer-Encoding: chunked\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+        );
+        let answer = raw(p, req.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+    // Within the limit all is well.
+    let ok = raw(
+        p,
+        b"POST /consume HTTP/1.1\r\nHost: company.com\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200") && ok.ends_with("5"), "{ok}");
+    both_serve(p).await;
+}
