@@ -183,3 +183,52 @@ pub enum BodyError {
     #[error("the node sent no body byte within the body idle timeout")]
     NodeStalled,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_resource_errors_are_told_apart() {
+        for n in [23, 24, 99, 105] {
+            assert!(
+                is_local_resource_error(&std::io::Error::from_raw_os_error(n)),
+                "{n}"
+            );
+        }
+        for kind in [
+            std::io::ErrorKind::ConnectionRefused,
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::TimedOut,
+        ] {
+            assert!(!is_local_resource_error(&std::io::Error::from(kind)));
+        }
+        // ECONNREFUSED (111) is the node's.
+        assert!(!is_local_resource_error(
+            &std::io::Error::from_raw_os_error(111)
+        ));
+    }
+
+    #[test]
+    fn each_refusal_has_its_status_and_a_json_body() {
+        for r in [
+            Refusal::MissingHost,
+            Refusal::BadPath(PathError::AboveRoot),
+            Refusal::TooManyFields,
+            Refusal::ConnectNotAllowed,
+            Refusal::BodyTooLarge,
+            Refusal::BodyTimeout,
+        ] {
+            let body: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+            assert!(body["error"].is_string(), "{r:?}");
+            let resp = r.response(true);
+            assert_eq!(resp.status(), r.status());
+            assert_eq!(resp.headers()[header::CONNECTION], "close");
+            assert!(r
+                .response(false)
+                .headers()
+                .get(header::CONNECTION)
+                .is_none());
+        }
+    }
+}

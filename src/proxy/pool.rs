@@ -78,7 +78,7 @@ impl ConnPool {
             .map_err(|_| ConnectError::Timeout)??;
         let _ = stream.set_nodelay(true);
         let (send, conn) = http1::Builder::new()
-            .max_buf_size(MAX_RESPONSE_HEAD)
+            .max_header_size(MAX_RESPONSE_HEAD)
             .handshake::<_, UpBody>(TokioIo::new(stream))
             .await?;
         tokio::task::spawn_local(async move {

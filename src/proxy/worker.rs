@@ -100,6 +100,7 @@ impl Worker {
         h1.timer(TokioTimer::new())
             .header_read_timeout(timeouts.client_header.min(timeouts.idle))
             .max_buf_size(MAX_HEAD_BYTES)
+            .max_header_size(MAX_HEAD_BYTES)
             .max_headers(MAX_HEADERS);
         let mut h2 = http2::Builder::new(LocalExec);
         h2.timer(TokioTimer::new())

@@ -1,0 +1,104 @@
+//! Framing and sizes of what nodes and HTTP/2 clients send: a stale Content-Length beside
+//! Transfer-Encoding, oversized response heads, too many HTTP/2 fields, and HTTP/2 clients
+//! that reset streams right after envgate accepted them.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_content_length_beside_chunked_is_dropped() {
+    // Content-Length says 5, the chunks carry 10 bytes: the chunks frame the body.
+    let node = RawNode::start(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n".to_vec(),
+        After::Close,
+    )
+    .await;
+    let eg = Envgate::start(&topo(
+        &[("n", node.addr)],
+        "health: { type: tcp, interval: 1m }",
+        "",
+    ));
+    let r = get(eg.port("http"), "company.com", "/").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"0123456789");
+    assert_ne!(
+        r.headers.get("content-length").map(|v| v.to_str().unwrap()),
+        Some("5")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_response_head_is_502() {
+    let mut answer = b"HTTP/1.1 200 OK\r\nX-Big: ".to_vec();
+    answer.extend(std::iter::repeat_n(b'b', 70 * 1024));
+    answer.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\nok");
+    let node = RawNode::start(answer, After::Close).await;
+    let eg = Envgate::start(&topo(
+        &[("n", node.addr)],
+        "health: { type: tcp, interval: 1m }, retries: 0",
+        "",
+    ));
+    let r = get(eg.port("http"), "company.com", "/").await;
+    assert_eq!(r.status, 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_http2_fields_are_431() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&topo(&[("a", a.addr)], "", ""));
+    let p = eg.port("http");
+    let mut client = h2_client(p).await;
+    let mut req = http::Request::get(format!("http://company.com:{p}/"));
+    for i in 0..101 {
+        req = req.header(format!("x-field-{i}"), "v");
+    }
+    let r = h2_send(&mut client, req.body(()).unwrap()).await;
+    assert_eq!(r.status, 431);
+    assert_eq!(a.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_resets_close_the_connection() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&topo(&[("a", a.addr)], "", ""));
+    let p = eg.port("http");
+    let tcp = raw_conn(p).await;
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    // Each stream asks for an answer that never comes, and is reset once envgate has
+    // passed it on to the node.
+    let mut sent = 0;
+    for _ in 0..400 {
+        let Ok(mut c) = client.clone().ready().await else {
+            break;
+        };
+        let req = http::Request::get(format!("http://company.com:{p}/hang"))
+            .body(())
+            .unwrap();
+        let Ok((resp, mut stream)) = c.send_request(req, true) else {
+            break;
+        };
+        sent += 1;
+        let before = a.hits();
+        let reached = eventually(Duration::from_secs(2), || async { a.hits() > before }).await;
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(resp);
+        if !reached {
+            break;
+        }
+    }
+    // The connection was closed long before 400 streams: the node never saw hundreds.
+    assert!(sent < 400, "{sent} streams went through");
+    assert!(
+        a.hits() <= envgate::proxy::handler::MAX_EARLY_RESETS as usize + 5,
+        "{} requests reached the node",
+        a.hits()
+    );
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the abusive connection stays open")
+        .ok();
+}
