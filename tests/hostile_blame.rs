@@ -129,3 +129,82 @@ async fn a_body_over_the_limit_is_413_and_blames_no_node() {
     assert!(ok.starts_with("HTTP/1.1 200") && ok.ends_with("5"), "{ok}");
     both_serve(p).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_waiting_for_a_slow_upload_is_not_blamed() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let eg = Envgate::start(&topo(
+        &[("a", a.addr), ("b", b.addr)],
+        "timeouts: { body_idle: 400ms }, passive: { consecutive_failures: 1, max_ejected_percent: 100, ejection: 1m }",
+        "",
+    ));
+    let p = eg.port("http");
+    for _ in 0..2 {
+        let mut s = raw_conn(p).await;
+        s.write_all(b"POST /late-count HTTP/1.1\r\nHost: company.com\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        // The node answers its head at once and the rest only after the upload, which
+        // takes well over body_idle while never pausing that long.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            s.write_all(b"a\r\n0123456789\r\n").await.unwrap();
+        }
+        s.write_all(b"0\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        assert!(closes_within(&mut s, Duration::from_secs(10), &mut out).await);
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.starts_with("HTTP/1.1 200") && out.contains("\r\n50"),
+            "{out}"
+        );
+    }
+    both_serve(p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_reads_the_upload_is_cut_both_ways() {
+    // Reads the head, then nothing: the upload fills the buffers and stops.
+    let deaf = RawNode::start(Vec::new(), After::Hang).await;
+    let eg = Envgate::start(&topo(
+        &[("deaf", deaf.addr)],
+        "timeouts: { body_idle: 400ms }, health: { type: tcp, interval: 1m }",
+        "",
+    ));
+    let mut s = raw_conn(eg.port("http")).await;
+    let size = 64 * 1024 * 1024;
+    s.write_all(
+        format!("POST / HTTP/1.1\r\nHost: company.com\r\nContent-Length: {size}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..size / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut rd, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the client's connection stayed open");
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
+    writer.abort();
+}

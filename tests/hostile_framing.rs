@@ -102,3 +102,29 @@ async fn early_resets_close_the_connection() {
         .expect("the abusive connection stays open")
         .ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_nobody_asked_for_is_502_and_counted() {
+    let rogue = RawNode::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n".to_vec(),
+        After::Close,
+    )
+    .await;
+    let good = Upstream::start("good").await;
+    let eg = Envgate::start(&topo(
+        &[("rogue", rogue.addr), ("good", good.addr)],
+        "health: { type: tcp, interval: 1m }, retries: 0, passive: { consecutive_failures: 1, max_ejected_percent: 100, ejection: 1m }",
+        "",
+    ));
+    let p = eg.port("http");
+    let mut codes = Vec::new();
+    for _ in 0..2 {
+        codes.push(get(p, "company.com", "/").await.status.as_u16());
+    }
+    codes.sort();
+    assert_eq!(codes, [200, 502]);
+    for _ in 0..4 {
+        assert_eq!(get(p, "company.com", "/").await.node(), "good");
+    }
+    assert_eq!(rogue.requests(), 1);
+}

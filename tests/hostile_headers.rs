@@ -83,3 +83,35 @@ async fn anyone_else_gets_them_replaced() {
     assert_eq!(seen["x-forwarded-host"], "company.com");
     assert!(seen.get("forwarded").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cannot_remove_the_host() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&topo(&[("a", a.addr)], "", ""));
+    let mut s = raw_conn(eg.port("http")).await;
+    s.write_all(b"GET /headers HTTP/1.1\r\nHost: company.com\r\nConnection: host, close\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let seen = a.last_headers().unwrap();
+    assert_eq!(seen["host"], "company.com");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_host_no_forwarded_host_passes_either() {
+    let a = Upstream::start("a").await;
+    let yaml = topo(&[("a", a.addr)], "", "").replace(
+        "entries: [\"company.com",
+        "entries: [\":{port:http}\", \"company.com",
+    );
+    let eg = Envgate::start(&yaml);
+    let mut s = raw_conn(eg.port("http")).await;
+    s.write_all(b"GET /headers HTTP/1.0\r\nX-Forwarded-Host: evil.com\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.contains(" 200 "), "{head}");
+    let seen = a.last_headers().unwrap();
+    assert!(seen.get("x-forwarded-host").is_none(), "{seen:?}");
+}

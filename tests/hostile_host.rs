@@ -172,6 +172,8 @@ async fn routing_and_the_node_see_the_same_path() {
         "/public/%00",
         "/public%2F..%2Fadmin",
         "/a%zz",
+        "/public\\..\\admin",
+        "/public/..;/admin",
     ] {
         let answer = status_of(
             p,

@@ -192,3 +192,98 @@ async fn tunnels_idle_out_and_hold_their_slot() {
         .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_breaks_every_body_is_ejected() {
+    let broken = RawNode::start(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789".to_vec(),
+        After::Close,
+    )
+    .await;
+    let good = Upstream::start("good").await;
+    let eg = Envgate::start(&topo(
+        &[("broken", broken.addr), ("good", good.addr)],
+        "health: { type: tcp, interval: 1m }, passive: { consecutive_failures: 2, max_ejected_percent: 100, ejection: 1m }",
+        "",
+    ));
+    let p = eg.port("http");
+    // Its heads are fine, its bodies never: two of them eject it.
+    for _ in 0..4 {
+        let mut s = raw_conn(p).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: company.com\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = read_head(&mut s).await;
+        let mut rest = Vec::new();
+        let _ = closes_within(&mut s, Duration::from_millis(500), &mut rest).await;
+    }
+    assert!(eventually(Duration::from_secs(2), || async { broken.requests() >= 2 }).await);
+    let seen = broken.requests();
+    for _ in 0..6 {
+        assert_eq!(get(p, "company.com", "/").await.node(), "good");
+    }
+    assert_eq!(broken.requests(), seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_gives_no_window_is_closed() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&topo(
+        &[("a", a.addr)],
+        "timeouts: { body_idle: 400ms }",
+        "limits: { max_in_flight: 2 }",
+    ));
+    let p = eg.port("http");
+    let tcp = raw_conn(p).await;
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut responses = Vec::new();
+    for _ in 0..2 {
+        let mut c = client.clone().ready().await.unwrap();
+        let req = http::Request::get(format!("http://company.com:{p}/download?bytes=1000000"))
+            .body(())
+            .unwrap();
+        responses.push(c.send_request(req, true).unwrap().0);
+    }
+    // Kept, not dropped: dropping a response body resets its stream.
+    let mut kept = Vec::new();
+    for r in responses {
+        let r = r.await.unwrap();
+        assert_eq!(r.status(), 200);
+        kept.push(r);
+    }
+    // Both slots are taken by bodies the client never lets through...
+    assert_eq!(get(p, "company.com", "/").await.status, 503);
+    // ...until envgate closes that connection, which frees them.
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("a connection that reads nothing stays open")
+        .ok();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get(p, "company.com", "/").await.status == 200
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_even_if_the_client_ignores_goaway() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&topo(
+        &[("a", a.addr)],
+        "timeouts: { client_header: 300ms }",
+        "",
+    ));
+    // The preface and an empty SETTINGS frame, then silence: no ack of anything.
+    let mut s = raw_conn(eg.port("http")).await;
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    assert!(closes_within(&mut s, Duration::from_secs(5), &mut out).await);
+}

@@ -56,6 +56,17 @@ pub struct Blame {
 }
 
 impl Blame {
+    /// The node served an exchange whole: its consecutive failures start again from zero
+    /// (a response head alone is not enough, or a node that breaks every body mid-way
+    /// would never reach its threshold).
+    #[inline]
+    pub fn succeed(&self) {
+        let n = &self.snap.topo.nodes[self.node];
+        if n.state.record_success() {
+            tracing::info!(node = %n.name, "node served again after its ejection");
+        }
+    }
+
     #[cold]
     fn fail(&self, why: &'static str) {
         let topo = &self.snap.topo;
@@ -76,10 +87,16 @@ struct Upstream {
     /// Armed on the first wait for the node; fires `idle` after the wait began.
     stall: Option<Pin<Box<Sleep>>>,
     waiting_since: Option<Instant>,
+    /// Set once the body ended whole (success recorded, slot and connection released).
+    finished: bool,
 }
 
 impl Upstream {
     fn finish(&mut self) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        self.blame.succeed();
         if let Some((pool, conn)) = self.conn.take() {
             // A connection still sending the request body is not free.
             if self.upload.as_ref().is_none_or(|w| w.is_done()) {
@@ -133,6 +150,7 @@ impl ProxyBody {
                 idle,
                 stall: None,
                 waiting_since: None,
+                finished: false,
             }),
             stream: None,
         }
@@ -153,7 +171,40 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match &mut self.get_mut().kind {
+        let this = self.get_mut();
+        let r = poll_kind(&mut this.kind, cx);
+        if let Some(s) = &this.stream {
+            // Waiting on the node is the node's timer's business; a body that yielded
+            // data and is not asked again waits on the client.
+            s.progress(!r.is_pending());
+        }
+        r
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
+            Kind::Upstream(u) => u.body.is_end_stream(),
+        }
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(u) => u.body.size_hint(),
+        }
+    }
+}
+
+#[inline]
+fn poll_kind(
+    kind: &mut Kind,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    {
+        match kind {
             Kind::Full(b) => Poll::Ready(
                 b.take()
                     .filter(|b| !b.is_empty())
@@ -191,8 +242,19 @@ impl Body for ProxyBody {
                         if stall.as_mut().poll(cx).is_pending() {
                             return Poll::Pending;
                         }
-                        let due = since + idle;
-                        if due > Instant::now() {
+                        let now = Instant::now();
+                        // A node may wait for the rest of the upload before it answers
+                        // more: while the client is still sending, the client's pace (and
+                        // its own idle timer) decides, not the node.
+                        let due = match u.upload.as_deref() {
+                            Some(w) => match w.state() {
+                                Upload::WaitingClient | Upload::Failed(_) => now + idle,
+                                Upload::Sending => since.max(w.last_frame()) + idle,
+                                Upload::Done(_) => since + idle,
+                            },
+                            None => since + idle,
+                        };
+                        if due > now {
                             stall.as_mut().reset(due);
                             continue;
                         }
@@ -202,22 +264,6 @@ impl Body for ProxyBody {
                     }
                 }
             },
-        }
-    }
-
-    #[inline]
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-            Kind::Upstream(u) => u.body.is_end_stream(),
-        }
-    }
-
-    #[inline]
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream(u) => u.body.size_hint(),
         }
     }
 }
@@ -252,6 +298,13 @@ impl BodyWatch {
 
     pub fn state(&self) -> Upload {
         self.state.get()
+    }
+
+    /// A new attempt starts at `now`: the upload's idleness counts from here.
+    pub fn restart(&self, now: Instant) {
+        if self.state.get() == Upload::Sending {
+            self.last_frame.set(now);
+        }
     }
 
     pub fn last_frame(&self) -> Instant {

@@ -16,7 +16,7 @@
 //! the overall deadline across attempts (upload time not counted); then the response
 //! body's idle time (in `body.rs`).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -71,6 +71,11 @@ pub struct H2Conn {
     pub answered: Cell<u32>,
     /// Woken when `early_resets` crosses its bound: the connection is closed.
     pub abuse: Notify,
+    /// When each open stream's response body was last asked for data (`None` while the
+    /// handler still works on it, or for a tunnel, which has its own idle bound). A body
+    /// hyper does not poll is one the client gives no flow-control window: the watchdog
+    /// closes a connection that leaves one so for the body idle time.
+    pub streams: RefCell<Vec<Rc<Cell<Option<Instant>>>>>,
 }
 
 /// Early resets a connection may make before it is closed, if they also exceed a quarter
@@ -86,7 +91,13 @@ impl H2Conn {
             early_resets: Cell::new(0),
             answered: Cell::new(0),
             abuse: Notify::new(),
+            streams: RefCell::new(Vec::new()),
         })
+    }
+
+    /// The oldest progress among the open streams that are judged.
+    pub fn oldest_progress(&self) -> Option<Instant> {
+        self.streams.borrow().iter().filter_map(|s| s.get()).min()
     }
 }
 
@@ -94,21 +105,38 @@ impl H2Conn {
 pub struct StreamGuard {
     conn: Rc<H2Conn>,
     answered: bool,
+    progress: Rc<Cell<Option<Instant>>>,
 }
 
 impl StreamGuard {
     fn enter(conn: Rc<H2Conn>) -> Self {
         conn.open.set(conn.open.get() + 1);
+        let progress = Rc::new(Cell::new(None));
+        conn.streams.borrow_mut().push(progress.clone());
         StreamGuard {
             conn,
             answered: false,
+            progress,
         }
+    }
+
+    /// The response body was asked for data now (`true`: and gave some, so the client is
+    /// to ask again), or waits on the node (`false`: not judged by the watchdog).
+    #[inline]
+    pub fn progress(&self, judged: bool) {
+        self.progress.set(judged.then(Instant::now));
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         let c = &self.conn;
+        {
+            let mut streams = c.streams.borrow_mut();
+            if let Some(i) = streams.iter().position(|s| Rc::ptr_eq(s, &self.progress)) {
+                streams.swap_remove(i);
+            }
+        }
         c.open.set(c.open.get() - 1);
         if c.open.get() == 0 {
             c.last_close.set(Instant::now());
@@ -165,6 +193,7 @@ pub async fn handle(
             let mut stream = StreamGuard::enter(h2.clone());
             let mut resp = exchange(&worker, &conn, req).await;
             stream.answered = true;
+            stream.progress(true);
             h2.answered.set(h2.answered.get().saturating_add(1));
             resp.body_mut().hold(stream);
             Ok(resp)
@@ -357,29 +386,40 @@ async fn exchange(
         free = false;
         let node = members[i].node;
         tried[attempt] = node;
-        let state = &topo.nodes[node].state;
         let pool = &snap.conns[node];
         let copy = (replayable && attempt + 1 < attempts).then(|| replay(&req));
         match forward(pool, req, timeouts, overall).await {
             Ok((mut resp, sender)) => {
-                if state.record_success() {
-                    tracing::info!(node = %topo.nodes[node].name, "node served again after its ejection");
-                }
+                let blame = Blame {
+                    snap: snap.clone(),
+                    pool: app.pool,
+                    node,
+                };
                 let status = resp.status();
                 let switched =
                     status == StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success());
                 if switched {
-                    // A switch the client did not ask for cannot be relayed.
+                    // A switch the client did not ask for cannot be relayed: the node's
+                    // fault.
                     let Some(down) = downstream_upgrade.take() else {
+                        passive_failure(topo, members, node);
                         return own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone());
                     };
+                    blame.succeed();
                     let up = hyper::upgrade::on(&mut resp);
+                    // An HTTP/2 stream carrying a tunnel stays open for the watchdog (the
+                    // tunnel has its own idle bound).
+                    let stream = conn.h2.as_ref().map(|h2| {
+                        let mut s = StreamGuard::enter(h2.clone());
+                        s.answered = true;
+                        s
+                    });
                     tokio::task::spawn_local(tunnel(
                         down,
                         up,
                         slot,
                         timeouts.tunnel_idle,
-                        worker.tracker.enter(),
+                        (worker.tracker.enter(), stream),
                     ));
                     headers::strip_hop_by_hop(resp.headers_mut(), upgrade);
                     let (parts, _) = resp.into_parts();
@@ -387,11 +427,6 @@ async fn exchange(
                 }
                 headers::strip_hop_by_hop(resp.headers_mut(), false);
                 let (parts, body) = resp.into_parts();
-                let blame = Blame {
-                    snap: snap.clone(),
-                    pool: app.pool,
-                    node,
-                };
                 return Response::from_parts(
                     parts,
                     ProxyBody::upstream(
@@ -445,7 +480,7 @@ async fn exchange(
             }
         }
     }
-    match last {
+    let mut resp = match last {
         Last::NoNode => own(
             StatusCode::SERVICE_UNAVAILABLE,
             env.bodies.no_healthy_node.clone(),
@@ -459,7 +494,14 @@ async fn exchange(
             StatusCode::GATEWAY_TIMEOUT,
             env.bodies.gateway_timeout.clone(),
         ),
+    };
+    if h1 && watch.as_ref().is_some_and(|w| !w.is_done()) {
+        // The upload went partly to a node: what is left of it on the client's connection
+        // cannot be read as a next request.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    resp
 }
 
 #[cold]
@@ -579,13 +621,19 @@ fn prepare(
     headers::strip_hop_by_hop(h, upgrade);
     // Room for the headers added below, in one growth at most.
     h.reserve(5);
-    if let Some(host) = target.host {
-        if target.from_authority {
-            h.insert(header::HOST, host.clone());
+    match target.host {
+        Some(host) => {
+            if target.from_authority {
+                h.insert(header::HOST, host.clone());
+            }
+            if !(conn.trusted && h.contains_key(&X_FORWARDED_HOST)) {
+                h.insert(&X_FORWARDED_HOST, host);
+            }
         }
-        if !(conn.trusted && h.contains_key(&X_FORWARDED_HOST)) {
-            h.insert(&X_FORWARDED_HOST, host);
+        None if !conn.trusted => {
+            h.remove(&X_FORWARDED_HOST);
         }
+        None => {}
     }
     let xff = if conn.trusted {
         headers::append_forwarded_for(h, &conn.peer_value)
@@ -631,7 +679,10 @@ async fn forward(
                 if now >= overall {
                     return Err(Failure::Deadline);
                 }
-                match pool.connect(t.connect.min(overall - now)).await {
+                match pool
+                    .connect(t.connect.min(overall - now), t.body_idle)
+                    .await
+                {
                     Ok(s) => (s, false),
                     Err(ConnectError::Io(e)) if is_local_resource_error(&e) => {
                         return Err(Failure::NotSent(req, Cause::Local));
@@ -645,6 +696,10 @@ async fn forward(
         };
         let watch = req.body().watch().cloned();
         let sent_at = Instant::now();
+        if let Some(w) = &watch {
+            // Time spent finding a node is not the node's idleness.
+            w.restart(sent_at);
+        }
         let send = sender.try_send_request(req);
         tokio::pin!(send);
         let first = next_deadline(watch.as_deref(), sent_at, t, overall, sent_at)?;
@@ -666,6 +721,10 @@ async fn forward(
                 if let Some(f) = watch.as_ref().and_then(|w| w.client_fault()) {
                     return Err(Failure::Client(f));
                 }
+                if watch.as_ref().is_some_and(|w| !w.is_done()) && timed_out(e.error()) {
+                    // The node's connection gave up writing the upload (`NodeIo`).
+                    return Err(Failure::UploadStalled);
+                }
                 match e.take_message() {
                     // A pooled connection the node had closed: the request was not written,
                     // so it goes on a fresh connection to the same node.
@@ -679,6 +738,18 @@ async fn forward(
             }
         }
     }
+}
+
+/// Whether an error comes from an I/O timeout (a write stall bound).
+fn timed_out(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// When to look at an attempt again, or how it failed by `now`.
@@ -731,7 +802,7 @@ async fn tunnel(
     up: hyper::upgrade::OnUpgrade,
     slot: InFlight,
     idle: std::time::Duration,
-    drain: TrackerGuard,
+    held: (TrackerGuard, Option<StreamGuard>),
 ) {
     let (down, up) = match tokio::try_join!(down, up) {
         Ok(pair) => pair,
@@ -767,7 +838,7 @@ async fn tunnel(
         }
     }
     drop(slot);
-    drop(drain);
+    drop(held);
 }
 
 /// An I/O object that notes when bytes last moved.

@@ -77,9 +77,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             .iter()
             .flat_map(tokens)
             .filter(|t| {
+                // Host is end-to-end whatever a client says: routing used it.
                 !t.eq_ignore_ascii_case(b"close")
                     && !t.eq_ignore_ascii_case(b"keep-alive")
                     && !t.eq_ignore_ascii_case(b"upgrade")
+                    && !t.eq_ignore_ascii_case(b"host")
             })
             .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();

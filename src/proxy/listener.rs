@@ -28,9 +28,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::handler::{handle, ConnInfo, H2Conn};
+use super::io::WriteStall;
 use super::worker::Worker;
 use crate::server::Tracker;
 
@@ -116,9 +117,10 @@ async fn serve(
         prefix: first,
         pos: 0,
         inner: stream,
-        write_idle: timeouts.body_idle,
-        stall: None,
-        waiting_since: None,
+        stall: WriteStall::new(
+            timeouts.body_idle,
+            "the client read nothing for the body idle timeout",
+        ),
     });
     let svc = {
         let worker = worker.clone();
@@ -132,7 +134,12 @@ async fn serve(
         let conn = worker.http2.serve_connection(io, svc);
         tokio::pin!(conn);
         let started = waited_since.unwrap_or_else(Instant::now);
-        let sleep = tokio::time::sleep_until(started + timeouts.client_header);
+        // The first look comes early enough for each bound the watchdog keeps.
+        let first = timeouts
+            .client_header
+            .min(timeouts.body_idle)
+            .min(timeouts.idle);
+        let sleep = tokio::time::sleep_until(started + first);
         tokio::pin!(sleep);
         loop {
             tokio::select! {
@@ -147,7 +154,19 @@ async fn serve(
                 () = &mut sleep => {
                     let now = Instant::now();
                     let due = if h2c.open.get() > 0 {
-                        now + timeouts.idle
+                        // A response body left unpolled for body_idle: the client gives it
+                        // no flow-control window, and holds a node connection and an
+                        // in-flight slot for nothing.
+                        match h2c.oldest_progress() {
+                            Some(p) if p + timeouts.body_idle <= now => {
+                                tracing::debug!(peer = %peer, "closing an HTTP/2 connection whose client reads nothing");
+                                conn.as_mut().graceful_shutdown();
+                                let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                                return;
+                            }
+                            Some(p) => (p + timeouts.body_idle).min(now + timeouts.idle),
+                            None => now + timeouts.body_idle.min(timeouts.idle),
+                        }
                     } else if info.requests.get() == 0 {
                         started + timeouts.client_header
                     } else {
@@ -155,7 +174,10 @@ async fn serve(
                     };
                     if due <= now {
                         tracing::debug!(peer = %peer, "closing an idle HTTP/2 connection");
-                        break;
+                        // No stream is open: the GOAWAY needs no long wait.
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                        return;
                     }
                     sleep.as_mut().reset(due);
                 }
@@ -241,53 +263,13 @@ async fn sniff(stream: &TcpStream) -> io::Result<Option<Sniffed>> {
 }
 
 /// The client's connection: first bytes already read are replayed before the rest, and a
-/// write that cannot proceed for `write_idle` (the client does not read) fails the
-/// connection. The timer is armed only once a write blocks.
+/// write that cannot proceed for the body idle time (the client does not read) fails the
+/// connection.
 struct ClientIo {
     prefix: Vec<u8>,
     pos: usize,
     inner: TcpStream,
-    write_idle: Duration,
-    stall: Option<Pin<Box<Sleep>>>,
-    waiting_since: Option<Instant>,
-}
-
-impl ClientIo {
-    #[cold]
-    fn write_blocked<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        use std::future::Future;
-        let now = Instant::now();
-        let since = *self.waiting_since.get_or_insert(now);
-        let idle = self.write_idle;
-        let stall = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + idle)));
-        loop {
-            if stall.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            let due = since + idle;
-            if due > Instant::now() {
-                stall.as_mut().reset(due);
-                continue;
-            }
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client read nothing for the body idle timeout",
-            )));
-        }
-    }
-
-    #[inline]
-    fn wrote<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        match r {
-            Poll::Pending => self.write_blocked(cx),
-            r => {
-                self.waiting_since = None;
-                r
-            }
-        }
-    }
+    stall: WriteStall,
 }
 
 impl AsyncRead for ClientIo {
@@ -322,7 +304,7 @@ impl AsyncWrite for ClientIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.wrote(r, cx)
+        this.stall.check(r, cx)
     }
     #[inline]
     fn poll_write_vectored(
@@ -332,7 +314,7 @@ impl AsyncWrite for ClientIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.wrote(r, cx)
+        this.stall.check(r, cx)
     }
     #[inline]
     fn is_write_vectored(&self) -> bool {
@@ -342,7 +324,7 @@ impl AsyncWrite for ClientIo {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_flush(cx);
-        this.wrote(r, cx)
+        this.stall.check(r, cx)
     }
     #[inline]
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -9,6 +9,7 @@ pub mod body;
 pub mod error;
 pub mod handler;
 pub mod headers;
+pub mod io;
 pub mod listener;
 pub mod pool;
 pub mod worker;

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::body::UpBody;
+use super::io::NodeIo;
 
 /// Idle connections kept per node and worker.
 const MAX_IDLE: usize = 512;
@@ -71,15 +72,20 @@ impl ConnPool {
         }
     }
 
-    /// Opens a new connection and starts its connection task on this worker.
-    pub async fn connect(&self, timeout: Duration) -> Result<SendRequest<UpBody>, ConnectError> {
+    /// Opens a new connection and starts its connection task on this worker. A node that
+    /// stops reading what envgate writes for `write_idle` loses the connection.
+    pub async fn connect(
+        &self,
+        timeout: Duration,
+        write_idle: Duration,
+    ) -> Result<SendRequest<UpBody>, ConnectError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
             .await
             .map_err(|_| ConnectError::Timeout)??;
         let _ = stream.set_nodelay(true);
         let (send, conn) = http1::Builder::new()
             .max_header_size(MAX_RESPONSE_HEAD)
-            .handshake::<_, UpBody>(TokioIo::new(stream))
+            .handshake::<_, UpBody>(TokioIo::new(NodeIo::new(stream, write_idle)))
             .await?;
         tokio::task::spawn_local(async move {
             if let Err(e) = conn.with_upgrades().await {

@@ -7,8 +7,10 @@
 //! escapes are kept (hex in upper case), dot-segments are removed, and runs of `/` are
 //! merged into one (like nginx's `merge_slashes`: `//admin` and `/admin` must reach the
 //! same application). Refused: a `..` that climbs above the root, `%00`, a malformed
-//! escape, and an encoded `/` (`%2F`) unless the topology allows it, in which case it
-//! stays encoded and never splits a segment.
+//! escape, an encoded `/` (`%2F`) unless the topology allows it (it then stays encoded and
+//! never splits a segment), and what some nodes read as a separator or a dot-segment
+//! while routing would not: a backslash, and `.`/`..` followed by `;` parameters
+//! (`/public/..;/admin`, which Tomcat reads as `/admin`).
 
 /// Why a path was refused (each answers 400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +25,8 @@ pub enum PathError {
     BadEscape,
     /// The path does not start with `/`.
     NotAbsolute,
+    /// A backslash, or a dot-segment with `;` parameters.
+    Ambiguous,
 }
 
 impl PathError {
@@ -33,6 +37,7 @@ impl PathError {
             PathError::EncodedSlash => "an encoded slash (%2F)",
             PathError::BadEscape => "a malformed percent escape",
             PathError::NotAbsolute => "the path does not start with /",
+            PathError::Ambiguous => "a backslash or a dot-segment with parameters",
         }
     }
 }
@@ -61,7 +66,7 @@ fn is_normal(p: &[u8]) -> bool {
                 return false;
             }
             start = i + 1;
-        } else if p[i] == b'%' {
+        } else if matches!(p[i], b'%' | b'\\' | b';') {
             return false;
         }
     }
@@ -111,6 +116,9 @@ fn rebuild(p: &[u8], allow_encoded_slash: bool) -> Result<String, PathError> {
         }
         i += 3;
     }
+    if dec.contains(&b'\\') {
+        return Err(PathError::Ambiguous);
+    }
     // Remove dot-segments and empty segments.
     let mut segs: Vec<&[u8]> = Vec::new();
     let parts: Vec<&[u8]> = dec[1..].split(|b| *b == b'/').collect();
@@ -125,6 +133,9 @@ fn rebuild(p: &[u8], allow_encoded_slash: bool) -> Result<String, PathError> {
                     return Err(PathError::AboveRoot);
                 }
                 trailing = n == last;
+            }
+            s if s.starts_with(b".;") || s.starts_with(b"..;") => {
+                return Err(PathError::Ambiguous);
             }
             s => {
                 segs.push(s);
@@ -188,6 +199,10 @@ mod tests {
         );
         assert_eq!(normalize("/a%2fb", true).unwrap().unwrap(), "/a%2Fb");
         assert_eq!(n("x").unwrap_err(), PathError::NotAbsolute);
+        assert_eq!(n("/a\\..\\b").unwrap_err(), PathError::Ambiguous);
+        assert_eq!(n("/a/..;/b").unwrap_err(), PathError::Ambiguous);
+        assert_eq!(n("/a/%2e%2e;x/b").unwrap_err(), PathError::Ambiguous);
+        assert_eq!(n("/a;v=1/b").unwrap(), "/a;v=1/b");
     }
 
     #[test]

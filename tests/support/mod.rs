@@ -236,6 +236,15 @@ async fn serve(
                 Response::new(full(name.clone()))
             }
             "/echo" => Response::new(req.into_body().boxed()),
+            // The head at once, then nothing until the whole upload is in: its length.
+            "/late-count" => Response::new(
+                LateCount {
+                    inner: req.into_body(),
+                    n: 0,
+                    done: false,
+                }
+                .boxed(),
+            ),
             "/consume" => match req.into_body().collect().await {
                 Ok(b) => Response::new(full(b.to_bytes().len().to_string())),
                 Err(_) => {
@@ -273,6 +282,41 @@ async fn serve(
         resp.headers_mut().insert("x-target", v);
     }
     Ok(resp)
+}
+
+/// Reads a request body whole, then yields its length as the response body.
+struct LateCount {
+    inner: Incoming,
+    n: usize,
+    done: bool,
+}
+
+impl Body for LateCount {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Some(d) = f.data_ref() {
+                        self.n += d.len();
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(self.n.to_string())))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
 }
 
 /// A body of `left` zero bytes, produced 64 KiB at a time.
