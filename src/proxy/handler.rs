@@ -363,7 +363,8 @@ async fn exchange(
     let mut tried = [NodeId::MAX; MAX_ATTEMPTS];
     let attempts = (env.retries as usize + 1).min(MAX_ATTEMPTS);
     let mut last = Last::NoNode;
-    // The first attempt costs no retry token; neither does one after a local failure.
+    // The first attempt costs no retry token; neither does one after an attempt that never
+    // reached a node.
     let mut free = true;
     snap.earn_retry(env_id);
     for attempt in 0..attempts {
@@ -451,6 +452,10 @@ async fn exchange(
                     Failure::NotSent(back, Cause::Node) => {
                         passive_failure(topo, members, node);
                         last = Last::BadGateway;
+                        // The request reached no node: trying the next one adds no load
+                        // to any, so it costs no retry token (a node that dies under load
+                        // would otherwise drain the budget in milliseconds).
+                        free = true;
                         Some(back)
                     }
                     Failure::Timeout => {

@@ -77,11 +77,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             .iter()
             .flat_map(tokens)
             .filter(|t| {
-                // Host is end-to-end whatever a client says: routing used it.
-                !t.eq_ignore_ascii_case(b"close")
-                    && !t.eq_ignore_ascii_case(b"keep-alive")
-                    && !t.eq_ignore_ascii_case(b"upgrade")
-                    && !t.eq_ignore_ascii_case(b"host")
+                // Host is end-to-end whatever a client says: routing used it. Upgrade is
+                // one of the standard set, removed below unless the upgrade goes through.
+                !t.eq_ignore_ascii_case(b"upgrade") && !t.eq_ignore_ascii_case(b"host")
             })
             .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
@@ -257,6 +255,17 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn every_named_field_goes_but_host() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, host"));
+        h.insert("close", HeaderValue::from_static("x"));
+        h.insert(header::HOST, HeaderValue::from_static("a.com"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["host"]);
     }
 
     #[test]
