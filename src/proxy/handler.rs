@@ -181,24 +181,22 @@ enum Failure {
     Client(ClientFault),
 }
 
-pub async fn handle(
+/// An HTTP/2 stream's exchange: counted open until its response body is done with, and
+/// counted as an early reset if the client drops it before envgate answered. (HTTP/1
+/// connections call `exchange` directly.)
+pub async fn handle_h2(
     worker: Rc<Worker>,
     conn: Rc<ConnInfo>,
+    h2: Rc<H2Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    conn.requests.set(conn.requests.get() + 1);
-    match &conn.h2 {
-        None => Ok(exchange(&worker, &conn, req).await),
-        Some(h2) => {
-            let mut stream = StreamGuard::enter(h2.clone());
-            let mut resp = exchange(&worker, &conn, req).await;
-            stream.answered = true;
-            stream.progress(true);
-            h2.answered.set(h2.answered.get().saturating_add(1));
-            resp.body_mut().hold(stream);
-            Ok(resp)
-        }
-    }
+    let mut stream = StreamGuard::enter(h2.clone());
+    let Ok(mut resp) = exchange(worker, conn, req).await;
+    stream.answered = true;
+    stream.progress(true);
+    h2.answered.set(h2.answered.get().saturating_add(1));
+    resp.body_mut().hold(stream);
+    Ok(resp)
 }
 
 /// The host a request is routed by and sent to the node with.
@@ -264,23 +262,25 @@ fn target(req: &Request<Incoming>, worker: &Worker) -> Result<Target, Refusal> {
     }
 }
 
-async fn exchange(
-    worker: &Rc<Worker>,
-    conn: &ConnInfo,
+pub async fn exchange(
+    worker: Rc<Worker>,
+    conn: Rc<ConnInfo>,
     req: Request<Incoming>,
-) -> Response<ProxyBody> {
+) -> Result<Response<ProxyBody>, Infallible> {
+    conn.requests.set(conn.requests.get() + 1);
     let h1 = conn.h2.is_none();
     let snap = worker.snapshot();
     let topo = &*snap.topo;
 
-    let target = match target(&req, worker) {
+    let target = match target(&req, &worker) {
         Ok(t) => t,
-        Err(r) => return r.response(h1),
+        Err(r) => return Ok(r.response(h1)),
     };
     if !h1 && req.headers().len() > MAX_HEADERS {
-        return Refusal::TooManyFields.response(h1);
+        return Ok(Refusal::TooManyFields.response(h1));
     }
-    if h1 {
+    // Only a body without a known length can be chunked: other requests skip the lookup.
+    if h1 && req.body().size_hint().exact().is_none() {
         if let Some(te) = req.headers().get(header::TRANSFER_ENCODING) {
             // hyper decodes `chunked` only; any other coding (or a list) would reach the
             // node without its framing.
@@ -292,7 +292,7 @@ async fn exchange(
                     .count()
                     > 1
             {
-                return Refusal::BadTransferEncoding.response(h1);
+                return Ok(Refusal::BadTransferEncoding.response(h1));
             }
         }
     }
@@ -302,7 +302,7 @@ async fn exchange(
     } else {
         match path::normalize(req.uri().path(), topo.defaults.allow_encoded_slash) {
             Ok(p) => p,
-            Err(e) => return Refusal::BadPath(e).response(h1),
+            Err(e) => return Ok(Refusal::BadPath(e).response(h1)),
         }
     };
 
@@ -310,24 +310,24 @@ async fn exchange(
         .entries
         .lookup(target.host.as_ref().map(|h| h.as_bytes()), conn.local_port)
     else {
-        return no_route();
+        return Ok(no_route());
     };
     let env = &topo.environments[env_id];
     if connect && !env.allow_connect {
-        return Refusal::ConnectNotAllowed.response(h1);
+        return Ok(Refusal::ConnectNotAllowed.response(h1));
     }
     let Some(app) = env.app_for(new_path.as_deref().unwrap_or(req.uri().path())) else {
-        return no_route();
+        return Ok(no_route());
     };
     let limit = env.max_request_body;
     if limit.is_some_and(|l| req.body().size_hint().lower() > l) {
-        return Refusal::BodyTooLarge.response(h1);
+        return Ok(Refusal::BodyTooLarge.response(h1));
     }
     let Some(slot) = env.try_enter() else {
-        return own(
+        return Ok(own(
             StatusCode::SERVICE_UNAVAILABLE,
             env.bodies.over_limit.clone(),
-        );
+        ));
     };
     let timeouts = &topo.defaults.timeouts;
 
@@ -337,7 +337,7 @@ async fn exchange(
     } else {
         let watch = BodyWatch::new();
         let body = ClientBody::new(body, watch.clone(), limit, timeouts.body_idle);
-        (UpBody::Stream(body), Some(watch))
+        (UpBody::Stream(Box::new(body)), Some(watch))
     };
     let mut req = Request::from_parts(parts, body);
     let upgrade = !connect
@@ -345,7 +345,7 @@ async fn exchange(
         && headers::upgrade_allowed(req.headers(), &env.upgrades);
     let tunnelled = upgrade || connect;
     let mut downstream_upgrade = tunnelled.then(|| hyper::upgrade::on(&mut req));
-    prepare(&mut req, conn, worker, target, new_path, upgrade, connect);
+    prepare(&mut req, &conn, &worker, target, new_path, upgrade, connect);
     // A request without a body and with an idempotent method can be sent again after it
     // reached a node that failed; any other only when it surely never left envgate.
     let replayable = !tunnelled && idempotent(req.method()) && matches!(req.body(), UpBody::Empty);
@@ -359,7 +359,8 @@ async fn exchange(
         && !members
             .iter()
             .any(|m| m.backup && topo.nodes[m.node].state.usable());
-    let overall = Instant::now() + timeouts.request;
+    // Set by the first attempt from the clock read it makes anyway.
+    let overall = Cell::new(None);
     let mut tried = [NodeId::MAX; MAX_ATTEMPTS];
     let attempts = (env.retries as usize + 1).min(MAX_ATTEMPTS);
     let mut last = Last::NoNode;
@@ -389,7 +390,7 @@ async fn exchange(
         tried[attempt] = node;
         let pool = &snap.conns[node];
         let copy = (replayable && attempt + 1 < attempts).then(|| replay(&req));
-        match forward(pool, req, timeouts, overall).await {
+        match forward(pool, req, timeouts, &overall).await {
             Ok((mut resp, sender)) => {
                 let blame = Blame {
                     snap: snap.clone(),
@@ -404,7 +405,7 @@ async fn exchange(
                     // fault.
                     let Some(down) = downstream_upgrade.take() else {
                         passive_failure(topo, members, node);
-                        return own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone());
+                        return Ok(own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone()));
                     };
                     blame.succeed();
                     let up = hyper::upgrade::on(&mut resp);
@@ -424,11 +425,11 @@ async fn exchange(
                     ));
                     headers::strip_hop_by_hop(resp.headers_mut(), upgrade);
                     let (parts, _) = resp.into_parts();
-                    return Response::from_parts(parts, ProxyBody::empty());
+                    return Ok(Response::from_parts(parts, ProxyBody::empty()));
                 }
                 headers::strip_hop_by_hop(resp.headers_mut(), false);
                 let (parts, body) = resp.into_parts();
-                return Response::from_parts(
+                return Ok(Response::from_parts(
                     parts,
                     ProxyBody::upstream(
                         body,
@@ -438,11 +439,11 @@ async fn exchange(
                         watch,
                         timeouts.body_idle,
                     ),
-                );
+                ));
             }
             Err(failure) => {
                 let next = match failure {
-                    Failure::Client(fault) => return fault.refusal().response(h1),
+                    Failure::Client(fault) => return Ok(fault.refusal().response(h1)),
                     Failure::NotSent(back, Cause::Local) => {
                         tracing::warn!(node = %topo.nodes[node].name, "connect failed for lack of local resources (file descriptors, ports or buffers); not counted against the node");
                         last = Last::Local;
@@ -479,7 +480,7 @@ async fn exchange(
                     }
                 };
                 match next {
-                    Some(r) if Instant::now() < overall => req = r,
+                    Some(r) if overall.get().is_none_or(|d| Instant::now() < d) => req = r,
                     _ => break,
                 }
             }
@@ -506,7 +507,7 @@ async fn exchange(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    resp
+    Ok(resp)
 }
 
 #[cold]
@@ -623,24 +624,29 @@ fn prepare(
     if was_h2 {
         headers::join_cookies(h);
     }
-    headers::strip_hop_by_hop(h, upgrade);
+    // One pass over the names; each lookup below is made only for a name that is there.
+    let seen = headers::scan(h);
+    if seen.hop {
+        headers::strip_hop_by_hop(h, upgrade);
+    }
     // Room for the headers added below, in one growth at most.
     h.reserve(5);
+    let trusted = conn.trusted;
     match target.host {
         Some(host) => {
             if target.from_authority {
                 h.insert(header::HOST, host.clone());
             }
-            if !(conn.trusted && h.contains_key(&X_FORWARDED_HOST)) {
+            if !(trusted && seen.forwarded_host) {
                 h.insert(&X_FORWARDED_HOST, host);
             }
         }
-        None if !conn.trusted => {
+        None if !trusted && seen.forwarded_host => {
             h.remove(&X_FORWARDED_HOST);
         }
         None => {}
     }
-    let xff = if conn.trusted {
+    let xff = if trusted && seen.forwarded_for {
         headers::append_forwarded_for(h, &conn.peer_value)
     } else {
         None
@@ -649,18 +655,18 @@ fn prepare(
         &X_FORWARDED_FOR,
         xff.unwrap_or_else(|| conn.peer_value.clone()),
     );
-    if conn.trusted {
-        if !h.contains_key(&X_FORWARDED_PROTO) {
-            h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
-        }
-    } else {
+    if !(trusted && seen.forwarded_proto) {
         h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
+    }
+    if !trusted && seen.forwarded {
         h.remove(header::FORWARDED);
     }
-    let mut ids = h.get_all(&X_REQUEST_ID).iter();
-    let keep = match (ids.next(), ids.next()) {
-        (Some(v), None) => headers::sane_request_id(v),
-        _ => false,
+    let keep = seen.request_id && {
+        let mut ids = h.get_all(&X_REQUEST_ID).iter();
+        match (ids.next(), ids.next()) {
+            (Some(v), None) => headers::sane_request_id(v),
+            _ => false,
+        }
     };
     if !keep {
         h.insert(&X_REQUEST_ID, worker.request_ids.next(&worker.values));
@@ -674,20 +680,23 @@ async fn forward(
     pool: &ConnPool,
     mut req: Request<UpBody>,
     t: &Timeouts,
-    overall: Instant,
+    deadline: &Cell<Option<Instant>>,
 ) -> Result<(Response<Incoming>, SendRequest<UpBody>), Failure> {
     loop {
+        let start = Instant::now();
+        let overall = deadline.get().unwrap_or(start + t.request);
+        deadline.set(Some(overall));
         let (mut sender, reused) = match pool.take(t.upstream_idle) {
             Some(s) => (s, true),
             None => {
-                let now = Instant::now();
+                let now = start;
                 if now >= overall {
                     return Err(Failure::Deadline);
                 }
-                match pool
-                    .connect(t.connect.min(overall - now), t.body_idle)
-                    .await
-                {
+                // Boxed: the connect and handshake futures are large, and a request that
+                // finds a pooled connection (the common case) should not carry their
+                // size in its own future.
+                match Box::pin(pool.connect(t.connect.min(overall - now), t.body_idle)).await {
                     Ok(s) => (s, false),
                     Err(ConnectError::Io(e)) if is_local_resource_error(&e) => {
                         return Err(Failure::NotSent(req, Cause::Local));
@@ -700,7 +709,7 @@ async fn forward(
             }
         };
         let watch = req.body().watch().cloned();
-        let sent_at = Instant::now();
+        let sent_at = if reused { start } else { Instant::now() };
         if let Some(w) = &watch {
             // Time spent finding a node is not the node's idleness.
             w.restart(sent_at);

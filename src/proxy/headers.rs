@@ -97,6 +97,41 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// What one pass over a request's field names found, so that the rewrite looks up only
+/// what is there.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Scan {
+    /// A hop-by-hop field or `Upgrade`.
+    pub hop: bool,
+    pub forwarded: bool,
+    pub forwarded_for: bool,
+    pub forwarded_proto: bool,
+    pub forwarded_host: bool,
+    pub request_id: bool,
+}
+
+/// One pass over the field names (each name once, however many values it has).
+#[inline]
+pub fn scan(headers: &HeaderMap) -> Scan {
+    let mut s = Scan::default();
+    for k in headers.keys() {
+        if *k == header::UPGRADE || HOP_BY_HOP.contains(k) {
+            s.hop = true;
+        } else if *k == header::FORWARDED {
+            s.forwarded = true;
+        } else if *k == X_FORWARDED_FOR {
+            s.forwarded_for = true;
+        } else if *k == X_FORWARDED_PROTO {
+            s.forwarded_proto = true;
+        } else if *k == X_FORWARDED_HOST {
+            s.forwarded_host = true;
+        } else if *k == X_REQUEST_ID {
+            s.request_id = true;
+        }
+    }
+    s
+}
+
 /// Whether every protocol a request's `Upgrade` asks for is one the environment tunnels.
 /// `h2c` never is: inside such a tunnel later requests would bypass routing.
 #[inline]

@@ -30,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::handler::{handle, ConnInfo, H2Conn};
+use super::handler::{exchange, handle_h2, ConnInfo, H2Conn};
 use super::io::WriteStall;
 use super::worker::Worker;
 use crate::server::Tracker;
@@ -122,15 +122,14 @@ async fn serve(
             "the client read nothing for the body idle timeout",
         ),
     });
-    let svc = {
-        let worker = worker.clone();
-        let info = info.clone();
-        service_fn(move |req| handle(worker.clone(), info.clone(), req))
-    };
     // Serve until the connection ends; on shutdown, ask it to finish what it has (HTTP/1:
     // close after the response in flight; HTTP/2: GOAWAY) and wait for that (the worker's
     // drain bounds the wait).
     if let Some(h2c) = info.h2.clone() {
+        let svc = {
+            let (worker, info, h2c) = (worker.clone(), info.clone(), h2c.clone());
+            service_fn(move |req| handle_h2(worker.clone(), info.clone(), h2c.clone(), req))
+        };
         let conn = worker.http2.serve_connection(io, svc);
         tokio::pin!(conn);
         let started = waited_since.unwrap_or_else(Instant::now);
@@ -186,6 +185,10 @@ async fn serve(
         conn.as_mut().graceful_shutdown();
         let _ = conn.await;
     } else {
+        let svc = {
+            let (worker, info) = (worker.clone(), info.clone());
+            service_fn(move |req| exchange(worker.clone(), info.clone(), req))
+        };
         let conn = worker.http1.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);
         if let Some(since) = waited_since {
