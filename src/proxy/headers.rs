@@ -50,13 +50,19 @@ fn tokens(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
 #[inline]
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // One pass over the message's few names finds the hop-by-hop ones (usually none, or
-    // just `Connection: keep-alive`), so only those cost a removal.
+    // just `Connection`), so only those cost a removal.
     let mut found: [Option<HeaderName>; 9] = Default::default();
     let mut n = 0;
+    let mut connection = false;
+    // A field literally named `close`: `Connection: close` names it too (RFC 9110 7.6.1).
+    let mut close_field = false;
     for k in headers.keys() {
         if *k == header::UPGRADE || HOP_BY_HOP.contains(k) {
+            connection |= *k == header::CONNECTION;
             found[n] = Some(k.clone());
             n += 1;
+        } else if k.as_str() == "close" {
+            close_field = true;
         }
     }
     if n == 0 {
@@ -70,21 +76,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     {
         headers.remove(header::CONTENT_LENGTH);
     }
-    if headers.contains_key(header::CONNECTION) {
-        // Only the uncommon case of custom names allocates.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(tokens)
-            .filter(|t| {
-                // Host is end-to-end whatever a client says: routing used it. Upgrade is
-                // one of the standard set, removed below unless the upgrade goes through.
-                !t.eq_ignore_ascii_case(b"upgrade") && !t.eq_ignore_ascii_case(b"host")
-            })
-            .filter_map(|t| HeaderName::from_bytes(t).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    if connection {
+        // The fields a Connection option names go too. The options that name standard
+        // hop-by-hop fields (`keep-alive`, `upgrade`...) are covered by `found`; Host stays
+        // whatever a client says (routing used it). Removal by `&str` allocates nothing;
+        // only the values are copied (a reference count each), to free the map for removal.
+        let mut all = headers.get_all(header::CONNECTION).iter();
+        let first = all.next().cloned();
+        // Empty, and so not allocated, unless the message has several Connection fields.
+        let more: Vec<HeaderValue> = all.cloned().collect();
+        for v in first.iter().chain(&more) {
+            for t in tokens(v) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    if close_field {
+                        headers.remove("close");
+                    }
+                } else if !t.eq_ignore_ascii_case(b"host")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .chain(std::iter::once(&header::UPGRADE))
+                        .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
+                {
+                    if let Ok(name) = std::str::from_utf8(t) {
+                        headers.remove(name);
+                    }
+                }
+            }
         }
     }
     for name in found.iter_mut().take(n).filter_map(Option::take) {

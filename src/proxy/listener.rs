@@ -6,8 +6,9 @@
 //! where the request is already in the socket buffer.
 //!
 //! Time bounds of a connection: the first request head must be complete within
-//! `client_header` of the accept (the wait for the first byte counts: when it had to wait,
-//! a watchdog holds the connection to that bound until the first request arrives); later
+//! `client_header` of the accept (the wait for the first byte counts: when it waited more
+//! than a tenth of that, a watchdog holds the connection to the bound until the first
+//! request arrives; a shorter wait is left to hyper's timer, at most 10% late); later
 //! heads and idle keep-alive time are hyper's header-read timeout. HTTP/2 connections get
 //! a watchdog of their own: no stream for `idle` (or no first request within
 //! `client_header`, which also bounds a header block left incomplete) closes them with
@@ -191,8 +192,12 @@ async fn serve(
         };
         let conn = worker.http1.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);
-        if let Some(since) = waited_since {
-            // The first byte came late: what is left of `client_header` bounds the head.
+        // A first byte that came late: what is left of `client_header` bounds the head.
+        // A wait of up to a tenth of the bound (most new connections wait a little for
+        // their first bytes) is left to hyper's own timer, which then ends at most 10% late:
+        // a watchdog for each would cost a timer per connection.
+        let late = waited_since.filter(|since| since.elapsed() > timeouts.client_header / 10);
+        if let Some(since) = late {
             tokio::select! {
                 _ = conn.as_mut() => return,
                 _ = shutdown.changed() => {
