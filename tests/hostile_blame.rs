@@ -32,8 +32,17 @@ async fn both_serve(port: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_chunked_bodies_are_400_and_blame_no_node() {
+    broken_chunked_bodies(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_chunked_bodies_blame_no_node_with_several_workers() {
+    broken_chunked_bodies(3).await;
+}
+
+async fn broken_chunked_bodies(workers: usize) {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
-    let eg = Envgate::start(&strict(&a, &b));
+    let eg = Envgate::start_with(&strict(&a, &b), workers);
     let p = eg.port("http");
     for _ in 0..6 {
         let answer = raw(
@@ -50,7 +59,7 @@ async fn broken_chunked_bodies_are_400_and_blame_no_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_bodies_are_408_and_blame_no_node() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
-    let eg = Envgate::start(&strict(&a, &b));
+    let eg = Envgate::start_with(&strict(&a, &b), 2);
     let p = eg.port("http");
     for _ in 0..4 {
         let mut s = raw_conn(p).await;

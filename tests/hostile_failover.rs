@@ -74,7 +74,8 @@ async fn a_retry_token_is_spent_only_for_a_node_tried() {
 async fn the_in_flight_count_survives_a_reload() {
     let a = Upstream::start("a").await;
     let yaml = topo(&[("a", a.addr)], "", "limits: { max_in_flight: 1 }");
-    let eg = Envgate::start(&yaml);
+    // Several workers: the count is one per environment, whatever worker serves.
+    let eg = Envgate::start_with(&yaml, 2);
     let p = eg.port("http");
     let slow = tokio::spawn(async move { get(p, "company.com", "/slow?ms=1500").await });
     assert!(eventually(Duration::from_secs(5), || async { a.hits() == 1 }).await);

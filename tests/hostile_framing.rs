@@ -63,7 +63,7 @@ async fn too_many_http2_fields_are_431() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_resets_close_the_connection() {
     let a = Upstream::start("a").await;
-    let eg = Envgate::start(&topo(&[("a", a.addr)], "", ""));
+    let eg = Envgate::start_with(&topo(&[("a", a.addr)], "", ""), 2);
     let p = eg.port("http");
     let tcp = raw_conn(p).await;
     let (client, conn) = h2::client::handshake(tcp).await.unwrap();

@@ -362,6 +362,11 @@ impl Envgate {
     /// Starts envgate with one worker. In `yaml`, `{port:NAME}` stands for the port of
     /// listener NAME, bound here on 127.0.0.1 before the file is written.
     pub fn start(yaml: &str) -> Envgate {
+        Self::start_with(yaml, 1)
+    }
+
+    /// Starts envgate with `workers` worker threads (production runs one per core).
+    pub fn start_with(yaml: &str, workers: usize) -> Envgate {
         let mut ports = HashMap::new();
         let mut socks = Vec::new();
         let mut text = yaml.to_string();
@@ -383,8 +388,7 @@ impl Envgate {
         let topology =
             envgate::config::load_file(&path, &registry).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let server =
-            envgate::server::start(topology, registry.clone(), socks, Options { workers: 1 })
-                .unwrap();
+            envgate::server::start(topology, registry.clone(), socks, Options { workers }).unwrap();
         Envgate {
             server: Some(server),
             ports,
