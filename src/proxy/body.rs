@@ -18,7 +18,6 @@
 //! they fire early, so a body that flows costs one clock read per wait, not a timer reset.
 
 use std::cell::Cell;
-use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -27,10 +26,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::error::{BodyError, ClientFault};
 use super::handler::StreamGuard;
+use super::io::IdleTimer;
 use super::pool::ConnPool;
 use super::worker::LocalSnap;
 use crate::topology::{InFlight, NodeId, PoolId};
@@ -85,8 +85,7 @@ struct Upstream {
     upload: Option<Rc<BodyWatch>>,
     idle: Duration,
     /// Armed on the first wait for the node; fires `idle` after the wait began.
-    stall: Option<Pin<Box<Sleep>>>,
-    waiting_since: Option<Instant>,
+    stall: IdleTimer,
     /// Set once the body ended whole (success recorded, slot and connection released).
     finished: bool,
 }
@@ -148,8 +147,7 @@ impl ProxyBody {
                 blame,
                 upload,
                 idle,
-                stall: None,
-                waiting_since: None,
+                stall: IdleTimer::default(),
                 finished: false,
             }),
             stream: None,
@@ -216,7 +214,7 @@ fn poll_kind(
                     Poll::Ready(None)
                 }
                 Poll::Ready(Some(Ok(frame))) => {
-                    u.waiting_since = None;
+                    u.stall.progress();
                     if u.body.is_end_stream() {
                         u.finish();
                     }
@@ -232,36 +230,24 @@ fn poll_kind(
                     Poll::Ready(Some(Err(BodyError::Node(e))))
                 }
                 Poll::Pending => {
-                    let now = Instant::now();
-                    let since = *u.waiting_since.get_or_insert(now);
                     let idle = u.idle;
-                    let stall = u
-                        .stall
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + idle)));
-                    loop {
-                        if stall.as_mut().poll(cx).is_pending() {
-                            return Poll::Pending;
+                    let upload = u.upload.as_deref();
+                    // A node may wait for the rest of the upload before it answers more:
+                    // while the client is still sending, the client's pace (and its own
+                    // idle timer) decides, not the node.
+                    let due = |since: Instant, now: Instant| match upload.map(|w| w.state()) {
+                        Some(Upload::WaitingClient) | Some(Upload::Failed(_)) => now + idle,
+                        Some(Upload::Sending) => {
+                            since.max(upload.map_or(since, |w| w.last_frame())) + idle
                         }
-                        let now = Instant::now();
-                        // A node may wait for the rest of the upload before it answers
-                        // more: while the client is still sending, the client's pace (and
-                        // its own idle timer) decides, not the node.
-                        let due = match u.upload.as_deref() {
-                            Some(w) => match w.state() {
-                                Upload::WaitingClient | Upload::Failed(_) => now + idle,
-                                Upload::Sending => since.max(w.last_frame()) + idle,
-                                Upload::Done(_) => since + idle,
-                            },
-                            None => since + idle,
-                        };
-                        if due > now {
-                            stall.as_mut().reset(due);
-                            continue;
-                        }
-                        u.conn = None;
-                        u.blame.fail("body stalled");
-                        return Poll::Ready(Some(Err(BodyError::NodeStalled)));
+                        _ => since + idle,
+                    };
+                    if u.stall.poll_idle(cx, due).is_pending() {
+                        return Poll::Pending;
                     }
+                    u.conn = None;
+                    u.blame.fail("body stalled");
+                    Poll::Ready(Some(Err(BodyError::NodeStalled)))
                 }
             },
         }
@@ -330,8 +316,7 @@ pub struct ClientBody {
     /// Bytes still allowed by `max_request_body`.
     left: u64,
     idle: Duration,
-    stall: Option<Pin<Box<Sleep>>>,
-    waiting_since: Option<Instant>,
+    stall: IdleTimer,
 }
 
 impl ClientBody {
@@ -341,8 +326,7 @@ impl ClientBody {
             watch,
             left: limit.unwrap_or(u64::MAX),
             idle,
-            stall: None,
-            waiting_since: None,
+            stall: IdleTimer::default(),
         }
     }
 
@@ -375,7 +359,7 @@ impl Body for ClientBody {
                     this.left -= n;
                 }
                 let now = Instant::now();
-                this.waiting_since = None;
+                this.stall.progress();
                 this.watch.last_frame.set(now);
                 this.watch.state.set(if this.inner.is_end_stream() {
                     Upload::Done(now)
@@ -394,24 +378,16 @@ impl Body for ClientBody {
                 this.fail(fault)
             }
             Poll::Pending => {
-                let now = Instant::now();
-                let since = *this.waiting_since.get_or_insert(now);
                 this.watch.state.set(Upload::WaitingClient);
                 let idle = this.idle;
-                let stall = this
+                if this
                     .stall
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + idle)));
-                loop {
-                    if stall.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    let due = since + idle;
-                    if due > Instant::now() {
-                        stall.as_mut().reset(due);
-                        continue;
-                    }
-                    return this.fail(ClientFault::Stalled);
+                    .poll_idle(cx, |since, _| since + idle)
+                    .is_pending()
+                {
+                    return Poll::Pending;
                 }
+                this.fail(ClientFault::Stalled)
             }
         }
     }

@@ -1,10 +1,14 @@
-//! Write-stall bounds for the sockets envgate writes to.
+//! Idle bounds for waits that no request future watches: a body envgate waits on, a socket
+//! envgate writes to.
 //!
-//! A peer that stops reading makes every write wait; without a bound, the task writing to
-//! it (and whatever it holds: the other side's connection, an in-flight slot) waits
-//! forever. `WriteStall` turns a write that cannot proceed for `idle` into a `TimedOut`
-//! error. Its timer is armed only once a write blocks, and re-armed only when it fires
-//! early, so a socket that keeps up costs nothing.
+//! `IdleTimer` is the one lazy timer behind them: it is armed only when a wait begins (a
+//! poll finds no data, a write blocks), and re-armed only when it fires before the bound,
+//! so a wait that ends in time costs one clock read, not a timer reset per poll.
+//!
+//! `StallIo` bounds writes: a peer that stops reading makes every write wait; without a
+//! bound, the task writing to it (and whatever it holds: the other side's connection, an
+//! in-flight slot) waits forever. A write that cannot proceed for `idle` fails with
+//! `TimedOut`. envgate wraps both the client's connection and its node connections in it.
 
 use std::future::Future;
 use std::io;
@@ -13,85 +17,96 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-pub struct WriteStall {
+/// A wait's idle bound: `poll_idle` is `Ready` once the wait that began at the first
+/// pending poll (and has not ended since) has lasted `idle`.
+#[derive(Default)]
+pub struct IdleTimer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    since: Option<Instant>,
+}
+
+impl IdleTimer {
+    /// The wait ended (data came, a write went through).
+    #[inline]
+    pub fn progress(&mut self) {
+        self.since = None;
+    }
+
+    /// Called when a poll finds the wait still on. `due(since, now)` is when the wait
+    /// that began at `since` times out (usually `since + idle`; it may move later while
+    /// someone else is to blame). `Ready` once that moment has passed.
+    #[cold]
+    pub fn poll_idle(
+        &mut self,
+        cx: &mut Context<'_>,
+        due: impl Fn(Instant, Instant) -> Instant,
+    ) -> Poll<()> {
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due(since, now))));
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            let at = due(since, now);
+            if at > now {
+                sleep.as_mut().reset(at);
+                continue;
+            }
+            return Poll::Ready(());
+        }
+    }
+}
+
+/// A connection whose writes fail after `idle` without progress.
+pub struct StallIo<T> {
+    inner: T,
     idle: Duration,
-    stall: Option<Pin<Box<Sleep>>>,
-    waiting_since: Option<Instant>,
+    timer: IdleTimer,
     what: &'static str,
 }
 
-impl WriteStall {
-    pub fn new(idle: Duration, what: &'static str) -> Self {
-        WriteStall {
+impl<T> StallIo<T> {
+    /// `what` is the error's message.
+    pub fn new(inner: T, idle: Duration, what: &'static str) -> Self {
+        StallIo {
+            inner,
             idle,
-            stall: None,
-            waiting_since: None,
+            timer: IdleTimer::default(),
             what,
         }
     }
 
-    /// Passes a write's result on, unless it has been pending for `idle`.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     #[inline]
-    pub fn check<T>(
-        &mut self,
-        r: Poll<io::Result<T>>,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<T>> {
+    fn check<R>(&mut self, r: Poll<io::Result<R>>, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
         match r {
-            Poll::Pending => self.blocked(cx),
+            Poll::Pending => {
+                let idle = self.idle;
+                match self.timer.poll_idle(cx, |since, _| since + idle) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(()) => {
+                        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, self.what)))
+                    }
+                }
+            }
             r => {
-                self.waiting_since = None;
+                self.timer.progress();
                 r
             }
         }
     }
-
-    #[cold]
-    fn blocked<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        let now = Instant::now();
-        let since = *self.waiting_since.get_or_insert(now);
-        let idle = self.idle;
-        let stall = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + idle)));
-        loop {
-            if stall.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            let due = since + idle;
-            if due > Instant::now() {
-                stall.as_mut().reset(due);
-                continue;
-            }
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, self.what)));
-        }
-    }
 }
 
-/// A connection to a node: a node that reads nothing of what envgate writes (a request
-/// body) for the body idle time loses the connection, which ends its task and frees the
-/// client side too.
-pub struct NodeIo {
-    inner: TcpStream,
-    stall: WriteStall,
-}
-
-impl NodeIo {
-    pub fn new(inner: TcpStream, write_idle: Duration) -> Self {
-        NodeIo {
-            inner,
-            stall: WriteStall::new(
-                write_idle,
-                "the node read nothing for the body idle timeout",
-            ),
-        }
-    }
-}
-
-impl AsyncRead for NodeIo {
+impl<T: AsyncRead + Unpin> AsyncRead for StallIo<T> {
     #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
@@ -102,7 +117,7 @@ impl AsyncRead for NodeIo {
     }
 }
 
-impl AsyncWrite for NodeIo {
+impl<T: AsyncWrite + Unpin> AsyncWrite for StallIo<T> {
     #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
@@ -111,7 +126,7 @@ impl AsyncWrite for NodeIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.stall.check(r, cx)
+        this.check(r, cx)
     }
     #[inline]
     fn poll_write_vectored(
@@ -121,7 +136,7 @@ impl AsyncWrite for NodeIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.stall.check(r, cx)
+        this.check(r, cx)
     }
     #[inline]
     fn is_write_vectored(&self) -> bool {
@@ -131,7 +146,7 @@ impl AsyncWrite for NodeIo {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_flush(cx);
-        this.stall.check(r, cx)
+        this.check(r, cx)
     }
     #[inline]
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::handler::{exchange, handle_h2, ConnInfo, H2Conn};
-use super::io::WriteStall;
+use super::io::StallIo;
 use super::worker::Worker;
 use crate::server::Tracker;
 
@@ -117,8 +117,8 @@ async fn serve(
     let io = TokioIo::new(ClientIo {
         prefix: first,
         pos: 0,
-        inner: stream,
-        stall: WriteStall::new(
+        inner: StallIo::new(
+            stream,
             timeouts.body_idle,
             "the client read nothing for the body idle timeout",
         ),
@@ -276,8 +276,7 @@ async fn sniff(stream: &TcpStream) -> io::Result<Option<Sniffed>> {
 struct ClientIo {
     prefix: Vec<u8>,
     pos: usize,
-    inner: TcpStream,
-    stall: WriteStall,
+    inner: StallIo<TcpStream>,
 }
 
 impl AsyncRead for ClientIo {
@@ -310,9 +309,7 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.stall.check(r, cx)
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
     #[inline]
     fn poll_write_vectored(
@@ -320,9 +317,7 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.stall.check(r, cx)
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
     #[inline]
     fn is_write_vectored(&self) -> bool {
@@ -330,9 +325,7 @@ impl AsyncWrite for ClientIo {
     }
     #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_flush(cx);
-        this.stall.check(r, cx)
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
     #[inline]
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

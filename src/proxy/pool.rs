@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::body::UpBody;
-use super::io::NodeIo;
+use super::io::StallIo;
 
 /// Idle connections kept per node and worker.
 const MAX_IDLE: usize = 512;
@@ -85,7 +85,11 @@ impl ConnPool {
         let _ = stream.set_nodelay(true);
         let (send, conn) = http1::Builder::new()
             .max_header_size(MAX_RESPONSE_HEAD)
-            .handshake::<_, UpBody>(TokioIo::new(NodeIo::new(stream, write_idle)))
+            .handshake::<_, UpBody>(TokioIo::new(StallIo::new(
+                stream,
+                write_idle,
+                "the node read nothing for the body idle timeout",
+            )))
             .await?;
         tokio::task::spawn_local(async move {
             if let Err(e) = conn.with_upgrades().await {
