@@ -128,3 +128,23 @@ async fn a_switch_nobody_asked_for_is_502_and_counted() {
     }
     assert_eq!(rogue.requests(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_codings_other_than_one_chunked_are_refused() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&topo(&[("a", a.addr)], "", ""));
+    let p = eg.port("http");
+    for te in [
+        "Transfer-Encoding: gzip, chunked\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: chunked, chunked\r\n",
+        "Content-Length: 5\r\nTransfer-Encoding: gzip\r\n",
+    ] {
+        let req = format!(
+            "POST /consume HTTP/1.1\r\nHost: company.com\r\n{te}\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let answer = raw(p, req.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{te:?}: {answer}");
+    }
+    assert_eq!(a.hits(), 0);
+}

@@ -115,3 +115,25 @@ async fn without_a_host_no_forwarded_host_passes_either() {
     let seen = a.last_headers().unwrap();
     assert!(seen.get("x-forwarded-host").is_none(), "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cannot_drop_the_forwarding_headers_envgate_adds() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&topo(
+        &[("a", a.addr)],
+        "trusted_proxies: [127.0.0.1/32]",
+        "",
+    ));
+    let seen = headers_seen(
+        eg.port("http"),
+        &a,
+        "X-Forwarded-Proto: https\r\nX-Forwarded-Host: shop.example\r\nX-Forwarded-For: 1.1.1.1\r\nConnection: x-forwarded-proto, x-forwarded-host, x-forwarded-for, x-request-id\r\n",
+    )
+    .await;
+    // The trusted proxy's own values were withdrawn by its Connection option: envgate's
+    // take their place.
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "company.com");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-request-id"].len(), 32);
+}

@@ -625,9 +625,11 @@ fn prepare(
         headers::join_cookies(h);
     }
     // One pass over the names; each lookup below is made only for a name that is there.
-    let seen = headers::scan(h);
-    if seen.hop {
-        headers::strip_hop_by_hop(h, upgrade);
+    let mut seen = headers::scan(h);
+    // A Connection option may have named one of the fields the scan saw (a client listing
+    // X-Forwarded-Proto must not make envgate drop its own): look again after such a strip.
+    if seen.hop && headers::strip_hop_by_hop(h, upgrade) {
+        seen = headers::scan(h);
     }
     // Room for the headers added below, in one growth at most.
     h.reserve(5);

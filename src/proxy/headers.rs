@@ -48,7 +48,10 @@ fn tokens(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
 /// Removes hop-by-hop headers and those named in `Connection`. With `upgrade`, keeps
 /// `Upgrade` and answers with `Connection: upgrade` (the upgrade must reach the peer).
 #[inline]
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+///
+/// Returns whether fields named in `Connection` (beyond the standard hop-by-hop set) were
+/// removed, so that a caller that looked at the names before knows to look again.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> bool {
     // One pass over the message's few names finds the hop-by-hop ones (usually none, or
     // just `Connection`), so only those cost a removal.
     let mut found: [Option<HeaderName>; 9] = Default::default();
@@ -66,8 +69,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         }
     }
     if n == 0 {
-        return;
+        return false;
     }
+    let mut named = false;
     // RFC 9112 6.3: with Transfer-Encoding, Content-Length is wrong by definition; the body
     // was de-chunked, so a stale length would frame it wrongly on the other side.
     if found[..n]
@@ -89,7 +93,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             for t in tokens(v) {
                 if t.eq_ignore_ascii_case(b"close") {
                     if close_field {
-                        headers.remove("close");
+                        named |= headers.remove("close").is_some();
                     }
                 } else if !t.eq_ignore_ascii_case(b"host")
                     && !HOP_BY_HOP
@@ -98,7 +102,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
                         .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
                 {
                     if let Ok(name) = std::str::from_utf8(t) {
-                        headers.remove(name);
+                        named |= headers.remove(name).is_some();
                     }
                 }
             }
@@ -112,6 +116,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+    named
 }
 
 /// What one pass over a request's field names found, so that the rewrite looks up only
