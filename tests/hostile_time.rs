@@ -287,3 +287,35 @@ async fn an_idle_http2_connection_is_closed_even_if_the_client_ignores_goaway() 
     let mut out = Vec::new();
     assert!(closes_within(&mut s, Duration::from_secs(5), &mut out).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_tunnels_then_closes_them() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&topo(
+        &[("a", a.addr)],
+        "timeouts: { drain: 500ms }",
+        "upgrades: [echo]",
+    ));
+    let mut s = open_tunnel(eg.port("http")).await;
+    // The tunnel is counted by the drain: shutdown waits for it (up to `drain`), so it
+    // still carries bytes once shutdown began...
+    let stopping = tokio::spawn(eg.stop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut back),
+    )
+    .await
+    .expect("the tunnel died with the shutdown")
+    .unwrap();
+    assert_eq!(&back, b"still here");
+    // ...and is closed at the end of the drain instead of being left behind.
+    let mut out = Vec::new();
+    assert!(closes_within(&mut s, Duration::from_secs(5), &mut out).await);
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("shutdown did not end")
+        .unwrap();
+}
