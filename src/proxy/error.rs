@@ -31,22 +31,13 @@ impl ClientFault {
     /// Classifies an error of a client's body as hyper reports it: broken framing when the
     /// decoder refused the bytes, else the client is gone.
     pub fn of(e: &hyper::Error) -> ClientFault {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-        while let Some(s) = source {
-            if let Some(io) = s.downcast_ref::<std::io::Error>() {
-                return match io.kind() {
-                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
-                        ClientFault::Framing
-                    }
-                    _ => ClientFault::Gone,
-                };
+        match io_kind(e) {
+            Some(std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput) => {
+                ClientFault::Framing
             }
-            source = s.source();
-        }
-        if e.is_parse() || e.is_parse_too_large() {
-            ClientFault::Framing
-        } else {
-            ClientFault::Gone
+            Some(_) => ClientFault::Gone,
+            None if e.is_parse() || e.is_parse_too_large() => ClientFault::Framing,
+            None => ClientFault::Gone,
         }
     }
 
@@ -57,6 +48,18 @@ impl ClientFault {
             ClientFault::TooLarge => Refusal::BodyTooLarge,
         }
     }
+}
+
+/// The kind of the I/O error behind a hyper error, if one is behind it.
+pub fn io_kind(e: &hyper::Error) -> Option<std::io::ErrorKind> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// A request envgate answers itself because of what the client sent.

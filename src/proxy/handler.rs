@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::body::{Blame, BodyWatch, ClientBody, ProxyBody, UpBody, Upload};
-use super::error::{is_local_resource_error, own, ClientFault, Refusal};
+use super::error::{io_kind, is_local_resource_error, own, ClientFault, Refusal};
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::pool::{ConnPool, ConnectError};
 use super::worker::{Worker, MAX_HEADERS};
@@ -737,8 +737,10 @@ async fn forward(
                 if let Some(f) = watch.as_ref().and_then(|w| w.client_fault()) {
                     return Err(Failure::Client(f));
                 }
-                if watch.as_ref().is_some_and(|w| !w.is_done()) && timed_out(e.error()) {
-                    // The node's connection gave up writing the upload (`NodeIo`).
+                if watch.as_ref().is_some_and(|w| !w.is_done())
+                    && io_kind(e.error()) == Some(std::io::ErrorKind::TimedOut)
+                {
+                    // The node's connection gave up writing the upload (`StallIo`).
                     return Err(Failure::UploadStalled);
                 }
                 match e.take_message() {
@@ -754,18 +756,6 @@ async fn forward(
             }
         }
     }
-}
-
-/// Whether an error comes from an I/O timeout (a write stall bound).
-fn timed_out(e: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::TimedOut;
-        }
-        source = s.source();
-    }
-    false
 }
 
 /// When to look at an attempt again, or how it failed by `now`.
