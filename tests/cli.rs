@@ -33,18 +33,27 @@ fn every_file_in_config_validates() {
     assert!(seen >= 2, "config/ holds {seen} topologies");
 }
 
+/// Writes `yaml` into `dir` as `name` and runs `envgate check` on it: the exit code and
+/// what it printed.
+fn check_file(dir: &std::path::Path, name: &str, yaml: &str) -> (Option<i32>, String) {
+    let file = dir.join(name);
+    std::fs::write(&file, yaml).unwrap();
+    let out = envgate().arg("check").arg(&file).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 #[test]
 fn check_exit_codes_and_one_problem_a_line() {
     let dir = tempfile::tempdir().unwrap();
-    let bad = dir.path().join("bad.yaml");
-    std::fs::write(
-        &bad,
+    let (code, text) = check_file(
+        dir.path(),
+        "bad.yaml",
         "version: 1\nlisteners: [ { name: http, bind: \"0.0.0.0:8080\" } ]\nnodes: { a: { address: \"10.0.0.1:80\" } }\nenvironments:\n  x: { entries: [\"t.com:8080\"], nodes: [a] }\n  y: { entries: [\"t.com:8080\", \":9999\"], nodes: [b] }\n",
-    )
-    .unwrap();
-    let out = envgate().arg("check").arg(&bad).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8(out.stdout).unwrap();
+    );
+    assert_eq!(code, Some(1));
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert!(
@@ -66,15 +75,12 @@ fn check_exit_codes_and_one_problem_a_line() {
         "{text}"
     );
 
-    let syntax = dir.path().join("syntax.yaml");
-    std::fs::write(
-        &syntax,
+    let (code, text) = check_file(
+        dir.path(),
+        "syntax.yaml",
         "version: 1\nlisteners: { name: http, bind: \"0.0.0.0:8080\" }\n",
-    )
-    .unwrap();
-    let out = envgate().arg("check").arg(&syntax).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&out.stdout);
+    );
+    assert_eq!(code, Some(1));
     assert!(
         text.contains("listeners") && text.contains("line"),
         "{text}"
@@ -93,15 +99,12 @@ fn check_exit_codes_and_one_problem_a_line() {
 #[test]
 fn check_reports_a_typo_and_the_other_problems() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("typo.yaml");
-    std::fs::write(
-        &file,
+    let (code, text) = check_file(
+        dir.path(),
+        "typo.yaml",
         "version: 1\nlisteners: [ { name: http, bind: \"0.0.0.0:8080\" } ]\nnodes: { a: { address: \"10.0.0.1:80\" } }\nenvironments:\n  staging: { entires: [\"s.com:8080\"], nodes: [a, ghost] }\n",
-    )
-    .unwrap();
-    let out = envgate().arg("check").arg(&file).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8(out.stdout).unwrap();
+    );
+    assert_eq!(code, Some(1));
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert!(

@@ -153,6 +153,28 @@ async fn h1_connect(port: u16) -> Result<H1, String> {
     Ok(tx)
 }
 
+/// The kept keep-alive connection, or a new one; `None` (counted as an unexpected error,
+/// after a short pause) when envgate cannot be reached.
+async fn reuse_or_connect<'a>(
+    ctx: &Ctx,
+    kind: &'static str,
+    port: u16,
+    conn: &'a mut Option<H1>,
+) -> Option<&'a mut H1> {
+    if conn.is_none() {
+        match h1_connect(port).await {
+            Ok(tx) => *conn = Some(tx),
+            Err(e) => {
+                ctx.count(kind, "error");
+                ctx.unexpected(kind, e);
+                ctx.sleep(Duration::from_millis(100)).await;
+                return None;
+            }
+        }
+    }
+    conn.as_mut()
+}
+
 async fn h2_connect(port: u16) -> Result<H2, String> {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -253,17 +275,8 @@ async fn keepalive_gets(ctx: Arc<Ctx>, port: u16) {
     const KIND: &str = "GET keep-alive";
     let mut conn: Option<H1> = None;
     while !ctx.done() {
-        let tx = match &mut conn {
-            Some(tx) => tx,
-            None => match h1_connect(port).await {
-                Ok(tx) => conn.insert(tx),
-                Err(e) => {
-                    ctx.count(KIND, "error");
-                    ctx.unexpected(KIND, e);
-                    ctx.sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some(tx) = reuse_or_connect(&ctx, KIND, port, &mut conn).await else {
+            continue;
         };
         let o = exchange(async {
             tx.ready().await.map_err(|e| format!("not ready: {e}"))?;
@@ -354,17 +367,8 @@ async fn echo_posts(ctx: Arc<Ctx>, port: u16, seed: u64) {
     let mut rng = Rng(seed | 1);
     let mut conn: Option<H1> = None;
     while !ctx.done() {
-        let tx = match &mut conn {
-            Some(tx) => tx,
-            None => match h1_connect(port).await {
-                Ok(tx) => conn.insert(tx),
-                Err(e) => {
-                    ctx.count(KIND, "error");
-                    ctx.unexpected(KIND, e);
-                    ctx.sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some(tx) = reuse_or_connect(&ctx, KIND, port, &mut conn).await else {
+            continue;
         };
         let len = 1 + rng.below(4096) as usize;
         let fill = rng.next() as u8;
