@@ -171,14 +171,6 @@ fn warn_inactive(t: &envgate::topology::Topology) {
     if let Some(c) = &t.control {
         tracing::warn!(bind = %c.bind, "the control endpoint is not served by this version");
     }
-    for env in &t.environments {
-        if env.canary.is_some() {
-            tracing::warn!(environment = %env.name, "canary split validated but not routed by this version");
-        }
-        if env.tenants.is_some() {
-            tracing::warn!(environment = %env.name, "tenant ranges validated but not routed by this version");
-        }
-    }
 }
 
 /// The signals `run` acts on, caught from the start.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderName;
 use indexmap::IndexMap;
 
 use crate::health::NodeState;
@@ -345,6 +346,9 @@ pub struct Application {
     pub version: String,
     pub prefix: String,
     pub pool: PoolId,
+    /// Where reads (GET, HEAD, OPTIONS) go first, when the application has `read_nodes`;
+    /// `pool` takes them when no read node can.
+    pub read_pool: Option<PoolId>,
 }
 
 /// The candidate nodes of one application in one environment.
@@ -353,37 +357,75 @@ pub struct Pool {
     pub members: Vec<Member>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Member {
     pub node: NodeId,
     pub weight: u32,
     pub backup: bool,
 }
 
+/// A canary split (DESIGN.md "Canary"): requests whose bucket (0..9999) is below
+/// `threshold` go to `environment`. The bucket is sticky: read from the canary cookie, or
+/// derived from a stable request key, else drawn at random (and then kept in the cookie).
 #[derive(Debug, Clone)]
 pub struct Canary {
     pub environment: EnvId,
-    /// Percent, fractions allowed.
-    pub weight: f64,
-    pub header: Option<String>,
-    pub cookie: Option<String>,
-    pub hash_header: Option<String>,
+    /// The weight in hundredths of a percent (0..=10,000): `weight: 0.5` is 50.
+    pub threshold: u16,
+    /// Header whose value `always` or `never` (any case) overrides the split.
+    pub header: Option<HeaderName>,
+    /// Cookie that holds the bucket (not the arm, so it stays valid when the weight moves).
+    pub cookie: Option<Box<str>>,
+    /// Stable key the bucket is derived from when the request has no valid cookie.
+    pub hash: Option<CanaryHash>,
+    /// The hash state after the owning environment's name: every instance with the same
+    /// topology derives the same bucket from the same key, and two environments' canaries
+    /// do not pick the same users first.
+    pub salt: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum CanaryHash {
+    Header(HeaderName),
+    Cookie(Box<str>),
+    /// The client's address (behind a trusted proxy, the address that proxy saw).
+    ClientAddress,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub enum TenantKey {
-    Header(String),
+    Header(HeaderName),
+    /// Label N of the host, counted from 0 at the left (`t42.company.com`: label 0).
     HostLabel(u32),
+    /// Segment N of the path, counted from 1 (`/tenants/42`: segment 2).
     PathSegment(u32),
-    Query(String),
+    Query(Box<str>),
 }
 
 #[derive(Debug, Clone)]
 pub struct Tenants {
     pub key: TenantKey,
+    /// Whether a missing or malformed id is refused (400) rather than left in place.
     pub required: bool,
-    /// Sorted by `from`, never overlapping.
-    pub ranges: Vec<(u64, u64, EnvId)>,
+    /// Sorted by `from`, never overlapping, searched by binary search.
+    pub ranges: Box<[TenantRange]>,
+}
+
+/// Tenants `from..=to` belong to `environment`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantRange {
+    pub from: u64,
+    pub to: u64,
+    pub environment: EnvId,
+}
+
+impl Tenants {
+    /// The range holding `id`, in O(log n).
+    #[inline]
+    pub fn range_of(&self, id: u64) -> Option<&TenantRange> {
+        let i = self.ranges.partition_point(|r| r.to < id);
+        self.ranges.get(i).filter(|r| r.from <= id)
+    }
 }
 
 impl Topology {

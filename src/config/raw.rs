@@ -181,16 +181,27 @@ pub struct RawApp {
     pub version: String,
     pub path: Option<String>,
     pub nodes: Option<Vec<String>>,
+    /// Nodes that take the application's reads (GET, HEAD, OPTIONS) first.
+    pub read_nodes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct RawCanary {
     pub environment: String,
+    /// Percent, up to two decimals.
     pub weight: f64,
     pub header: Option<String>,
     pub cookie: Option<String>,
-    /// Header whose value is hashed for sticky assignment when no cookie is set.
-    pub hash_header: Option<String>,
+    /// Stable key hashed into the bucket when the request carries no valid cookie.
+    pub hash: Option<RawCanaryHash>,
+}
+
+/// Exactly one of the three.
+#[derive(Debug, Deserialize)]
+pub struct RawCanaryHash {
+    pub header: Option<String>,
+    pub cookie: Option<String>,
+    pub client_address: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -83,7 +83,7 @@ pub fn validate(
     // Entry -> (environment, its YAML path), to name both parties of a duplicate.
     let mut entry_owner: HashMap<Entry, (String, String)> = HashMap::new();
     let mut environments = Vec::new();
-    let mut pools: Vec<Pool> = Vec::new();
+    let mut pools = Pools::default();
 
     for (env_id, (name, env)) in raw.environments.iter().enumerate() {
         let at = format!("environments.{name}");
@@ -200,11 +200,35 @@ pub fn validate(
                     sub
                 }
             };
+            let read_pool = app.read_nodes.as_ref().map(|list| {
+                if list.is_empty() {
+                    errs.value(
+                        format!("{path}.read_nodes"),
+                        format!("application {:?} lists no read nodes (leave `read_nodes` out to send reads to its nodes)", app.name),
+                    );
+                }
+                let mut sub: Vec<Member> = Vec::new();
+                for (k, n) in list.iter().enumerate() {
+                    match members.iter().find(|m| &*nodes[m.node].name == n) {
+                        Some(m) if sub.iter().any(|s| s.node == m.node) => errs.conflict(
+                            format!("{path}.read_nodes[{k}]"),
+                            format!("node {n:?} is listed twice"),
+                        ),
+                        Some(m) => sub.push(*m),
+                        None => errs.reference(
+                            format!("{path}.read_nodes[{k}]"),
+                            format!("application {:?} reads from node {n:?}, which is not one of environment {name:?}'s nodes", app.name),
+                        ),
+                    }
+                }
+                pools.intern(sub)
+            });
             apps.push(Application {
                 name: app.name.clone(),
                 version: app.version.clone(),
                 prefix,
-                pool: intern_pool(&mut pools, app_members),
+                pool: pools.intern(app_members),
+                read_pool,
             });
         }
         if env.apps.is_empty() {
@@ -212,7 +236,8 @@ pub fn validate(
                 name: String::new(),
                 version: String::new(),
                 prefix: "/".into(),
-                pool: intern_pool(&mut pools, members.clone()),
+                pool: pools.intern(members.clone()),
+                read_pool: None,
             });
         }
         apps.sort_by_key(|a| std::cmp::Reverse(a.prefix.len()));
@@ -220,7 +245,7 @@ pub fn validate(
         let canary = env
             .canary
             .as_ref()
-            .and_then(|c| canary(&at, c, &env_ids, &mut errs));
+            .and_then(|c| canary(&at, name, c, &env_ids, &mut errs));
         let tenants = env
             .tenants
             .as_ref()
@@ -290,7 +315,7 @@ pub fn validate(
             defaults,
             nodes,
             environments,
-            pools,
+            pools: pools.list,
             entries,
         })
     } else {
@@ -322,13 +347,24 @@ fn valid_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn intern_pool(pools: &mut Vec<Pool>, members: Vec<Member>) -> PoolId {
-    let pool = Pool { members };
-    if let Some(i) = pools.iter().position(|p| *p == pool) {
-        return i;
+/// Pools by their members, so that applications with the same candidates share one
+/// pool (and one round-robin), found in O(1) whatever the size of the topology.
+#[derive(Default)]
+struct Pools {
+    list: Vec<Pool>,
+    index: HashMap<Vec<Member>, PoolId>,
+}
+
+impl Pools {
+    fn intern(&mut self, members: Vec<Member>) -> PoolId {
+        if let Some(&i) = self.index.get(&members) {
+            return i;
+        }
+        let id = self.list.len();
+        self.index.insert(members.clone(), id);
+        self.list.push(Pool { members });
+        id
     }
-    pools.push(pool);
-    pools.len() - 1
 }
 
 fn listeners(raw: &[RawListener], base: &Path, errs: &mut Errors) -> Vec<ListenerSpec> {
@@ -892,6 +928,7 @@ fn env_members(
 
 fn canary(
     at: &str,
+    owner: &str,
     c: &RawCanary,
     envs: &HashMap<&str, EnvId>,
     errs: &mut Errors,
@@ -904,33 +941,81 @@ fn canary(
             format!("canary environment {:?} is not defined", c.environment),
         );
     }
+    let hundredths = c.weight * 100.0;
     if !(c.weight.is_finite() && (0.0..=100.0).contains(&c.weight)) {
         errs.value(
             format!("{at}.weight"),
             format!("canary weight {} must be a percent from 0 to 100", c.weight),
         );
+    } else if (hundredths - hundredths.round()).abs() > 1e-6 {
+        errs.value(
+            format!("{at}.weight"),
+            format!(
+                "canary weight {} has more than two decimals (steps of 0.01%)",
+                c.weight
+            ),
+        );
     }
-    for (key, v) in [
-        ("header", &c.header),
-        ("cookie", &c.cookie),
-        ("hash_header", &c.hash_header),
-    ] {
-        if let Some(v) = v {
-            if !valid_token(v) {
+    let header = c
+        .header
+        .as_deref()
+        .and_then(|h| header_name(&format!("{at}.header"), h, errs));
+    let cookie = c
+        .cookie
+        .as_deref()
+        .filter(|v| cookie_name(&format!("{at}.cookie"), v, errs))
+        .map(Box::from);
+    let hash = c.hash.as_ref().and_then(|h| {
+        let at = format!("{at}.hash");
+        match (&h.header, &h.cookie, h.client_address) {
+            (Some(name), None, None | Some(false)) => {
+                header_name(&format!("{at}.header"), name, errs).map(CanaryHash::Header)
+            }
+            (None, Some(name), None | Some(false)) => {
+                cookie_name(&format!("{at}.cookie"), name, errs)
+                    .then(|| CanaryHash::Cookie(name.as_str().into()))
+            }
+            (None, None, Some(true)) => Some(CanaryHash::ClientAddress),
+            _ => {
                 errs.value(
-                    format!("{at}.{key}"),
-                    format!("{v:?} is not a valid {key} name"),
+                    &at,
+                    "give exactly one of header, cookie, client_address: true",
                 );
+                None
             }
         }
-    }
+    });
     Some(Canary {
         environment: target?,
-        weight: c.weight,
-        header: c.header.clone(),
-        cookie: c.cookie.clone(),
-        hash_header: c.hash_header.clone(),
+        threshold: hundredths.round().clamp(0.0, 10_000.0) as u16,
+        header,
+        cookie,
+        hash,
+        salt: crate::routing::canary::salt(owner),
     })
+}
+
+/// A header name from the document, checked and lowercased.
+fn header_name(at: &str, name: &str, errs: &mut Errors) -> Option<http::HeaderName> {
+    match http::HeaderName::from_bytes(name.as_bytes()) {
+        Ok(h) if valid_token(name) => Some(h),
+        _ => {
+            errs.value(at, format!("{name:?} is not a valid header name"));
+            None
+        }
+    }
+}
+
+/// Whether `name` is a valid cookie name (RFC 6265: a token), short enough to be set.
+fn cookie_name(at: &str, name: &str, errs: &mut Errors) -> bool {
+    let ok = valid_token(name) && name.len() <= 64;
+    if !ok {
+        errs.value(
+            at,
+            format!("{name:?} is not a valid cookie name (a token of at most 64 characters)"),
+        );
+    }
+    ok
 }
 
 fn tenants(
@@ -950,13 +1035,7 @@ fn tenants(
     let key = match set.iter().filter(|s| **s).count() {
         1 => {
             if let Some(h) = &k.header {
-                if !valid_token(h) {
-                    errs.value(
-                        format!("{at}.key.header"),
-                        format!("{h:?} is not a valid header name"),
-                    );
-                }
-                TenantKey::Header(h.clone())
+                TenantKey::Header(header_name(&format!("{at}.key.header"), h, errs)?)
             } else if let Some(l) = k.host_label {
                 TenantKey::HostLabel(l)
             } else if let Some(s) = k.path_segment {
@@ -975,7 +1054,7 @@ fn tenants(
                         "the query parameter needs a name",
                     );
                 }
-                TenantKey::Query(q)
+                TenantKey::Query(q.into())
             }
         }
         _ => {
@@ -1031,7 +1110,14 @@ fn tenants(
     ok.then(|| Tenants {
         key,
         required: t.required,
-        ranges: ranges.into_iter().map(|(f, t, e, _)| (f, t, e)).collect(),
+        ranges: ranges
+            .into_iter()
+            .map(|(from, to, environment, _)| TenantRange {
+                from,
+                to,
+                environment,
+            })
+            .collect(),
     })
 }
 

@@ -88,6 +88,10 @@ pub enum Refusal {
     BodyTooLarge,
     /// The client stalled its body.
     BodyTimeout,
+    /// The environment's tenant rule is `required` and the request carries no tenant id.
+    TenantRequired,
+    /// The environment's tenant rule is `required` and the tenant id is not a number.
+    BadTenant,
 }
 
 impl Refusal {
@@ -118,15 +122,23 @@ impl Refusal {
             Refusal::ConnectNotAllowed => br#"{"error":"method_not_allowed"}"#,
             Refusal::BodyTooLarge => br#"{"error":"body_too_large"}"#,
             Refusal::BodyTimeout => br#"{"error":"request_timeout"}"#,
+            Refusal::TenantRequired => br#"{"error":"tenant_required"}"#,
+            Refusal::BadTenant => br#"{"error":"bad_tenant"}"#,
         }
     }
 
-    /// The answer. HTTP/1 connections are closed after it: what follows a refused request
-    /// on the same connection cannot be trusted to be framed as the client meant.
+    /// Whether the request itself was well framed, so that the connection may carry on.
+    fn keeps_connection(self) -> bool {
+        matches!(self, Refusal::TenantRequired | Refusal::BadTenant)
+    }
+
+    /// The answer. HTTP/1 connections are closed after it (except for a refusal of what a
+    /// well-framed request asked for): what follows a refused request on the same
+    /// connection cannot be trusted to be framed as the client meant.
     #[cold]
     pub fn response(self, h1: bool) -> Response<ProxyBody> {
         let mut resp = own(self.status(), Bytes::from_static(self.body()));
-        if h1 {
+        if h1 && !self.keeps_connection() {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

@@ -35,9 +35,10 @@ use super::body::{Blame, BodyWatch, ClientBody, ProxyBody, UpBody, Upload};
 use super::error::{io_kind, is_local_resource_error, own, ClientFault, Refusal};
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::pool::{ConnPool, ConnectError};
+use super::worker::LocalSnap;
 use super::worker::{Worker, MAX_HEADERS};
 use crate::routing::host::valid_authority;
-use crate::routing::path;
+use crate::routing::{self, canary, path, RequestView, Route, RouteError};
 use crate::server::TrackerGuard;
 use crate::topology::{InFlight, Member, NodeId, Timeouts, Topology};
 
@@ -306,28 +307,73 @@ pub async fn exchange(
         }
     };
 
-    let Some(env_id) = topo
-        .entries
-        .lookup(target.host.as_ref().map(|h| h.as_bytes()), conn.local_port)
-    else {
-        return Ok(no_route());
+    let view = RequestView {
+        host: target.host.as_ref().map(|h| h.as_bytes()),
+        port: conn.local_port,
+        path: new_path.as_deref().unwrap_or(req.uri().path()),
+        query: req.uri().query(),
+        method: req.method(),
+        headers: req.headers(),
+        client: conn.peer.ip(),
+        trusted: conn.trusted,
+        random: worker.random(),
     };
-    let env = &topo.environments[env_id];
-    if connect && !env.allow_connect {
-        return Ok(Refusal::ConnectNotAllowed.response(h1));
+    let route = match routing::route(topo, &view) {
+        Ok(r) => r,
+        Err(RouteError::NoRoute) => return Ok(no_route()),
+        Err(RouteError::TenantRequired) => return Ok(Refusal::TenantRequired.response(h1)),
+        Err(RouteError::BadTenant) => return Ok(Refusal::BadTenant.response(h1)),
+    };
+    // Metrics, once the metrics module exists: envgate_tenant_routed_total{environment,
+    // target} and envgate_canary_requests_total{environment,arm} count `route.tenant` and
+    // `route.canary` here, through handles resolved when the topology is compiled.
+    let cookie = route.canary.and_then(|c| c.set_cookie).and_then(|bucket| {
+        let name = topo.environments[route.origin()]
+            .canary
+            .as_ref()?
+            .cookie
+            .as_deref()?;
+        let mut buf = [0u8; canary::SET_COOKIE_MAX];
+        let n = canary::set_cookie(&mut buf, name, bucket, conn.proto.as_bytes() == b"https");
+        worker.values.value(&buf[..n])
+    });
+    let mut resp = serve(&worker, &conn, &snap, route, req, target, new_path, connect).await;
+    if let Some(c) = cookie {
+        resp.headers_mut().append(header::SET_COOKIE, c);
     }
-    let Some(app) = env.app_for(new_path.as_deref().unwrap_or(req.uri().path())) else {
-        return Ok(no_route());
-    };
+    Ok(resp)
+}
+
+/// Forwards a routed request: limits, in-flight slot, node pick, attempts with failover,
+/// and the response (or envgate's own answer).
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    worker: &Rc<Worker>,
+    conn: &Rc<ConnInfo>,
+    snap: &Rc<LocalSnap>,
+    route: Route<'_>,
+    req: Request<Incoming>,
+    target: Target,
+    new_path: Option<String>,
+    connect: bool,
+) -> Response<ProxyBody> {
+    let h1 = conn.h2.is_none();
+    let topo = &*snap.topo;
+    let env = route.environment;
+    let env_id = route.env;
+    let app = route.app;
+    if connect && !env.allow_connect {
+        return Refusal::ConnectNotAllowed.response(h1);
+    }
     let limit = env.max_request_body;
     if limit.is_some_and(|l| req.body().size_hint().lower() > l) {
-        return Ok(Refusal::BodyTooLarge.response(h1));
+        return Refusal::BodyTooLarge.response(h1);
     }
     let Some(slot) = env.try_enter() else {
-        return Ok(own(
+        return own(
             StatusCode::SERVICE_UNAVAILABLE,
             env.bodies.over_limit.clone(),
-        ));
+        );
     };
     let timeouts = &topo.defaults.timeouts;
 
@@ -345,18 +391,18 @@ pub async fn exchange(
         && headers::upgrade_allowed(req.headers(), &env.upgrades);
     let tunnelled = upgrade || connect;
     let mut downstream_upgrade = tunnelled.then(|| hyper::upgrade::on(&mut req));
-    prepare(&mut req, &conn, &worker, target, new_path, upgrade, connect);
+    prepare(&mut req, conn, worker, target, new_path, upgrade, connect);
     // A request without a body and with an idempotent method can be sent again after it
     // reached a node that failed; any other only when it surely never left envgate.
     let replayable = !tunnelled && idempotent(req.method()) && matches!(req.body(), UpBody::Empty);
 
-    let members = &topo.pools[app.pool].members;
-    let wrr = &snap.wrr[app.pool];
-    // Panic mode spreads over every primary, healthy or not, but only when no backup can
-    // serve either: healthy backups come first.
+    // Panic mode spreads over every primary of the application's nodes, healthy or not,
+    // but only when no backup can serve either: healthy backups come first. (Read nodes
+    // are never in panic: when none is usable, reads go to the application's nodes.)
+    let primaries = &topo.pools[app.pool].members;
     let panic_mode = env.panic_threshold > 0.0
-        && in_panic(topo, members, env.panic_threshold)
-        && !members
+        && in_panic(topo, primaries, env.panic_threshold)
+        && !primaries
             .iter()
             .any(|m| m.backup && topo.nodes[m.node].state.usable());
     // Set by the first attempt from the clock read it makes anyway.
@@ -370,23 +416,27 @@ pub async fn exchange(
     snap.earn_retry(env_id);
     for attempt in 0..attempts {
         let tried_so_far = &tried[..attempt];
-        let pick = if panic_mode {
-            wrr.pick_primary(members, |n| {
-                !topo.nodes[n].state.is_drained() && !tried_so_far.contains(&n)
-            })
-        } else {
-            wrr.pick(members, |n| {
-                topo.nodes[n].state.usable() && !tried_so_far.contains(&n)
-            })
-        };
-        let Some(i) = pick else {
+        let Some((pool_id, node)) = route.candidates.iter().find_map(|p| {
+            let members = &topo.pools[p].members;
+            let wrr = &snap.wrr[p];
+            let i = if panic_mode && p == app.pool {
+                wrr.pick_primary(members, |n| {
+                    !topo.nodes[n].state.is_drained() && !tried_so_far.contains(&n)
+                })
+            } else {
+                wrr.pick(members, |n| {
+                    topo.nodes[n].state.usable() && !tried_so_far.contains(&n)
+                })
+            }?;
+            Some((p, members[i].node))
+        }) else {
             break;
         };
         if !free && !snap.spend_retry(env_id) {
             break;
         }
         free = false;
-        let node = members[i].node;
+        let members = &topo.pools[pool_id].members;
         tried[attempt] = node;
         let pool = &snap.conns[node];
         let copy = (replayable && attempt + 1 < attempts).then(|| replay(&req));
@@ -394,7 +444,7 @@ pub async fn exchange(
             Ok((mut resp, sender)) => {
                 let blame = Blame {
                     snap: snap.clone(),
-                    pool: app.pool,
+                    pool: pool_id,
                     node,
                 };
                 let status = resp.status();
@@ -405,7 +455,7 @@ pub async fn exchange(
                     // fault.
                     let Some(down) = downstream_upgrade.take() else {
                         passive_failure(topo, members, node);
-                        return Ok(own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone()));
+                        return own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone());
                     };
                     blame.succeed();
                     let up = hyper::upgrade::on(&mut resp);
@@ -425,11 +475,11 @@ pub async fn exchange(
                     ));
                     headers::strip_hop_by_hop(resp.headers_mut(), upgrade);
                     let (parts, _) = resp.into_parts();
-                    return Ok(Response::from_parts(parts, ProxyBody::empty()));
+                    return Response::from_parts(parts, ProxyBody::empty());
                 }
                 headers::strip_hop_by_hop(resp.headers_mut(), false);
                 let (parts, body) = resp.into_parts();
-                return Ok(Response::from_parts(
+                return Response::from_parts(
                     parts,
                     ProxyBody::upstream(
                         body,
@@ -439,11 +489,11 @@ pub async fn exchange(
                         watch,
                         timeouts.body_idle,
                     ),
-                ));
+                );
             }
             Err(failure) => {
                 let next = match failure {
-                    Failure::Client(fault) => return Ok(fault.refusal().response(h1)),
+                    Failure::Client(fault) => return fault.refusal().response(h1),
                     Failure::NotSent(back, Cause::Local) => {
                         tracing::warn!(node = %topo.nodes[node].name, "connect failed for lack of local resources (file descriptors, ports or buffers); not counted against the node");
                         last = Last::Local;
@@ -507,7 +557,7 @@ pub async fn exchange(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    Ok(resp)
+    resp
 }
 
 #[cold]

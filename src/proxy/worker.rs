@@ -78,6 +78,17 @@ pub struct Worker {
     pub http2: http2::Builder<LocalExec>,
     /// Open connections and tunnels of this worker, for the drain at shutdown.
     pub tracker: Rc<Tracker>,
+    /// xorshift64 state: canary buckets that nothing else decides (never zero).
+    rng: Cell<u64>,
+}
+
+/// A different non-zero seed per worker and per process.
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS once per process, then advanced per instance.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0x9e37_79b9_7f4a_7c15);
+    h.finish() | 1
 }
 
 /// Runs hyper's HTTP/2 stream tasks on this worker's `LocalSet`.
@@ -121,7 +132,19 @@ impl Worker {
             http1: h1,
             http2: h2,
             tracker,
+            rng: Cell::new(seed()),
         }
+    }
+
+    /// A pseudo-random number (xorshift64: cheap, and good enough to spread canary buckets).
+    #[inline]
+    pub fn random(&self) -> u64 {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        x
     }
 
     /// The worker's tables for the live topology.

@@ -11,7 +11,7 @@ use rustc_hash::FxHashMap;
 use crate::topology::EnvId;
 
 /// Longest host name we look up (RFC 1035: 253 characters, plus slack for a dot).
-const MAX_HOST: usize = 255;
+pub const MAX_HOST: usize = 255;
 
 /// One parsed entry address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -189,29 +189,75 @@ impl EntryTable {
     /// Resolves a request. `host` is the Host header or the `:authority` as sent (any
     /// case, optional port, optional trailing dot); `None` when the request had none.
     #[inline]
-    pub fn lookup(&self, host: Option<&[u8]>, port: u16) -> Option<EnvId> {
+    pub fn lookup(&self, host: Option<&[u8]>, port: u16) -> Option<EntryMatch<'_>> {
         let table = self.ports.get(&port)?;
         if let Some(raw) = host {
             let mut buf = [0u8; MAX_HOST];
             if let Some(host) = normalise(raw, &mut buf) {
-                if let Some(env) = table.exact.get(host) {
-                    return Some(*env);
+                if let Some((key, env)) = table.exact.get_key_value(host) {
+                    return Some(EntryMatch {
+                        env: *env,
+                        port,
+                        host: MatchedHost::Exact(key),
+                    });
                 }
                 if !table.wildcard.is_empty() {
                     // Each dot starts a shorter suffix: the first one found is the longest.
                     let bytes = host.as_bytes();
                     for i in 1..bytes.len() {
                         if bytes[i] == b'.' {
-                            if let Some(env) = table.wildcard.get(&host[i..]) {
-                                return Some(*env);
+                            if let Some((key, env)) = table.wildcard.get_key_value(&host[i..]) {
+                                return Some(EntryMatch {
+                                    env: *env,
+                                    port,
+                                    host: MatchedHost::Wildcard(key),
+                                });
                             }
                         }
                     }
                 }
             }
         }
-        table.any
+        table.any.map(|env| EntryMatch {
+            env,
+            port,
+            host: MatchedHost::Any,
+        })
     }
+}
+
+/// The entry address a request matched, borrowed from the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryMatch<'t> {
+    pub env: EnvId,
+    pub port: u16,
+    pub host: MatchedHost<'t>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchedHost<'t> {
+    Exact(&'t str),
+    /// The suffix with its leading dot.
+    Wildcard(&'t str),
+    Any,
+}
+
+impl std::fmt::Display for EntryMatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.host {
+            MatchedHost::Exact(h) if h.contains(':') => write!(f, "[{h}]:{}", self.port),
+            MatchedHost::Exact(h) => write!(f, "{h}:{}", self.port),
+            MatchedHost::Wildcard(s) => write!(f, "*{s}:{}", self.port),
+            MatchedHost::Any => write!(f, ":{}", self.port),
+        }
+    }
+}
+
+/// The host part of a Host value or authority: without the port and a trailing dot,
+/// lowercased into `buf`. `None` when too long or not ASCII.
+#[inline]
+pub fn host_part<'a>(raw: &[u8], buf: &'a mut [u8; MAX_HOST]) -> Option<&'a str> {
+    normalise(raw, buf)
 }
 
 /// Strips the port and a trailing dot, lowercases into `buf`. `None` when the host is
@@ -247,6 +293,15 @@ fn normalise<'a>(raw: &[u8], buf: &'a mut [u8; MAX_HOST]) -> Option<&'a str> {
 mod tests {
     use super::*;
 
+    trait Env {
+        fn env(self) -> Option<EnvId>;
+    }
+    impl Env for Option<EntryMatch<'_>> {
+        fn env(self) -> Option<EnvId> {
+            self.map(|m| m.env)
+        }
+    }
+
     fn table(entries: &[(&str, EnvId)]) -> EntryTable {
         let mut t = EntryTable::default();
         for (e, env) in entries {
@@ -263,14 +318,14 @@ mod tests {
             ("*.eu.company.com:80", 3),
             (":80", 4),
         ]);
-        assert_eq!(t.lookup(Some(b"a.company.com"), 80), Some(1));
-        assert_eq!(t.lookup(Some(b"b.company.com"), 80), Some(2));
-        assert_eq!(t.lookup(Some(b"x.eu.company.com"), 80), Some(3));
-        assert_eq!(t.lookup(Some(b"y.x.eu.company.com"), 80), Some(3));
-        assert_eq!(t.lookup(Some(b"company.com"), 80), Some(4));
-        assert_eq!(t.lookup(Some(b"other.org"), 80), Some(4));
-        assert_eq!(t.lookup(None, 80), Some(4));
-        assert_eq!(t.lookup(Some(b"a.company.com"), 81), None);
+        assert_eq!(t.lookup(Some(b"a.company.com"), 80).env(), Some(1));
+        assert_eq!(t.lookup(Some(b"b.company.com"), 80).env(), Some(2));
+        assert_eq!(t.lookup(Some(b"x.eu.company.com"), 80).env(), Some(3));
+        assert_eq!(t.lookup(Some(b"y.x.eu.company.com"), 80).env(), Some(3));
+        assert_eq!(t.lookup(Some(b"company.com"), 80).env(), Some(4));
+        assert_eq!(t.lookup(Some(b"other.org"), 80).env(), Some(4));
+        assert_eq!(t.lookup(None, 80).env(), Some(4));
+        assert_eq!(t.lookup(Some(b"a.company.com"), 81).env(), None);
     }
 
     #[test]
@@ -283,15 +338,15 @@ mod tests {
             b"company.com.:1234",
         ] {
             assert_eq!(
-                t.lookup(Some(h), 8080),
+                t.lookup(Some(h), 8080).env(),
                 Some(7),
                 "{:?}",
                 std::str::from_utf8(h)
             );
         }
-        assert_eq!(t.lookup(Some(b"[::1]:8080"), 8080), Some(8));
-        assert_eq!(t.lookup(Some(b"company.co"), 8080), None);
-        assert_eq!(t.lookup(Some("cömpany.com".as_bytes()), 8080), None);
+        assert_eq!(t.lookup(Some(b"[::1]:8080"), 8080).env(), Some(8));
+        assert_eq!(t.lookup(Some(b"company.co"), 8080).env(), None);
+        assert_eq!(t.lookup(Some("cömpany.com".as_bytes()), 8080).env(), None);
     }
 
     #[test]
