@@ -593,3 +593,75 @@ fn upgrades_and_connect_per_environment() {
     );
     parse_error(&with("  retries: 1", ", allow_connect: maybe"));
 }
+
+#[test]
+fn canary_tenant_and_read_node_shapes() {
+    let errs = errors(&format!(
+        "{BASE}environments:\n  production:\n    entries: [\"c.com:8080\"]\n    nodes: [app-1]\n    apps: [ {{ name: shop, version: \"1\", read_nodes: [app-2] }}, {{ name: api, version: \"1\", path: /api, read_nodes: [] }}, {{ name: dup, version: \"1\", path: /dup, read_nodes: [app-1, app-1] }} ]\n    canary: {{ environment: next, weight: 0.125, header: \"X Canary\", cookie: \"a;b\", hash: {{ header: X-User, client_address: true }} }}\n    tenants: {{ key: {{ path_segment: 0 }}, ranges: [ {{ from: 1, to: 2, environment: next }} ] }}\n  next: {{ nodes: [app-2] }}\n"
+    ));
+    expect(
+        &errs,
+        "environments.production.apps[0].read_nodes[0]",
+        ErrorKind::Reference,
+        &["\"shop\"", "\"app-2\"", "production"],
+    );
+    expect(
+        &errs,
+        "environments.production.apps[1].read_nodes",
+        ErrorKind::Value,
+        &["no read nodes"],
+    );
+    expect(
+        &errs,
+        "environments.production.apps[2].read_nodes[1]",
+        ErrorKind::Conflict,
+        &["\"app-1\"", "twice"],
+    );
+    expect(
+        &errs,
+        "environments.production.canary.weight",
+        ErrorKind::Value,
+        &["0.125", "two decimals"],
+    );
+    expect(
+        &errs,
+        "environments.production.canary.header",
+        ErrorKind::Value,
+        &["\"X Canary\""],
+    );
+    expect(
+        &errs,
+        "environments.production.canary.cookie",
+        ErrorKind::Value,
+        &["\"a;b\""],
+    );
+    expect(
+        &errs,
+        "environments.production.canary.hash",
+        ErrorKind::Value,
+        &["exactly one"],
+    );
+    expect(
+        &errs,
+        "environments.production.tenants.key.path_segment",
+        ErrorKind::Value,
+        &["from 1"],
+    );
+    // Two decimals are fine, and so is each kind of hash key.
+    for (weight, hash) in [
+        ("0.01", "{ header: X-User-Id }"),
+        ("12.5", "{ cookie: session }"),
+        ("99.99", "{ client_address: true }"),
+    ] {
+        let doc = format!(
+            "{BASE}environments:\n  production:\n    entries: [\"c.com:8080\"]\n    nodes: [app-1]\n    canary: {{ environment: next, weight: {weight}, cookie: envgate_canary, hash: {hash} }}\n  next: {{ nodes: [app-2] }}\n"
+        );
+        let t = parse(&doc, std::path::Path::new("."), &NodeRegistry::default())
+            .unwrap_or_else(|e| panic!("{e}\n{doc}"));
+        let c = t.environments[0].canary.as_ref().unwrap();
+        assert_eq!(
+            c.threshold as f64,
+            (weight.parse::<f64>().unwrap() * 100.0).round()
+        );
+    }
+}

@@ -723,3 +723,58 @@ environments:
         names.join(", ")
     )
 }
+
+/// A topology of several environments on one listener `http`, built up by parts:
+/// `Topo::new().node("a", addr).env("production", &["company.com"], "nodes: [a]").yaml()`.
+#[derive(Default)]
+pub struct Topo {
+    nodes: Vec<(String, SocketAddr)>,
+    defaults: String,
+    envs: Vec<(String, Vec<String>, String)>,
+}
+
+impl Topo {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn node(mut self, name: &str, addr: SocketAddr) -> Self {
+        self.nodes.push((name.into(), addr));
+        self
+    }
+
+    /// The content of the `defaults` map (`key: value, ...`).
+    pub fn defaults(mut self, yaml: &str) -> Self {
+        self.defaults = yaml.into();
+        self
+    }
+
+    /// An environment on the given hosts (each on listener `http`'s port; `""` for the
+    /// whole port), with `body` the rest of its map (`nodes: [a], canary: {...}`).
+    pub fn env(mut self, name: &str, hosts: &[&str], body: &str) -> Self {
+        let entries = hosts
+            .iter()
+            .map(|h| format!("\"{h}:{{port:http}}\""))
+            .collect();
+        self.envs.push((name.into(), entries, body.into()));
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        let mut y = String::from(
+            "version: 1\nlisteners: [ { name: http, bind: \"127.0.0.1:{port:http}\" } ]\n",
+        );
+        y.push_str(&format!("defaults: {{ {} }}\nnodes:\n", self.defaults));
+        for (n, a) in &self.nodes {
+            y.push_str(&format!("  {n}: {{ address: \"{a}\" }}\n"));
+        }
+        y.push_str("environments:\n");
+        for (name, entries, body) in &self.envs {
+            y.push_str(&format!(
+                "  {name}: {{ entries: [{}], {body} }}\n",
+                entries.join(", ")
+            ));
+        }
+        y
+    }
+}
