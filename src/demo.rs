@@ -22,7 +22,9 @@ use crate::config;
 use crate::health::NodeRegistry;
 use crate::server::{self, Options};
 
-const NODES: [&str; 5] = ["app-1", "app-2", "app-3", "test-1", "tools-1"];
+const NODES: [&str; 7] = [
+    "app-1", "app-2", "app-3", "test-1", "tools-1", "canary-1", "acme-1",
+];
 
 /// The demo topology, with `{NAME}` standing for each demo node's address and `{HTTP}` and
 /// `{PORTWIDE}` for the listener ports.
@@ -36,6 +38,8 @@ nodes:
   app-3:   { address: "{app-3}", backup: true }
   test-1:  { address: "{test-1}" }
   tools-1: { address: "{tools-1}" }
+  canary-1: { address: "{canary-1}" }
+  acme-1:  { address: "{acme-1}" }
 defaults:
   health: { interval: 1s, timeout: 500ms, rise: 1, fall: 2 }
 environments:
@@ -45,7 +49,17 @@ environments:
     nodes: [app-1, app-2, app-3]
     apps:
       - { name: shop, version: "1.1.0", path: / }
-      - { name: reports, version: "3.0.0", path: /reports, nodes: [app-2] }
+      - { name: reports, version: "3.0.0", path: /reports, nodes: [app-2], read_nodes: [app-1] }
+    tenants:
+      key: { header: X-Tenant-Id }
+      ranges: [ { from: 1001, to: 1001, environment: private-acme } ]
+    canary: { environment: production-canary, weight: 10, header: X-Canary, cookie: envgate_canary }
+  production-canary:
+    nodes: [canary-1]
+    apps: [ { name: shop, version: "1.2.0-rc.1", path: / } ]
+  private-acme:
+    labels: { customer: acme }
+    nodes: [acme-1]
   testing:
     labels: { stage: test }
     entries: ["*.test.company.localhost:{HTTP}"]
@@ -83,12 +97,27 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
     let h = port;
     println!("envgate demo: topology\n\n{text}");
     println!("Try (each answer names the node that served it):\n");
-    println!("  # exact host entry -> production, app shop; weights 3:1 (app-3 is a backup)");
+    println!("  # exact host entry -> production, app shop; weights 3:1 (app-3 is a backup);");
+    println!("  # a fresh client (no cookie) lands on the 10% canary (canary-1) now and then");
     println!("  for i in 1 2 3 4 5 6 7 8; do curl -s -H 'Host: company.localhost' http://127.0.0.1:{h}/; done");
-    println!("  # path prefix /reports -> application reports, on app-2 only");
+    println!("  # the canary bucket (0-9999, canary below 1000) comes back in a cookie...");
+    println!("  curl -si -H 'Host: company.localhost' http://127.0.0.1:{h}/ | grep -i set-cookie");
     println!(
-        "  curl -s http://company.localhost:{h}/reports/q3   # *.localhost resolves to loopback"
+        "  # ...and keeps a client on its side: a cookie jar gives the same node side each time"
     );
+    println!("  for i in 1 2 3 4 5; do curl -s -b /tmp/envgate-demo.jar -c /tmp/envgate-demo.jar -H 'Host: company.localhost' http://127.0.0.1:{h}/; done");
+    println!("  # bucket 42 is on the canary, 9000 is not; the override header decides alone");
+    println!("  curl -s -b envgate_canary=42 -H 'Host: company.localhost' http://127.0.0.1:{h}/");
+    println!("  curl -s -b envgate_canary=9000 -H 'Host: company.localhost' http://127.0.0.1:{h}/");
+    println!("  curl -s -H 'X-Canary: always' -H 'Host: company.localhost' http://127.0.0.1:{h}/");
+    println!("  # tenant 1001 has its own environment (private-acme); 1000 and 1002 stay");
+    println!("  curl -s -H 'X-Tenant-Id: 1001' -H 'Host: company.localhost' http://127.0.0.1:{h}/");
+    println!("  curl -s -H 'X-Tenant-Id: 1002' -H 'X-Canary: never' -H 'Host: company.localhost' http://127.0.0.1:{h}/");
+    println!("  # path prefix /reports -> application reports: reads on app-1 (read node), writes on app-2");
+    println!(
+        "  curl -s -H 'X-Canary: never' http://company.localhost:{h}/reports/q3   # *.localhost resolves to loopback"
+    );
+    println!("  curl -s -X POST -H 'X-Canary: never' http://company.localhost:{h}/reports/q3");
     println!("  # wildcard entry *.test.company.localhost -> testing");
     println!("  curl -s -H 'Host: eu.test.company.localhost' http://127.0.0.1:{h}/");
     println!("  # port-wide entry :{portwide} -> tools, whatever the host");

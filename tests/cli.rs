@@ -120,11 +120,16 @@ fn check_reports_a_typo_and_the_other_problems() {
 
 /// Sends one request with a raw socket and returns the whole answer.
 fn http_get(port: u16, host: &str) -> String {
+    http_get_with(port, host, "")
+}
+
+/// `GET /` with `extra` header lines (each ending in CRLF).
+fn http_get_with(port: u16, host: &str, extra: &str) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
         s,
-        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "GET / HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
@@ -276,10 +281,17 @@ fn demo_serves_its_topology() {
     );
     let answer = first_answer(port, "company.localhost");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = http_get_with(port, "company.localhost", "X-Canary: never\r\n");
     assert!(
         answer.contains("app-1: GET /") || answer.contains("app-2: GET /"),
         "{answer}"
     );
+    let answer = http_get_with(port, "company.localhost", "X-Canary: always\r\n");
+    assert!(answer.ends_with("canary-1: GET /\n"), "{answer}");
+    let answer = http_get_with(port, "company.localhost", "Cookie: envgate_canary=42\r\n");
+    assert!(answer.ends_with("canary-1: GET /\n"), "{answer}");
+    let answer = http_get_with(port, "company.localhost", "X-Tenant-Id: 1001\r\n");
+    assert!(answer.ends_with("acme-1: GET /\n"), "{answer}");
     let answer = http_get(port + 3, "anything.example");
     assert!(answer.ends_with("tools-1: GET /\n"), "{answer}");
 }

@@ -35,10 +35,9 @@ use super::body::{Blame, BodyWatch, ClientBody, ProxyBody, UpBody, Upload};
 use super::error::{io_kind, is_local_resource_error, own, ClientFault, Refusal};
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::pool::{ConnPool, ConnectError};
-use super::worker::LocalSnap;
 use super::worker::{Worker, MAX_HEADERS};
 use crate::routing::host::valid_authority;
-use crate::routing::{self, canary, path, RequestView, Route, RouteError};
+use crate::routing::{self, canary, path, RequestView, RouteError};
 use crate::server::TrackerGuard;
 use crate::topology::{InFlight, Member, NodeId, Timeouts, Topology};
 
@@ -337,227 +336,217 @@ pub async fn exchange(
         let n = canary::set_cookie(&mut buf, name, bucket, conn.proto.as_bytes() == b"https");
         worker.values.value(&buf[..n])
     });
-    let mut resp = serve(&worker, &conn, &snap, route, req, target, new_path, connect).await;
+    // One labelled block rather than a function of its own: an `async fn` called here
+    // would build its (large) future and then move it into this one, a copy per request.
+    let mut resp = 'serve: {
+        let env = route.environment;
+        let env_id = route.env;
+        let app = route.app;
+        if connect && !env.allow_connect {
+            break 'serve Refusal::ConnectNotAllowed.response(h1);
+        }
+        let limit = env.max_request_body;
+        if limit.is_some_and(|l| req.body().size_hint().lower() > l) {
+            break 'serve Refusal::BodyTooLarge.response(h1);
+        }
+        let Some(slot) = env.try_enter() else {
+            break 'serve own(
+                StatusCode::SERVICE_UNAVAILABLE,
+                env.bodies.over_limit.clone(),
+            );
+        };
+        let timeouts = &topo.defaults.timeouts;
+
+        let (parts, body) = req.into_parts();
+        let (body, watch) = if body.is_end_stream() {
+            (UpBody::Empty, None)
+        } else {
+            let watch = BodyWatch::new();
+            let body = ClientBody::new(body, watch.clone(), limit, timeouts.body_idle);
+            (UpBody::Stream(Box::new(body)), Some(watch))
+        };
+        let mut req = Request::from_parts(parts, body);
+        let upgrade = !connect
+            && headers::is_upgrade(req.headers())
+            && headers::upgrade_allowed(req.headers(), &env.upgrades);
+        let tunnelled = upgrade || connect;
+        let mut downstream_upgrade = tunnelled.then(|| hyper::upgrade::on(&mut req));
+        prepare(&mut req, &conn, &worker, target, new_path, upgrade, connect);
+        // A request without a body and with an idempotent method can be sent again after it
+        // reached a node that failed; any other only when it surely never left envgate.
+        let replayable =
+            !tunnelled && idempotent(req.method()) && matches!(req.body(), UpBody::Empty);
+
+        // Panic mode spreads over every primary of the application's nodes, healthy or not,
+        // but only when no backup can serve either: healthy backups come first. (Read nodes
+        // are never in panic: when none is usable, reads go to the application's nodes.)
+        let primaries = &topo.pools[app.pool].members;
+        let panic_mode = env.panic_threshold > 0.0
+            && in_panic(topo, primaries, env.panic_threshold)
+            && !primaries
+                .iter()
+                .any(|m| m.backup && topo.nodes[m.node].state.usable());
+        // Set by the first attempt from the clock read it makes anyway.
+        let overall = Cell::new(None);
+        let mut tried = [NodeId::MAX; MAX_ATTEMPTS];
+        let attempts = (env.retries as usize + 1).min(MAX_ATTEMPTS);
+        let mut last = Last::NoNode;
+        // The first attempt costs no retry token; neither does one after an attempt that never
+        // reached a node.
+        let mut free = true;
+        snap.earn_retry(env_id);
+        for attempt in 0..attempts {
+            let tried_so_far = &tried[..attempt];
+            let Some((pool_id, node)) = route.candidates.iter().find_map(|p| {
+                let members = &topo.pools[p].members;
+                let wrr = &snap.wrr[p];
+                let i = if panic_mode && p == app.pool {
+                    wrr.pick_primary(members, |n| {
+                        !topo.nodes[n].state.is_drained() && !tried_so_far.contains(&n)
+                    })
+                } else {
+                    wrr.pick(members, |n| {
+                        topo.nodes[n].state.usable() && !tried_so_far.contains(&n)
+                    })
+                }?;
+                Some((p, members[i].node))
+            }) else {
+                break;
+            };
+            if !free && !snap.spend_retry(env_id) {
+                break;
+            }
+            free = false;
+            let members = &topo.pools[pool_id].members;
+            tried[attempt] = node;
+            let pool = &snap.conns[node];
+            let copy = (replayable && attempt + 1 < attempts).then(|| replay(&req));
+            match forward(pool, req, timeouts, &overall).await {
+                Ok((mut resp, sender)) => {
+                    let blame = Blame {
+                        snap: snap.clone(),
+                        pool: pool_id,
+                        node,
+                    };
+                    let status = resp.status();
+                    let switched = status == StatusCode::SWITCHING_PROTOCOLS
+                        || (connect && status.is_success());
+                    if switched {
+                        // A switch the client did not ask for cannot be relayed: the node's
+                        // fault.
+                        let Some(down) = downstream_upgrade.take() else {
+                            passive_failure(topo, members, node);
+                            break 'serve own(
+                                StatusCode::BAD_GATEWAY,
+                                env.bodies.bad_gateway.clone(),
+                            );
+                        };
+                        blame.succeed();
+                        let up = hyper::upgrade::on(&mut resp);
+                        // An HTTP/2 stream carrying a tunnel stays open for the watchdog (the
+                        // tunnel has its own idle bound).
+                        let stream = conn.h2.as_ref().map(|h2| {
+                            let mut s = StreamGuard::enter(h2.clone());
+                            s.answered = true;
+                            s
+                        });
+                        tokio::task::spawn_local(tunnel(
+                            down,
+                            up,
+                            slot,
+                            timeouts.tunnel_idle,
+                            (worker.tracker.enter(), stream),
+                        ));
+                        headers::strip_hop_by_hop(resp.headers_mut(), upgrade);
+                        let (parts, _) = resp.into_parts();
+                        break 'serve Response::from_parts(parts, ProxyBody::empty());
+                    }
+                    headers::strip_hop_by_hop(resp.headers_mut(), false);
+                    let (parts, body) = resp.into_parts();
+                    break 'serve Response::from_parts(
+                        parts,
+                        ProxyBody::upstream(
+                            body,
+                            Some((pool.clone(), sender)),
+                            Some(slot),
+                            blame,
+                            watch,
+                            timeouts.body_idle,
+                        ),
+                    );
+                }
+                Err(failure) => {
+                    let next = match failure {
+                        Failure::Client(fault) => break 'serve fault.refusal().response(h1),
+                        Failure::NotSent(back, Cause::Local) => {
+                            tracing::warn!(node = %topo.nodes[node].name, "connect failed for lack of local resources (file descriptors, ports or buffers); not counted against the node");
+                            last = Last::Local;
+                            free = true;
+                            Some(back)
+                        }
+                        Failure::NotSent(back, Cause::Node) => {
+                            passive_failure(topo, members, node);
+                            last = Last::BadGateway;
+                            // The request reached no node: trying the next one adds no load
+                            // to any, so it costs no retry token (a node that dies under load
+                            // would otherwise drain the budget in milliseconds).
+                            free = true;
+                            Some(back)
+                        }
+                        Failure::Timeout => {
+                            passive_failure(topo, members, node);
+                            last = Last::Timeout;
+                            copy
+                        }
+                        Failure::UploadStalled => {
+                            passive_failure(topo, members, node);
+                            last = Last::Timeout;
+                            None
+                        }
+                        Failure::Deadline => {
+                            last = Last::Timeout;
+                            None
+                        }
+                        Failure::Failed => {
+                            passive_failure(topo, members, node);
+                            last = Last::BadGateway;
+                            copy
+                        }
+                    };
+                    match next {
+                        Some(r) if overall.get().is_none_or(|d| Instant::now() < d) => req = r,
+                        _ => break,
+                    }
+                }
+            }
+        }
+        let mut resp = match last {
+            Last::NoNode => own(
+                StatusCode::SERVICE_UNAVAILABLE,
+                env.bodies.no_healthy_node.clone(),
+            ),
+            Last::Local => own(
+                StatusCode::SERVICE_UNAVAILABLE,
+                env.bodies.no_capacity.clone(),
+            ),
+            Last::BadGateway => own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone()),
+            Last::Timeout => own(
+                StatusCode::GATEWAY_TIMEOUT,
+                env.bodies.gateway_timeout.clone(),
+            ),
+        };
+        if h1 && watch.as_ref().is_some_and(|w| !w.is_done()) {
+            // The upload went partly to a node: what is left of it on the client's connection
+            // cannot be read as a next request.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    };
     if let Some(c) = cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
     Ok(resp)
-}
-
-/// Forwards a routed request: limits, in-flight slot, node pick, attempts with failover,
-/// and the response (or envgate's own answer).
-#[allow(clippy::too_many_arguments)]
-async fn serve(
-    worker: &Rc<Worker>,
-    conn: &Rc<ConnInfo>,
-    snap: &Rc<LocalSnap>,
-    route: Route<'_>,
-    req: Request<Incoming>,
-    target: Target,
-    new_path: Option<String>,
-    connect: bool,
-) -> Response<ProxyBody> {
-    let h1 = conn.h2.is_none();
-    let topo = &*snap.topo;
-    let env = route.environment;
-    let env_id = route.env;
-    let app = route.app;
-    if connect && !env.allow_connect {
-        return Refusal::ConnectNotAllowed.response(h1);
-    }
-    let limit = env.max_request_body;
-    if limit.is_some_and(|l| req.body().size_hint().lower() > l) {
-        return Refusal::BodyTooLarge.response(h1);
-    }
-    let Some(slot) = env.try_enter() else {
-        return own(
-            StatusCode::SERVICE_UNAVAILABLE,
-            env.bodies.over_limit.clone(),
-        );
-    };
-    let timeouts = &topo.defaults.timeouts;
-
-    let (parts, body) = req.into_parts();
-    let (body, watch) = if body.is_end_stream() {
-        (UpBody::Empty, None)
-    } else {
-        let watch = BodyWatch::new();
-        let body = ClientBody::new(body, watch.clone(), limit, timeouts.body_idle);
-        (UpBody::Stream(Box::new(body)), Some(watch))
-    };
-    let mut req = Request::from_parts(parts, body);
-    let upgrade = !connect
-        && headers::is_upgrade(req.headers())
-        && headers::upgrade_allowed(req.headers(), &env.upgrades);
-    let tunnelled = upgrade || connect;
-    let mut downstream_upgrade = tunnelled.then(|| hyper::upgrade::on(&mut req));
-    prepare(&mut req, conn, worker, target, new_path, upgrade, connect);
-    // A request without a body and with an idempotent method can be sent again after it
-    // reached a node that failed; any other only when it surely never left envgate.
-    let replayable = !tunnelled && idempotent(req.method()) && matches!(req.body(), UpBody::Empty);
-
-    // Panic mode spreads over every primary of the application's nodes, healthy or not,
-    // but only when no backup can serve either: healthy backups come first. (Read nodes
-    // are never in panic: when none is usable, reads go to the application's nodes.)
-    let primaries = &topo.pools[app.pool].members;
-    let panic_mode = env.panic_threshold > 0.0
-        && in_panic(topo, primaries, env.panic_threshold)
-        && !primaries
-            .iter()
-            .any(|m| m.backup && topo.nodes[m.node].state.usable());
-    // Set by the first attempt from the clock read it makes anyway.
-    let overall = Cell::new(None);
-    let mut tried = [NodeId::MAX; MAX_ATTEMPTS];
-    let attempts = (env.retries as usize + 1).min(MAX_ATTEMPTS);
-    let mut last = Last::NoNode;
-    // The first attempt costs no retry token; neither does one after an attempt that never
-    // reached a node.
-    let mut free = true;
-    snap.earn_retry(env_id);
-    for attempt in 0..attempts {
-        let tried_so_far = &tried[..attempt];
-        let Some((pool_id, node)) = route.candidates.iter().find_map(|p| {
-            let members = &topo.pools[p].members;
-            let wrr = &snap.wrr[p];
-            let i = if panic_mode && p == app.pool {
-                wrr.pick_primary(members, |n| {
-                    !topo.nodes[n].state.is_drained() && !tried_so_far.contains(&n)
-                })
-            } else {
-                wrr.pick(members, |n| {
-                    topo.nodes[n].state.usable() && !tried_so_far.contains(&n)
-                })
-            }?;
-            Some((p, members[i].node))
-        }) else {
-            break;
-        };
-        if !free && !snap.spend_retry(env_id) {
-            break;
-        }
-        free = false;
-        let members = &topo.pools[pool_id].members;
-        tried[attempt] = node;
-        let pool = &snap.conns[node];
-        let copy = (replayable && attempt + 1 < attempts).then(|| replay(&req));
-        match forward(pool, req, timeouts, &overall).await {
-            Ok((mut resp, sender)) => {
-                let blame = Blame {
-                    snap: snap.clone(),
-                    pool: pool_id,
-                    node,
-                };
-                let status = resp.status();
-                let switched =
-                    status == StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success());
-                if switched {
-                    // A switch the client did not ask for cannot be relayed: the node's
-                    // fault.
-                    let Some(down) = downstream_upgrade.take() else {
-                        passive_failure(topo, members, node);
-                        return own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone());
-                    };
-                    blame.succeed();
-                    let up = hyper::upgrade::on(&mut resp);
-                    // An HTTP/2 stream carrying a tunnel stays open for the watchdog (the
-                    // tunnel has its own idle bound).
-                    let stream = conn.h2.as_ref().map(|h2| {
-                        let mut s = StreamGuard::enter(h2.clone());
-                        s.answered = true;
-                        s
-                    });
-                    tokio::task::spawn_local(tunnel(
-                        down,
-                        up,
-                        slot,
-                        timeouts.tunnel_idle,
-                        (worker.tracker.enter(), stream),
-                    ));
-                    headers::strip_hop_by_hop(resp.headers_mut(), upgrade);
-                    let (parts, _) = resp.into_parts();
-                    return Response::from_parts(parts, ProxyBody::empty());
-                }
-                headers::strip_hop_by_hop(resp.headers_mut(), false);
-                let (parts, body) = resp.into_parts();
-                return Response::from_parts(
-                    parts,
-                    ProxyBody::upstream(
-                        body,
-                        Some((pool.clone(), sender)),
-                        Some(slot),
-                        blame,
-                        watch,
-                        timeouts.body_idle,
-                    ),
-                );
-            }
-            Err(failure) => {
-                let next = match failure {
-                    Failure::Client(fault) => return fault.refusal().response(h1),
-                    Failure::NotSent(back, Cause::Local) => {
-                        tracing::warn!(node = %topo.nodes[node].name, "connect failed for lack of local resources (file descriptors, ports or buffers); not counted against the node");
-                        last = Last::Local;
-                        free = true;
-                        Some(back)
-                    }
-                    Failure::NotSent(back, Cause::Node) => {
-                        passive_failure(topo, members, node);
-                        last = Last::BadGateway;
-                        // The request reached no node: trying the next one adds no load
-                        // to any, so it costs no retry token (a node that dies under load
-                        // would otherwise drain the budget in milliseconds).
-                        free = true;
-                        Some(back)
-                    }
-                    Failure::Timeout => {
-                        passive_failure(topo, members, node);
-                        last = Last::Timeout;
-                        copy
-                    }
-                    Failure::UploadStalled => {
-                        passive_failure(topo, members, node);
-                        last = Last::Timeout;
-                        None
-                    }
-                    Failure::Deadline => {
-                        last = Last::Timeout;
-                        None
-                    }
-                    Failure::Failed => {
-                        passive_failure(topo, members, node);
-                        last = Last::BadGateway;
-                        copy
-                    }
-                };
-                match next {
-                    Some(r) if overall.get().is_none_or(|d| Instant::now() < d) => req = r,
-                    _ => break,
-                }
-            }
-        }
-    }
-    let mut resp = match last {
-        Last::NoNode => own(
-            StatusCode::SERVICE_UNAVAILABLE,
-            env.bodies.no_healthy_node.clone(),
-        ),
-        Last::Local => own(
-            StatusCode::SERVICE_UNAVAILABLE,
-            env.bodies.no_capacity.clone(),
-        ),
-        Last::BadGateway => own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone()),
-        Last::Timeout => own(
-            StatusCode::GATEWAY_TIMEOUT,
-            env.bodies.gateway_timeout.clone(),
-        ),
-    };
-    if h1 && watch.as_ref().is_some_and(|w| !w.is_done()) {
-        // The upload went partly to a node: what is left of it on the client's connection
-        // cannot be read as a next request.
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    resp
 }
 
 #[cold]
