@@ -33,7 +33,8 @@ use super::handler::StreamGuard;
 use super::io::IdleTimer;
 use super::pool::ConnPool;
 use super::worker::LocalSnap;
-use crate::topology::{InFlight, NodeId, PoolId};
+use crate::routing::Candidates;
+use crate::topology::{InFlight, NodeId};
 
 pub struct ProxyBody {
     kind: Kind,
@@ -51,7 +52,8 @@ enum Kind {
 /// Which node a body came from, to count its failures against it.
 pub struct Blame {
     pub snap: Rc<LocalSnap>,
-    pub pool: PoolId,
+    /// The pools that could serve the request (the ejection cap is counted over them).
+    pub scope: Candidates,
     pub node: NodeId,
 }
 
@@ -71,7 +73,7 @@ impl Blame {
     fn fail(&self, why: &'static str) {
         let topo = &self.snap.topo;
         tracing::debug!(node = %topo.nodes[self.node].name, why, "node failed mid-body");
-        super::handler::passive_failure(topo, &topo.pools[self.pool].members, self.node);
+        super::handler::passive_failure(topo, self.scope, self.node);
     }
 }
 

@@ -1,6 +1,7 @@
-//! Per request: snapshot -> target and Host checks -> path normalisation -> entry ->
-//! application -> limits -> in-flight slot -> node pick -> forward -> response, with
-//! failover.
+//! Per request: snapshot -> target and Host checks -> path normalisation -> the routing
+//! decision (`routing::route`: entry, tenant rule, canary, application, candidate pools) ->
+//! limits of the environment reached -> in-flight slot -> node pick (read nodes first for
+//! reads) -> forward -> response (with the canary cookie when one is due), with failover.
 //!
 //! Failover: a request that never reached a node (failed connect, pooled connection found
 //! closed) goes to the next node; a body-less request with an idempotent method also after
@@ -23,7 +24,7 @@ use std::rc::Rc;
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
@@ -37,9 +38,9 @@ use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
 use super::pool::{ConnPool, ConnectError};
 use super::worker::{Worker, MAX_HEADERS};
 use crate::routing::host::valid_authority;
-use crate::routing::{self, canary, path, RequestView, RouteError};
+use crate::routing::{self, canary, path, Candidates, RequestView, RouteError};
 use crate::server::TrackerGuard;
-use crate::topology::{InFlight, Member, NodeId, Timeouts, Topology};
+use crate::topology::{InFlight, Member, NodeId, TenantKey, Tenants, Timeouts, Topology};
 
 /// What envgate knows of the downstream connection, computed once per connection.
 pub struct ConnInfo {
@@ -332,8 +333,15 @@ pub async fn exchange(
             .as_ref()?
             .cookie
             .as_deref()?;
+        // Secure when the client reached us over TLS, or reached a trusted proxy over it.
+        let secure = conn.proto.as_bytes() == b"https"
+            || (conn.trusted
+                && req
+                    .headers()
+                    .get(&X_FORWARDED_PROTO)
+                    .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https")));
         let mut buf = [0u8; canary::SET_COOKIE_MAX];
-        let n = canary::set_cookie(&mut buf, name, bucket, conn.proto.as_bytes() == b"https");
+        let n = canary::set_cookie(&mut buf, name, bucket, secure);
         worker.values.value(&buf[..n])
     });
     // One labelled block rather than a function of its own: an `async fn` called here
@@ -371,7 +379,20 @@ pub async fn exchange(
             && headers::upgrade_allowed(req.headers(), &env.upgrades);
         let tunnelled = upgrade || connect;
         let mut downstream_upgrade = tunnelled.then(|| hyper::upgrade::on(&mut req));
-        prepare(&mut req, &conn, &worker, target, new_path, upgrade, connect);
+        // The tenant id header routing read stays, whatever `Connection` names.
+        let keep = match route
+            .tenant
+            .and(topo.environments[route.origin()].tenants.as_ref())
+        {
+            Some(Tenants {
+                key: TenantKey::Header(name),
+                ..
+            }) => Some(name),
+            _ => None,
+        };
+        prepare(
+            &mut req, &conn, &worker, target, new_path, upgrade, connect, keep,
+        );
         // A request without a body and with an idempotent method can be sent again after it
         // reached a node that failed; any other only when it surely never left envgate.
         let replayable =
@@ -397,7 +418,7 @@ pub async fn exchange(
         snap.earn_retry(env_id);
         for attempt in 0..attempts {
             let tried_so_far = &tried[..attempt];
-            let Some((pool_id, node)) = route.candidates.iter().find_map(|p| {
+            let Some(node) = route.candidates.iter().find_map(|p| {
                 let members = &topo.pools[p].members;
                 let wrr = &snap.wrr[p];
                 let i = if panic_mode && p == app.pool {
@@ -409,7 +430,7 @@ pub async fn exchange(
                         topo.nodes[n].state.usable() && !tried_so_far.contains(&n)
                     })
                 }?;
-                Some((p, members[i].node))
+                Some(members[i].node)
             }) else {
                 break;
             };
@@ -417,7 +438,6 @@ pub async fn exchange(
                 break;
             }
             free = false;
-            let members = &topo.pools[pool_id].members;
             tried[attempt] = node;
             let pool = &snap.conns[node];
             let copy = (replayable && attempt + 1 < attempts).then(|| replay(&req));
@@ -425,7 +445,7 @@ pub async fn exchange(
                 Ok((mut resp, sender)) => {
                     let blame = Blame {
                         snap: snap.clone(),
-                        pool: pool_id,
+                        scope: route.candidates,
                         node,
                     };
                     let status = resp.status();
@@ -435,7 +455,7 @@ pub async fn exchange(
                         // A switch the client did not ask for cannot be relayed: the node's
                         // fault.
                         let Some(down) = downstream_upgrade.take() else {
-                            passive_failure(topo, members, node);
+                            passive_failure(topo, route.candidates, node);
                             break 'serve own(
                                 StatusCode::BAD_GATEWAY,
                                 env.bodies.bad_gateway.clone(),
@@ -485,7 +505,7 @@ pub async fn exchange(
                             Some(back)
                         }
                         Failure::NotSent(back, Cause::Node) => {
-                            passive_failure(topo, members, node);
+                            passive_failure(topo, route.candidates, node);
                             last = Last::BadGateway;
                             // The request reached no node: trying the next one adds no load
                             // to any, so it costs no retry token (a node that dies under load
@@ -494,12 +514,12 @@ pub async fn exchange(
                             Some(back)
                         }
                         Failure::Timeout => {
-                            passive_failure(topo, members, node);
+                            passive_failure(topo, route.candidates, node);
                             last = Last::Timeout;
                             copy
                         }
                         Failure::UploadStalled => {
-                            passive_failure(topo, members, node);
+                            passive_failure(topo, route.candidates, node);
                             last = Last::Timeout;
                             None
                         }
@@ -508,7 +528,7 @@ pub async fn exchange(
                             None
                         }
                         Failure::Failed => {
-                            passive_failure(topo, members, node);
+                            passive_failure(topo, route.candidates, node);
                             last = Last::BadGateway;
                             copy
                         }
@@ -600,9 +620,11 @@ fn in_panic(topo: &Topology, members: &[Member], threshold: f64) -> bool {
 static EJECTIONS: Mutex<()> = Mutex::new(());
 
 /// Counts a live-traffic failure of the node's own against `node`, ejecting it when it
-/// reaches the threshold and the pool still has room under its cap of ejected nodes.
+/// reaches the threshold and the pools that could serve the request (`scope`: read nodes,
+/// the application's nodes, and for a canary request the pool it would otherwise use)
+/// still have room under their cap of ejected nodes.
 #[cold]
-pub(crate) fn passive_failure(topo: &Topology, members: &[Member], node: NodeId) {
+pub(crate) fn passive_failure(topo: &Topology, scope: Candidates, node: NodeId) {
     let policy = &topo.defaults.passive;
     let n = &topo.nodes[node];
     // Metrics, once the metrics module exists: ejections and envgate_retries_total count
@@ -611,11 +633,18 @@ pub(crate) fn passive_failure(topo: &Topology, members: &[Member], node: NodeId)
         return;
     }
     let _one_at_a_time = EJECTIONS.lock().unwrap_or_else(|e| e.into_inner());
-    let ejected = members
-        .iter()
-        .filter(|m| topo.nodes[m.node].state.is_ejected())
-        .count();
-    let may_eject = (ejected + 1) * 100 <= members.len() * policy.max_ejected_percent as usize;
+    // Each node once, whichever pools of the scope hold it.
+    let mut seen: Vec<NodeId> = Vec::new();
+    let mut ejected = 0;
+    for p in scope.scope() {
+        for m in &topo.pools[p].members {
+            if !seen.contains(&m.node) {
+                seen.push(m.node);
+                ejected += topo.nodes[m.node].state.is_ejected() as usize;
+            }
+        }
+    }
+    let may_eject = (ejected + 1) * 100 <= seen.len() * policy.max_ejected_percent as usize;
     if !may_eject {
         return;
     }
@@ -628,6 +657,7 @@ pub(crate) fn passive_failure(topo: &Topology, members: &[Member], node: NodeId)
 /// form for CONNECT), HTTP/1.1, exactly one Host (the one routing used), hop-by-hop
 /// headers out, HTTP/2 cookies joined, `X-Forwarded-*` and `X-Request-Id` in.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     req: &mut Request<UpBody>,
     conn: &ConnInfo,
@@ -636,6 +666,7 @@ fn prepare(
     new_path: Option<String>,
     upgrade: bool,
     connect: bool,
+    keep: Option<&HeaderName>,
 ) {
     let was_h2 = req.version() == Version::HTTP_2;
     if !connect {
@@ -667,7 +698,7 @@ fn prepare(
     let mut seen = headers::scan(h);
     // A Connection option may have named one of the fields the scan saw (a client listing
     // X-Forwarded-Proto must not make envgate drop its own): look again after such a strip.
-    if seen.hop && headers::strip_hop_by_hop(h, upgrade) {
+    if seen.hop && headers::strip_hop_by_hop_keeping(h, upgrade, keep) {
         seen = headers::scan(h);
     }
     // Room for the headers added below, in one growth at most.

@@ -52,6 +52,18 @@ fn tokens(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
 /// Returns whether fields named in `Connection` (beyond the standard hop-by-hop set) were
 /// removed, so that a caller that looked at the names before knows to look again.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> bool {
+    strip_hop_by_hop_keeping(headers, upgrade, None)
+}
+
+/// `strip_hop_by_hop`, except that a `Connection` option naming `keep` does not remove it:
+/// the field routing read the request by (a tenant id header) reaches the node as routing
+/// saw it, whatever the client lists in `Connection`, as Host does.
+#[inline]
+pub fn strip_hop_by_hop_keeping(
+    headers: &mut HeaderMap,
+    upgrade: bool,
+    keep: Option<&HeaderName>,
+) -> bool {
     // One pass over the message's few names finds the hop-by-hop ones (usually none, or
     // just `Connection`), so only those cost a removal.
     let mut found: [Option<HeaderName>; 9] = Default::default();
@@ -96,6 +108,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> bool {
                         named |= headers.remove("close").is_some();
                     }
                 } else if !t.eq_ignore_ascii_case(b"host")
+                    && keep.is_none_or(|k| !t.eq_ignore_ascii_case(k.as_str().as_bytes()))
                     && !HOP_BY_HOP
                         .iter()
                         .chain(std::iter::once(&header::UPGRADE))

@@ -11,8 +11,9 @@
 //!
 //! A tenant redirect is final: the tenant's environment serves the request or answers
 //! 404/503 itself (its requests never fall back into a shared environment). A canary
-//! redirect falls back to the environment it came from when the canary environment has no
-//! application for the path, or no node that can take the request.
+//! redirect falls back to the environment it came from when the canary environment runs no
+//! version of the path's application (none for the path, or another application: a canary
+//! of `shop` on `/` does not take `/reports`), or has no node that can take the request.
 //!
 //! `route` reads the snapshot (and the nodes' health, to decide that fall-back) and
 //! allocates nothing. The handler forwards its `Route`; status, explain, metrics and the
@@ -105,7 +106,8 @@ pub struct CanaryDecision {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fallback {
-    /// The canary environment has no application for the path.
+    /// The canary environment has no application for the path, or only another one than
+    /// the request's (a canary of `shop` on `/` does not take `/reports`).
     NoApplication,
     /// No node of the canary's application can take a request.
     NoUsableNode,
@@ -117,11 +119,23 @@ pub enum Fallback {
 pub struct Candidates {
     pub first: PoolId,
     pub then: Option<PoolId>,
+    /// For a request the canary took: the pool it would have used in its own environment
+    /// (not picked from; it is where such requests go once the canary has no usable node).
+    pub stay: Option<PoolId>,
 }
 
 impl Candidates {
+    /// The pools a node is picked from, in order.
     pub fn iter(self) -> impl Iterator<Item = PoolId> {
         std::iter::once(self.first).chain(self.then)
+    }
+
+    /// Every pool that can serve such a request, fall-backs included: the cap on ejected
+    /// nodes (at most half) is counted over them, so a lone read node or canary node
+    /// that fails can be ejected (its requests have somewhere else to go) while a lone
+    /// node with no fall-back cannot.
+    pub fn scope(self) -> impl Iterator<Item = PoolId> {
+        self.iter().chain(self.stay)
     }
 }
 
@@ -150,10 +164,12 @@ impl Route<'_> {
     }
 }
 
-/// Whether a method only reads (goes to read nodes when the application has them).
+/// Whether a request only reads (goes to read nodes when the application has them): GET,
+/// HEAD or OPTIONS, and not a protocol upgrade (a WebSocket is a two-way channel).
 #[inline]
-pub fn is_read(m: &Method) -> bool {
+pub fn is_read(m: &Method, headers: &HeaderMap) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
+        && !headers.contains_key(http::header::UPGRADE)
 }
 
 /// Routes one request.
@@ -183,15 +199,22 @@ pub fn route<'t>(topo: &'t Topology, req: &RequestView<'_>) -> Result<Route<'t>,
         tenant = Some(d);
     }
 
+    let mut stay = None;
     if redirect.is_none() {
         if let Some(c) = &origin.canary {
             let a = canary::assign(c, req);
             let mut fallback = None;
             if a.arm == Arm::Canary {
                 let target = &topo.environments[c.environment];
+                let own = origin.app_for(req.path);
                 match target.app_for(req.path) {
+                    // The canary runs new versions of the same applications: a request
+                    // whose application it does not run stays.
+                    Some(app) if !same_application(own, app) => {
+                        fallback = Some(Fallback::NoApplication)
+                    }
                     None => fallback = Some(Fallback::NoApplication),
-                    Some(app) if !can_serve(topo, app, req.method) => {
+                    Some(app) if !can_serve(topo, app, req) => {
                         fallback = Some(Fallback::NoUsableNode)
                     }
                     Some(_) => {
@@ -201,6 +224,7 @@ pub fn route<'t>(topo: &'t Topology, req: &RequestView<'_>) -> Result<Route<'t>,
                             basis: a.basis,
                         });
                         env = c.environment;
+                        stay = own.map(|app| app.pool);
                     }
                 }
             }
@@ -220,13 +244,15 @@ pub fn route<'t>(topo: &'t Topology, req: &RequestView<'_>) -> Result<Route<'t>,
     let environment = &topo.environments[env];
     let app = environment.app_for(req.path).ok_or(RouteError::NoRoute)?;
     let candidates = match app.read_pool {
-        Some(read) if is_read(req.method) => Candidates {
+        Some(read) if is_read(req.method, req.headers) => Candidates {
             first: read,
             then: Some(app.pool),
+            stay,
         },
         _ => Candidates {
             first: app.pool,
             then: None,
+            stay,
         },
     };
     Ok(Route {
@@ -241,9 +267,23 @@ pub fn route<'t>(topo: &'t Topology, req: &RequestView<'_>) -> Result<Route<'t>,
     })
 }
 
+/// Whether the canary's application `canary` is a version of the request's own
+/// application: the same name, or either side without named applications (an environment
+/// that lists none is one application on every path).
+#[inline]
+fn same_application(own: Option<&Application>, canary: &Application) -> bool {
+    match own {
+        None => true,
+        Some(own) => own.name.is_empty() || canary.name.is_empty() || own.name == canary.name,
+    }
+}
+
 /// Whether some node of the application could take the request now (up and not drained).
-fn can_serve(topo: &Topology, app: &Application, method: &Method) -> bool {
-    let pools = [app.read_pool.filter(|_| is_read(method)), Some(app.pool)];
+fn can_serve(topo: &Topology, app: &Application, req: &RequestView<'_>) -> bool {
+    let pools = [
+        app.read_pool.filter(|_| is_read(req.method, req.headers)),
+        Some(app.pool),
+    ];
     pools.into_iter().flatten().any(|p| {
         topo.pools[p]
             .members
@@ -297,21 +337,27 @@ impl std::fmt::Display for Described<'_> {
             }
             match (c.arm, c.fallback) {
                 (Arm::Canary, _) => write!(f, " -> {target}")?,
-                (Arm::Primary, Some(Fallback::NoApplication)) => {
-                    write!(f, ", but {target} has no application for the path: stays")?
-                }
+                (Arm::Primary, Some(Fallback::NoApplication)) => write!(
+                    f,
+                    ", but {target} runs no version of the path's application: stays"
+                )?,
                 (Arm::Primary, Some(Fallback::NoUsableNode)) => {
                     write!(f, ", but {target} has no usable node: stays")?
                 }
                 (Arm::Primary, None) => write!(f, ": stays")?,
             }
         }
-        let app = if r.app.name.is_empty() {
-            "(all paths)".to_string()
+        if r.app.name.is_empty() {
+            write!(f, "; application (all paths) in {}", name(r.env))?;
         } else {
-            format!("{} {}", r.app.name, r.app.version)
-        };
-        write!(f, "; application {app} in {}", name(r.env))?;
+            write!(
+                f,
+                "; application {} {} in {}",
+                r.app.name,
+                r.app.version,
+                name(r.env)
+            )?;
+        }
         if r.candidates.then.is_some() {
             write!(f, " (read nodes first)")?;
         }

@@ -1,7 +1,9 @@
 //! Tenant ids: where a request carries one, and which range (if any) owns it.
 //!
 //! An id is a decimal `u64`. From a header or a query parameter it is the whole value
-//! (`X-Tenant-Id: 42`, `?tenant=42`; a query value may be percent-encoded). From a host
+//! (`X-Tenant-Id: 42`, `?tenant=42`). A query parameter is read as forms encode it: its
+//! name and value percent-decoded, `+` a space, the name in any case (`?%74enant=` and
+//! `?Tenant=` are `tenant` to some nodes, so they are to envgate). From a host
 //! label or a path segment, which name things, it may follow a prefix of letters, `-` or
 //! `_` (`t42.company.com`, `/tenants/tenant-42/...`). An empty value is a missing id;
 //! anything else that is not such a number, a number that overflows `u64`, and a request
@@ -9,8 +11,8 @@
 //! parameter given twice: the node might read the other one) are malformed. A host that is
 //! an IP address has no tenant label.
 //!
-//! Nothing here allocates: values are read in place, a query value is decoded into a
-//! stack buffer.
+//! Nothing here allocates: values are read in place, query names and values are decoded
+//! on the fly.
 
 use super::RequestView;
 use crate::routing::host::{host_part, MAX_HOST};
@@ -97,10 +99,10 @@ pub fn extract(key: &TenantKey, req: &RequestView<'_>) -> TenantId {
             let mut found: Option<TenantId> = None;
             for pair in query.split('&') {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                if k != &**name {
+                if !form_name_is(k.as_bytes(), name.as_bytes()) {
                     continue;
                 }
-                let id = decoded(v.as_bytes());
+                let id = form_value(v.as_bytes());
                 match found {
                     None => found = Some(id),
                     Some(prev) if prev != id => return TenantId::Malformed,
@@ -109,6 +111,89 @@ pub fn extract(key: &TenantKey, req: &RequestView<'_>) -> TenantId {
             }
             found.unwrap_or(TenantId::Missing)
         }
+    }
+}
+
+/// Decodes form-encoded bytes one at a time: `%XX` escapes and `+` for a space. `None` for
+/// a malformed escape.
+struct FormDecode<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Iterator for FormDecode<'_> {
+    type Item = Option<u8>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Option<u8>> {
+        let b = *self.bytes.get(self.at)?;
+        self.at += 1;
+        Some(match b {
+            b'+' => Some(b' '),
+            b'%' => {
+                let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
+                let (h, l) = (
+                    hex(self.bytes.get(self.at)),
+                    hex(self.bytes.get(self.at + 1)),
+                );
+                self.at += 2;
+                match (h, l) {
+                    (Some(h), Some(l)) => Some((h * 16 + l) as u8),
+                    _ => None,
+                }
+            }
+            b => Some(b),
+        })
+    }
+}
+
+fn form(bytes: &[u8]) -> FormDecode<'_> {
+    FormDecode { bytes, at: 0 }
+}
+
+/// Whether a form-encoded parameter name is `name`, in any case.
+#[inline]
+fn form_name_is(raw: &[u8], name: &[u8]) -> bool {
+    let mut decoded = form(raw);
+    for want in name {
+        match decoded.next() {
+            Some(Some(b)) if b.eq_ignore_ascii_case(want) => {}
+            _ => return false,
+        }
+    }
+    decoded.next().is_none()
+}
+
+/// A form-encoded value that must be a number (surrounding spaces ignored), decoded and
+/// parsed in one pass, whatever its length.
+#[inline]
+fn form_value(raw: &[u8]) -> TenantId {
+    let mut id: u64 = 0;
+    // 0: leading spaces, 1: digits, 2: trailing spaces.
+    let mut state = 0;
+    for b in form(raw) {
+        let Some(b) = b else {
+            return TenantId::Malformed;
+        };
+        match (state, b) {
+            (0 | 2, b' ' | b'\t') => {}
+            (0 | 1, b'0'..=b'9') => {
+                state = 1;
+                id = match id
+                    .checked_mul(10)
+                    .and_then(|n| n.checked_add((b - b'0') as u64))
+                {
+                    Some(n) => n,
+                    None => return TenantId::Malformed,
+                };
+            }
+            (1, b' ' | b'\t') => state = 2,
+            _ => return TenantId::Malformed,
+        }
+    }
+    match state {
+        0 => TenantId::Missing,
+        _ => TenantId::Id(id),
     }
 }
 
@@ -133,41 +218,6 @@ fn embedded(v: &[u8]) -> TenantId {
         .position(|b| !(b.is_ascii_alphabetic() || *b == b'-' || *b == b'_'))
         .unwrap_or(v.len());
     number(&v[start..])
-}
-
-/// A query value, percent-decoded first.
-#[inline]
-fn decoded(v: &[u8]) -> TenantId {
-    if v.is_empty() {
-        return TenantId::Missing;
-    }
-    let mut buf = [0u8; 32];
-    let mut n = 0;
-    let mut i = 0;
-    while i < v.len() {
-        if n == buf.len() {
-            return TenantId::Malformed;
-        }
-        let b = if v[i] == b'%' {
-            let hex = |c: u8| (c as char).to_digit(16);
-            match (
-                v.get(i + 1).and_then(|c| hex(*c)),
-                v.get(i + 2).and_then(|c| hex(*c)),
-            ) {
-                (Some(h), Some(l)) => {
-                    i += 3;
-                    (h * 16 + l) as u8
-                }
-                _ => return TenantId::Malformed,
-            }
-        } else {
-            i += 1;
-            v[i - 1]
-        };
-        buf[n] = b;
-        n += 1;
-    }
-    plain(&buf[..n])
 }
 
 /// Decimal digits only, no sign, fitting a `u64`.
@@ -217,8 +267,27 @@ mod tests {
         assert_eq!(embedded(b"42"), TenantId::Id(42));
         assert_eq!(embedded(b"acme"), TenantId::Malformed);
         assert_eq!(embedded(b"t42x"), TenantId::Malformed);
-        assert_eq!(decoded(b"%34%32"), TenantId::Id(42));
-        assert_eq!(decoded(b"4%2"), TenantId::Malformed);
-        assert_eq!(decoded(b"42%00"), TenantId::Malformed);
+        assert_eq!(form_value(b"%34%32"), TenantId::Id(42));
+        assert_eq!(form_value(b"+42+"), TenantId::Id(42));
+        assert_eq!(form_value(b""), TenantId::Missing);
+        assert_eq!(form_value(b"%20"), TenantId::Missing);
+        let long = format!("{}1001", "0".repeat(100));
+        assert_eq!(form_value(long.as_bytes()), TenantId::Id(1001));
+        for bad in [
+            &b"4%2"[..],
+            b"42%00",
+            b"4 2",
+            b"-1",
+            b"18446744073709551616",
+            b"%",
+        ] {
+            assert_eq!(form_value(bad), TenantId::Malformed, "{bad:?}");
+        }
+        assert!(form_name_is(b"tenant", b"tenant"));
+        assert!(form_name_is(b"%74enant", b"tenant"));
+        assert!(form_name_is(b"TENANT", b"tenant"));
+        assert!(!form_name_is(b"tenants", b"tenant"));
+        assert!(!form_name_is(b"tenan", b"tenant"));
+        assert!(!form_name_is(b"ten%ant", b"tenant"));
     }
 }
