@@ -243,11 +243,14 @@ type Sniffed = (Vec<u8>, bool, Option<Instant>);
 /// Reads the first bytes of a connection and tells whether it speaks HTTP/2 with prior
 /// knowledge. `None` when the peer closed before sending anything.
 async fn sniff(stream: &TcpStream) -> io::Result<Option<Sniffed>> {
-    let mut buf = vec![0u8; 4096];
+    // Not zeroed: each read fills the spare capacity and sets the length (the loop ends
+    // within the first 24 bytes, long before the capacity is used up, so a read of 0
+    // always means the peer closed).
+    let mut buf = Vec::with_capacity(4096);
     let mut len = 0;
     let mut waited = None;
     loop {
-        match stream.try_read(&mut buf[len..]) {
+        match stream.try_read_buf(&mut buf) {
             Ok(0) => return Ok(None),
             Ok(n) => {
                 len += n;
