@@ -10,7 +10,6 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use envgate::balance::Wrr;
-use envgate::health::NodeRegistry;
 use envgate::routing::host::{Entry, EntryTable};
 use envgate::routing::{route, RequestView};
 use envgate::topology::{Member, Topology};
@@ -110,7 +109,7 @@ fn topology(envs: usize, ranges: usize) -> Topology {
             "  env-{i}: {{ entries: [\"env{i}.company.com:443\"], nodes: [n{i}], apps: [ {{ name: web, version: \"1\", path: / }}, {{ name: api, version: \"1\", path: /api }} ] }}\n"
         ));
     }
-    envgate::config::parse(&y, std::path::Path::new("."), &NodeRegistry::default()).unwrap()
+    envgate::config::parse(&y, std::path::Path::new(".")).unwrap()
 }
 
 fn decision(c: &mut Criterion) {

@@ -85,7 +85,7 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
         addrs.push(addr);
     }
     let registry = Arc::new(NodeRegistry::default());
-    let topology = config::parse(&text, std::path::Path::new("."), &registry)
+    let topology = config::parse(&text, std::path::Path::new("."))
         .map_err(|e| anyhow::anyhow!("demo topology: {e}"))?;
     let mut listeners = Vec::new();
     for l in &topology.listeners {
@@ -93,7 +93,16 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
             .with_context(|| format!("cannot bind {} (try `envgate demo --port N`)", l.bind))?;
         listeners.push((l.name.clone(), sock));
     }
-    let server = server::start(topology, registry, listeners, Options { workers })?;
+    let server = server::start(
+        topology,
+        registry,
+        listeners,
+        Options {
+            workers,
+            document: text.clone(),
+            base_dir: ".".into(),
+        },
+    )?;
     let h = port;
     println!("envgate demo: topology\n\n{text}");
     println!("Try (each answer names the node that served it):\n");

@@ -4,16 +4,18 @@
 //! Module map:
 //! - `config`    topology documents: serde mirror (`raw`), validation and compilation
 //! - `topology`  the validated, immutable model and its lookup tables
-//! - `routing`   entry resolution (Host and port -> environment)
+//! - `routing`   the routing decision: entry, tenant ranges, canary, application, candidates
 //! - `balance`   smooth weighted round-robin and the failover order of candidates
 //! - `health`    per-node state (health, drain) carried across reloads
 //! - `proxy`     listeners, the per-request handler, upstream connection pools
-//! - `server`    `run()`: workers, signals, graceful drain
+//! - `control`   the apply path (every topology change), its history, the file watch
+//! - `server`    `start()`: workers, graceful drain
 //! - `demo`      `envgate demo`: demo nodes and topology on loopback
 #![forbid(unsafe_code)]
 
 pub mod balance;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod health;
 pub mod proxy;

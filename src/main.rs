@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use envgate::config::{self, LoadError};
+use envgate::control::{watch, Source};
 use envgate::health::NodeRegistry;
 use envgate::server::{self, Options, Server};
 
@@ -103,7 +104,7 @@ fn main() -> ExitCode {
 fn check(files: &[PathBuf]) -> ExitCode {
     let mut worst = 0u8;
     for file in files {
-        match config::load_file(file, &NodeRegistry::default()) {
+        match config::load_file(file) {
             Ok(t) => println!(
                 "{}: ok ({} listeners, {} nodes, {} environments)",
                 file.display(),
@@ -142,7 +143,14 @@ fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
         Signals::register().context("cannot install signal handlers")?
     };
     let registry = Arc::new(NodeRegistry::default());
-    let topology = config::load_file(&path, &registry)
+    let document = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let base_dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    let topology = config::parse(&document, &base_dir)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     warn_inactive(&topology);
     let mut listeners = Vec::new();
@@ -158,8 +166,25 @@ fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
         environments = topology.environments.len(),
         "serving"
     );
-    let server = server::start(topology, registry.clone(), listeners, Options { workers })?;
-    wait_for_signals(&rt, signals, &server, &path, &registry)?;
+    let server = server::start(
+        topology,
+        registry,
+        listeners,
+        Options {
+            workers,
+            document,
+            base_dir,
+        },
+    )?;
+    // The file is watched; a watch that cannot start leaves SIGHUP.
+    let _watch = match watch::spawn(server.control().clone(), &path) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot watch the topology file; reload it with SIGHUP");
+            None
+        }
+    };
+    wait_for_signals(&rt, signals, &server, &path)?;
     tracing::info!("shutting down: draining connections");
     server.shutdown();
     tracing::info!("stopped");
@@ -198,7 +223,6 @@ fn wait_for_signals(
     signals: Signals,
     server: &Server,
     path: &std::path::Path,
-    registry: &NodeRegistry,
 ) -> anyhow::Result<()> {
     let Signals {
         mut term,
@@ -210,12 +234,12 @@ fn wait_for_signals(
             tokio::select! {
                 _ = term.recv() => return Ok(()),
                 _ = int.recv() => return Ok(()),
-                _ = hup.recv() => match config::load_file(path, registry) {
-                    Ok(t) => match server.apply(t) {
-                        Ok(generation) => tracing::info!(source = "signal", generation, "topology applied"),
-                        Err(e) => tracing::error!(source = "signal", error = %e, "topology refused; the running one stays"),
-                    },
-                    Err(e) => tracing::error!(source = "signal", error = %e, "topology refused; the running one stays"),
+                // `apply` logs what it applied or why it refused.
+                _ = hup.recv() => match std::fs::read_to_string(path) {
+                    Ok(text) => {
+                        let _ = server.control().apply(Source::Signal, &text, false);
+                    }
+                    Err(e) => tracing::error!(source = "signal", file = %path.display(), error = %e, "topology file unreadable; the running topology stays"),
                 },
             }
         }

@@ -3,7 +3,7 @@
 //! Each worker is a thread with a current-thread runtime and a `LocalSet`, serving every
 //! listener through its own clone of the listening socket (the kernel spreads accepted
 //! connections over the workers, like nginx's workers). The live topology is one
-//! `ArcSwap` in `Shared`; `Server::apply` is the one way to change it. Shutdown: stop
+//! `ArcSwap` in `Shared`; `control::Control::apply` is the one way to change it. Shutdown: stop
 //! accepting, ask every connection to finish (HTTP/1 closes after the response in flight,
 //! HTTP/2 sends GOAWAY), wait for them up to the drain timeout, then return.
 
@@ -17,6 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
+use crate::control::Control;
 use crate::health::{checker, NodeRegistry};
 use crate::proxy::listener::{accept_loop, ListenerMeta};
 use crate::proxy::worker::Worker;
@@ -24,7 +25,7 @@ use crate::topology::Topology;
 
 /// State shared by every worker and the control plane.
 pub struct Shared {
-    /// The live topology. Written only by `Server::apply`.
+    /// The live topology. Written only by `control::Control::apply`.
     pub topology: ArcSwap<Topology>,
     /// Node health and drain, by node identity, across topologies.
     pub registry: Arc<NodeRegistry>,
@@ -74,22 +75,28 @@ impl Drop for TrackerGuard {
 pub struct Options {
     /// Worker threads; 0 means one per CPU.
     pub workers: usize,
-}
-
-/// Why a topology was not applied.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error("listeners cannot change while running (restart to rebind): {0}")]
-    Listeners(String),
+    /// The document the topology was read from (kept in the history; a later apply of
+    /// the same text is no change).
+    pub document: String,
+    /// Where relative paths in documents point (the topology file's directory).
+    pub base_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("node {0:?} is not in the running topology")]
 pub struct UnknownNode(pub String);
 
+impl Shared {
+    /// Wakes the health checkers after a swap.
+    pub(crate) fn topology_changed(&self, generation: u64) {
+        let _ = self.changed.send(generation);
+    }
+}
+
 /// A running envgate.
 pub struct Server {
     shared: Arc<Shared>,
+    control: Arc<Control>,
     shutdown: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -126,6 +133,7 @@ pub fn start(
     if topology.generation == 0 {
         topology.generation = 1;
     }
+    registry.bind(&mut topology);
     let ports: Vec<(String, u16)> = listeners
         .iter()
         .map(|(name, l)| {
@@ -204,8 +212,14 @@ pub fn start(
                 })?,
         );
     }
+    let control = Arc::new(Control::new(
+        shared.clone(),
+        &options.document,
+        &options.base_dir,
+    ));
     Ok(Server {
         shared,
+        control,
         shutdown: tx,
         workers: handles,
     })
@@ -272,50 +286,9 @@ impl Server {
         self.shared.topology.load_full()
     }
 
-    /// Swaps in a new topology (already validated). Listeners cannot change while
-    /// running. Returns the new generation.
-    pub fn apply(&self, mut topology: Topology) -> Result<u64, ApplyError> {
-        let live = self.shared.topology.load();
-        let same = live.listeners.len() == topology.listeners.len()
-            && live.listeners.iter().all(|l| {
-                topology.listeners.iter().any(|n| {
-                    n.name == l.name && n.bind == l.bind && n.tls.is_some() == l.tls.is_some()
-                })
-            });
-        if !same {
-            return Err(ApplyError::Listeners(format!(
-                "running {:?}, new {:?}",
-                live.listeners
-                    .iter()
-                    .map(|l| format!("{}={}", l.name, l.bind))
-                    .collect::<Vec<_>>(),
-                topology
-                    .listeners
-                    .iter()
-                    .map(|l| format!("{}={}", l.name, l.bind))
-                    .collect::<Vec<_>>()
-            )));
-        }
-        topology.generation = live.generation + 1;
-        // An environment that stays keeps counting its requests in flight, so a reload
-        // does not open a second allowance next to the first.
-        for env in &mut topology.environments {
-            if let Some(old) = live.env_by_name(&env.name) {
-                if let Some(env) = Arc::get_mut(env) {
-                    env.in_flight = live.environments[old].in_flight.clone();
-                }
-            }
-        }
-        let generation = topology.generation;
-        let keep: Vec<_> = topology
-            .nodes
-            .iter()
-            .map(|n| (n.name.to_string(), n.addr))
-            .collect();
-        self.shared.topology.store(Arc::new(topology));
-        self.shared.registry.retain(&keep);
-        let _ = self.shared.changed.send(generation);
-        Ok(generation)
+    /// The apply path: every change of the topology goes through it.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// Drains a node (`true`): it gets no new requests, finishes those in flight, and

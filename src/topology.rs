@@ -57,7 +57,7 @@ pub struct ControlSpec {
     pub token_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Defaults {
     pub health: HealthSpec,
     pub timeouts: Timeouts,

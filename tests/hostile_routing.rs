@@ -885,10 +885,9 @@ async fn reads_fall_back_when_the_read_pool_is_down() {
 // ---------------------------------------------------------------------------------------
 
 fn parse(yaml: &str) -> Result<(), String> {
-    let registry = envgate::health::NodeRegistry::default();
     let dir = tempfile::tempdir().unwrap();
     let text = yaml.replace("{port:http}", "18080");
-    envgate::config::parse(&text, dir.path(), &registry)
+    envgate::config::parse(&text, dir.path())
         .map(|_| ())
         .map_err(|e| e.to_string())
 }

@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use envgate::config::{parse, ConfigError, ErrorKind, LoadError};
-use envgate::health::NodeRegistry;
 
 fn errors(yaml: &str) -> Vec<ConfigError> {
-    match parse(yaml, std::path::Path::new("."), &NodeRegistry::default()) {
+    match parse(yaml, std::path::Path::new(".")) {
         Ok(_) => panic!("accepted:\n{yaml}"),
         Err(LoadError::Invalid(e)) => e,
         Err(e) => panic!("not a validation error: {e}"),
@@ -15,7 +14,7 @@ fn errors(yaml: &str) -> Vec<ConfigError> {
 }
 
 fn parse_error(yaml: &str) -> String {
-    match parse(yaml, std::path::Path::new("."), &NodeRegistry::default()) {
+    match parse(yaml, std::path::Path::new(".")) {
         Err(LoadError::Parse(e)) => e,
         Err(e) => panic!("not a parse error: {e}"),
         Ok(_) => panic!("accepted:\n{yaml}"),
@@ -46,9 +45,7 @@ nodes:
 fn valid_document_passes() {
     let t = parse(
         &format!("{BASE}environments:\n  production: {{ entries: [\"company.com:8080\"], nodes: [app-1, app-2] }}\n"),
-        std::path::Path::new("."),
-        &NodeRegistry::default(),
-    )
+        std::path::Path::new("."))
     .unwrap();
     assert_eq!(t.environments.len(), 1);
 }
@@ -276,8 +273,7 @@ fn all_problems_are_reported_at_once() {
 
 /// Parses a document expected to be valid.
 fn topology(yaml: &str) -> envgate::topology::Topology {
-    parse(yaml, std::path::Path::new("."), &NodeRegistry::default())
-        .unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+    parse(yaml, std::path::Path::new(".")).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
 }
 
 /// `BASE` plus one environment `e` on `a.com:8080` with `extra` keys, and `defaults`.
@@ -656,8 +652,7 @@ fn canary_tenant_and_read_node_shapes() {
         let doc = format!(
             "{BASE}environments:\n  production:\n    entries: [\"c.com:8080\"]\n    nodes: [app-1]\n    canary: {{ environment: next, weight: {weight}, cookie: envgate_canary, hash: {hash} }}\n  next: {{ nodes: [app-2] }}\n"
         );
-        let t = parse(&doc, std::path::Path::new("."), &NodeRegistry::default())
-            .unwrap_or_else(|e| panic!("{e}\n{doc}"));
+        let t = parse(&doc, std::path::Path::new(".")).unwrap_or_else(|e| panic!("{e}\n{doc}"));
         let c = t.environments[0].canary.as_ref().unwrap();
         assert_eq!(
             c.threshold as f64,

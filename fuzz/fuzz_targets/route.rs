@@ -4,7 +4,6 @@
 //! `required` rule never lets a missing or malformed id through).
 #![no_main]
 
-use envgate::health::NodeRegistry;
 use envgate::routing::canary::{Arm, Basis, BucketSource};
 use envgate::routing::tenant::TenantDecision;
 use envgate::routing::{route, Redirect, RequestView, RouteError};
@@ -47,7 +46,7 @@ environments:
 fn topo() -> &'static Topology {
     static T: OnceLock<Topology> = OnceLock::new();
     T.get_or_init(|| {
-        envgate::config::parse(DOC, std::path::Path::new("."), &NodeRegistry::default()).unwrap()
+        envgate::config::parse(DOC, std::path::Path::new(".")).unwrap()
     })
 }
 

@@ -10,8 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let registry = envgate::health::NodeRegistry::default();
-    match envgate::config::parse(text, Path::new("/nonexistent"), &registry) {
+    match envgate::config::parse(text, Path::new("/nonexistent")) {
         Ok(topology) => {
             // A valid topology's entry addresses, as validation printed them, parse again.
             for env in &topology.environments {

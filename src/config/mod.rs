@@ -9,7 +9,6 @@ pub mod validate;
 use std::fmt;
 use std::path::Path;
 
-use crate::health::NodeRegistry;
 use crate::topology::Topology;
 
 /// What sort of problem a validation error is (the control API's `kind`).
@@ -75,7 +74,7 @@ pub enum LoadError {
 /// Unknown keys do not stop the parse: each becomes an error of its own, listed before the
 /// problems validation finds, so a typo never hides the rest of the document's problems
 /// (and never passes silently either: the document is still refused).
-pub fn parse(text: &str, base_dir: &Path, registry: &NodeRegistry) -> Result<Topology, LoadError> {
+pub fn parse(text: &str, base_dir: &Path) -> Result<Topology, LoadError> {
     // (YAML path, key) of every key that no field took.
     let mut unknown: Vec<(String, String)> = Vec::new();
     let de = serde_norway::Deserializer::from_str(text);
@@ -102,7 +101,7 @@ pub fn parse(text: &str, base_dir: &Path, registry: &NodeRegistry) -> Result<Top
             message: format!("unknown key {key:?}"),
         })
         .collect();
-    match validate::validate(raw, base_dir, registry) {
+    match validate::validate(raw, base_dir) {
         Ok(topology) if errors.is_empty() => Ok(topology),
         Ok(_) => Err(LoadError::Invalid(errors)),
         Err(more) => {
@@ -143,13 +142,13 @@ fn last_key(path: &serde_ignored::Path<'_>) -> String {
 }
 
 /// Reads, parses and validates the topology file at `path`.
-pub fn load_file(path: &Path, registry: &NodeRegistry) -> Result<Topology, LoadError> {
+pub fn load_file(path: &Path) -> Result<Topology, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
         path: path.display().to_string(),
         source,
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    parse(&text, base, registry)
+    parse(&text, base)
 }
 
 /// Parses `500ms`, `2s`, `1m`, `1h30m`.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::raw::*;
 use super::{parse_duration, parse_size, ConfigError, ErrorKind};
-use crate::health::NodeRegistry;
+use crate::health::NodeState;
 use crate::routing::host::{Entry, EntryTable};
 use crate::topology::*;
 
@@ -50,11 +50,7 @@ impl Errors {
     }
 }
 
-pub fn validate(
-    raw: RawTopology,
-    base_dir: &Path,
-    registry: &NodeRegistry,
-) -> Result<Topology, Vec<ConfigError>> {
+pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<ConfigError>> {
     let mut errs = Errors::default();
     if raw.version != 1 {
         errs.value(
@@ -69,7 +65,7 @@ pub fn validate(
         .as_ref()
         .and_then(|c| control(c, base_dir, &mut errs));
     let defaults = defaults(&raw.defaults, &mut errs);
-    let (nodes, node_ids) = nodes(&raw, &defaults, registry, &mut errs);
+    let (nodes, node_ids) = nodes(&raw, &defaults, &mut errs);
 
     let env_ids: HashMap<&str, EnvId> = raw
         .environments
@@ -813,7 +809,6 @@ fn weight(at: &str, w: Option<i64>, default: u32, errs: &mut Errors) -> u32 {
 fn nodes(
     raw: &RawTopology,
     defaults: &Defaults,
-    registry: &NodeRegistry,
     errs: &mut Errors,
 ) -> (Vec<Node>, HashMap<String, NodeId>) {
     let mut out = Vec::new();
@@ -851,7 +846,9 @@ fn nodes(
             Some(h) => health(&format!("{at}.health"), h, &defaults.health, errs),
             None => defaults.health.clone(),
         };
-        let state = registry.state(name, addr, health.trust_unknown);
+        // A state of its own: validation touches no live node (the apply step binds each
+        // node to its live state, `NodeRegistry::bind`, once the document is accepted).
+        let state = Arc::new(NodeState::new(health.trust_unknown));
         ids.insert(name.clone(), out.len());
         out.push(Node {
             name: Arc::from(name.as_str()),

@@ -142,6 +142,11 @@ impl NodeState {
         Health::from_u8(self.health.swap(h as u8, Ordering::Relaxed))
     }
 
+    /// Whether the node takes traffic while unknown.
+    pub fn trusts_unknown(&self) -> bool {
+        self.trust_unknown.load(Ordering::Relaxed)
+    }
+
     pub fn set_trust_unknown(&self, trust: bool) {
         self.trust_unknown.store(trust, Ordering::Relaxed);
     }
@@ -259,6 +264,16 @@ impl NodeRegistry {
             .clone();
         state.set_trust_unknown(trust_unknown);
         state
+    }
+
+    /// Binds every node of a validated topology to its live state (created for a new node;
+    /// a node that keeps its name and address keeps its health, drain and ejection), and
+    /// sets its `trust_unknown`. The apply step calls it once the topology was accepted:
+    /// validation itself never touches live state.
+    pub fn bind(&self, topology: &mut crate::topology::Topology) {
+        for n in &mut topology.nodes {
+            n.state = self.state(&n.name, n.addr, n.health.trust_unknown);
+        }
     }
 
     /// Forgets nodes that the topology `keep` no longer names.

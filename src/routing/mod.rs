@@ -368,7 +368,7 @@ impl std::fmt::Display for Described<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::{Health, NodeRegistry};
+    use crate::health::Health;
     use http::HeaderValue;
 
     const DOC: &str = r#"version: 1
@@ -445,7 +445,7 @@ environments:
     }
 
     fn topo() -> Topology {
-        crate::config::parse(DOC, std::path::Path::new("."), &NodeRegistry::default()).unwrap()
+        crate::config::parse(DOC, std::path::Path::new(".")).unwrap()
     }
 
     fn env_of(t: &Topology, r: &Req) -> Result<String, RouteError> {

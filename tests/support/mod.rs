@@ -385,10 +385,18 @@ impl Envgate {
         let path = dir.path().join("envgate.yaml");
         std::fs::write(&path, &text).unwrap();
         let registry = Arc::new(NodeRegistry::default());
-        let topology =
-            envgate::config::load_file(&path, &registry).unwrap_or_else(|e| panic!("{e}\n{text}"));
-        let server =
-            envgate::server::start(topology, registry.clone(), socks, Options { workers }).unwrap();
+        let topology = envgate::config::load_file(&path).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let server = envgate::server::start(
+            topology,
+            registry.clone(),
+            socks,
+            Options {
+                workers,
+                document: text.clone(),
+                base_dir: dir.path().to_path_buf(),
+            },
+        )
+        .unwrap();
         Envgate {
             server: Some(server),
             ports,
@@ -405,14 +413,24 @@ impl Envgate {
         self.server.as_ref().unwrap()
     }
 
-    /// Validates `yaml` (with the same `{port:NAME}` ports) and applies it.
+    /// Applies `yaml` (with the same `{port:NAME}` ports) through the apply path, as the
+    /// control API does; panics when it is refused.
     pub fn apply(&self, yaml: &str) -> u64 {
+        let text = self.fill(yaml);
+        self.server()
+            .control()
+            .apply(envgate::control::Source::Api, &text, false)
+            .unwrap_or_else(|e| panic!("refused: {e:?}\n{text}"))
+            .generation
+    }
+
+    /// `yaml` with each `{port:NAME}` replaced by the port of listener NAME.
+    pub fn fill(&self, yaml: &str) -> String {
         let mut text = yaml.to_string();
         for (name, port) in &self.ports {
             text = text.replace(&format!("{{port:{name}}}"), &port.to_string());
         }
-        let topology = envgate::config::parse(&text, self.dir.path(), &self.registry).unwrap();
-        self.server().apply(topology).unwrap()
+        text
     }
 
     /// Graceful shutdown; returns once envgate has stopped.

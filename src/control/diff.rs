@@ -1,0 +1,290 @@
+//! What a new topology changes, in words an operator reads in a log line or an API answer:
+//! `+environment green; entry shop.com:80: blue -> green; canary production: 5% -> 20%`.
+//!
+//! Linear in the size of both topologies (maps by name), so it costs little next to
+//! validation even for 10,000 environments.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use crate::topology::{Environment, Topology};
+
+/// The changes, one phrase each, in a stable order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub changes: Vec<String>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+impl fmt::Display for Diff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.changes.is_empty() {
+            return f.write_str("no change in routing");
+        }
+        // A long list is cut: the history keeps the whole document anyway.
+        const SHOWN: usize = 20;
+        for (i, c) in self.changes.iter().take(SHOWN).enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            f.write_str(c)?;
+        }
+        if self.changes.len() > SHOWN {
+            write!(f, "; and {} more", self.changes.len() - SHOWN)?;
+        }
+        Ok(())
+    }
+}
+
+/// The changes from `old` to `new`.
+pub fn diff(old: &Topology, new: &Topology) -> Diff {
+    let mut out = Vec::new();
+    if old.defaults != new.defaults {
+        out.push("defaults changed".to_string());
+    }
+
+    // Nodes, by name.
+    let old_nodes: HashMap<&str, usize> = old
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (&*n.name, i))
+        .collect();
+    let new_nodes: HashMap<&str, usize> = new
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (&*n.name, i))
+        .collect();
+    for n in &new.nodes {
+        match old_nodes.get(&*n.name) {
+            None => out.push(format!("+node {} ({})", n.name, n.addr)),
+            Some(&i) => {
+                let o = &old.nodes[i];
+                if o.addr != n.addr {
+                    out.push(format!("node {}: address {} -> {}", n.name, o.addr, n.addr));
+                }
+                if o.weight != n.weight {
+                    out.push(format!(
+                        "node {}: weight {} -> {}",
+                        n.name, o.weight, n.weight
+                    ));
+                }
+                if o.backup != n.backup {
+                    out.push(format!(
+                        "node {}: backup {} -> {}",
+                        n.name, o.backup, n.backup
+                    ));
+                }
+                if o.health != n.health {
+                    out.push(format!("node {}: health check changed", n.name));
+                }
+            }
+        }
+    }
+    for n in &old.nodes {
+        if !new_nodes.contains_key(&*n.name) {
+            out.push(format!("-node {}", n.name));
+        }
+    }
+
+    // Environments, by name.
+    let old_envs: HashMap<&str, &Environment> =
+        old.environments.iter().map(|e| (&*e.name, &**e)).collect();
+    let new_envs: HashMap<&str, &Environment> =
+        new.environments.iter().map(|e| (&*e.name, &**e)).collect();
+    let name = |t: &Topology, id: usize| t.environments[id].name.clone();
+    for e in &new.environments {
+        let Some(o) = old_envs.get(&*e.name) else {
+            out.push(format!("+environment {}", e.name));
+            continue;
+        };
+        // Applications, by name.
+        for a in &e.apps {
+            match o.apps.iter().find(|x| x.name == a.name) {
+                None if a.name.is_empty() => {}
+                None => out.push(format!(
+                    "{}: +application {} {} at {}",
+                    e.name, a.name, a.version, a.prefix
+                )),
+                Some(x) => {
+                    if x.version != a.version {
+                        out.push(format!(
+                            "{}: application {} {} -> {}",
+                            e.name, a.name, x.version, a.version
+                        ));
+                    }
+                    if x.prefix != a.prefix {
+                        out.push(format!(
+                            "{}: application {} path {} -> {}",
+                            e.name, a.name, x.prefix, a.prefix
+                        ));
+                    }
+                    let members = |t: &Topology, p: usize| -> Vec<(String, u32, bool)> {
+                        t.pools[p]
+                            .members
+                            .iter()
+                            .map(|m| (t.nodes[m.node].name.to_string(), m.weight, m.backup))
+                            .collect()
+                    };
+                    if members(old, x.pool) != members(new, a.pool)
+                        || x.read_pool.map(|p| members(old, p))
+                            != a.read_pool.map(|p| members(new, p))
+                    {
+                        if a.name.is_empty() {
+                            out.push(format!("{}: nodes changed", e.name));
+                        } else {
+                            out.push(format!("{}: application {} nodes changed", e.name, a.name));
+                        }
+                    }
+                }
+            }
+        }
+        for x in &o.apps {
+            if !x.name.is_empty() && !e.apps.iter().any(|a| a.name == x.name) {
+                out.push(format!("{}: -application {}", e.name, x.name));
+            }
+        }
+        match (&o.canary, &e.canary) {
+            (None, Some(c)) => out.push(format!(
+                "{}: +canary -> {} at {}",
+                e.name,
+                name(new, c.environment),
+                percent(c.threshold)
+            )),
+            (Some(_), None) => out.push(format!("{}: -canary", e.name)),
+            (Some(a), Some(b)) => {
+                if a.threshold != b.threshold {
+                    out.push(format!(
+                        "canary {}: {} -> {}",
+                        e.name,
+                        percent(a.threshold),
+                        percent(b.threshold)
+                    ));
+                }
+                if name(old, a.environment) != name(new, b.environment)
+                    || a.header != b.header
+                    || a.cookie != b.cookie
+                    || a.hash != b.hash
+                {
+                    out.push(format!("canary {}: target or stickiness changed", e.name));
+                }
+            }
+            (None, None) => {}
+        }
+        let ranges = |t: &Topology, e: &Environment| {
+            e.tenants.as_ref().map(|r| {
+                (
+                    r.key.clone(),
+                    r.required,
+                    r.ranges
+                        .iter()
+                        .map(|x| (x.from, x.to, name(t, x.environment)))
+                        .collect::<Vec<_>>(),
+                )
+            })
+        };
+        if ranges(old, o) != ranges(new, e) {
+            out.push(format!("{}: tenant ranges changed", e.name));
+        }
+        if o.max_in_flight != e.max_in_flight
+            || o.max_request_body != e.max_request_body
+            || o.retries != e.retries
+            || o.panic_threshold != e.panic_threshold
+            || o.upgrades != e.upgrades
+            || o.allow_connect != e.allow_connect
+        {
+            out.push(format!("{}: limits or retries changed", e.name));
+        }
+    }
+    for e in &old.environments {
+        if !new_envs.contains_key(&*e.name) {
+            out.push(format!("-environment {}", e.name));
+        }
+    }
+
+    // Entry addresses: each belongs to one environment, so a move is one change.
+    let owner = |t: &Topology| -> HashMap<String, String> {
+        t.environments
+            .iter()
+            .flat_map(|e| {
+                e.entries
+                    .iter()
+                    .map(move |x| (x.clone(), e.name.to_string()))
+            })
+            .collect()
+    };
+    let (old_entries, new_entries) = (owner(old), owner(new));
+    let mut entries: Vec<String> = Vec::new();
+    for (entry, env) in &new_entries {
+        match old_entries.get(entry) {
+            None => entries.push(format!("+entry {entry} -> {env}")),
+            Some(was) if was != env => entries.push(format!("entry {entry}: {was} -> {env}")),
+            Some(_) => {}
+        }
+    }
+    for (entry, was) in &old_entries {
+        if !new_entries.contains_key(entry) {
+            entries.push(format!("-entry {entry} (was {was})"));
+        }
+    }
+    entries.sort();
+    out.extend(entries);
+    Diff { changes: out }
+}
+
+/// A canary threshold (hundredths of a percent) as a percentage: `5%`, `0.5%`, `12.25%`.
+fn percent(threshold: u16) -> String {
+    let (whole, frac) = (threshold / 100, threshold % 100);
+    match frac {
+        0 => format!("{whole}%"),
+        f if f % 10 == 0 => format!("{whole}.{}%", f / 10),
+        f => format!("{whole}.{f:02}%"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topo(envs: &str) -> Topology {
+        let doc = format!(
+            "version: 1\nlisteners: [ {{ name: http, bind: \"127.0.0.1:80\" }} ]\nnodes:\n  a: {{ address: \"10.0.0.1:80\" }}\n  b: {{ address: \"10.0.0.2:80\" }}\nenvironments:\n{envs}"
+        );
+        crate::config::parse(&doc, std::path::Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn an_entry_move_is_one_change() {
+        let old =
+            topo("  blue: { entries: [\"shop.com:80\"], nodes: [a] }\n  green: { nodes: [b] }\n");
+        let new =
+            topo("  blue: { nodes: [a] }\n  green: { entries: [\"shop.com:80\"], nodes: [b] }\n");
+        assert_eq!(
+            diff(&old, &new).changes,
+            ["entry shop.com:80: blue -> green"]
+        );
+        assert!(diff(&old, &old).is_empty());
+        assert_eq!(diff(&old, &old).to_string(), "no change in routing");
+    }
+
+    #[test]
+    fn canary_steps_environments_and_nodes() {
+        let old = topo("  p: { entries: [\":80\"], nodes: [a], canary: { environment: c, weight: 5 } }\n  c: { nodes: [b] }\n");
+        let new = topo("  p: { entries: [\":80\"], nodes: { a: { weight: 3 } }, canary: { environment: c, weight: 0.5 } }\n  c: { nodes: [b] }\n  d: { nodes: [b] }\n");
+        let d = diff(&old, &new);
+        assert!(
+            d.changes.contains(&"canary p: 5% -> 0.5%".to_string()),
+            "{d}"
+        );
+        assert!(d.changes.contains(&"+environment d".to_string()), "{d}");
+        assert!(d.changes.contains(&"p: nodes changed".to_string()), "{d}");
+        assert_eq!(percent(1225), "12.25%");
+        assert_eq!(percent(10_000), "100%");
+    }
+}

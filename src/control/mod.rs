@@ -1,0 +1,350 @@
+//! The apply path: the one way the live topology changes.
+//!
+//! Every source (start-up, SIGHUP, the file watch, and later the control API, rollback
+//! and fleet mode) hands a document to `Control::apply`, which runs, serialised by one
+//! lock: parse -> validate (pure: it reads no live state) -> compare with the running
+//! topology -> bind node state -> swap (one `ArcSwap` store) -> wake the health checkers
+//! -> record. A refused document changes nothing: not the topology, not a node's health or
+//! trust, not the generation. Each apply bumps the generation and appends a record
+//! (generation, source, result, time, diff summary, the document) to a bounded history.
+//!
+//! Requests never wait on this lock: they read the `ArcSwap` without locking, and a swap
+//! is one atomic store. Requests in flight finish on the topology they started with.
+
+pub mod diff;
+pub mod watch;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::config::{self, ConfigError, LoadError};
+use crate::server::Shared;
+use crate::topology::Topology;
+
+/// How many applied or refused documents the history keeps.
+pub const HISTORY: usize = 64;
+
+/// Where a document came from (the `source` label of `envgate_topology_reloads_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The document envgate started with.
+    Start,
+    /// The topology file changed (watched).
+    File,
+    /// SIGHUP.
+    Signal,
+    /// The control API.
+    Api,
+    /// A return to an earlier generation.
+    Rollback,
+    /// Another instance (fleet mode).
+    Fleet,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Start => "start",
+            Source::File => "file",
+            Source::Signal => "signal",
+            Source::Api => "api",
+            Source::Rollback => "rollback",
+            Source::Fleet => "fleet",
+        }
+    }
+}
+
+/// What an apply did (the `result` label: `applied`, `rejected`, `unchanged`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    Rejected,
+    Unchanged,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Rejected => "rejected",
+            Outcome::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// One entry of the history.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The generation live after this apply (for a refused document, the one that stayed).
+    pub generation: u64,
+    pub source: Source,
+    pub result: Outcome,
+    pub at: SystemTime,
+    /// What changed (`+environment blue; entry shop.com:80 blue -> green`), or why the
+    /// document was refused.
+    pub summary: String,
+    /// The document, kept for applied ones (a rollback re-applies it).
+    pub document: Option<Arc<str>>,
+}
+
+/// A change that was made (or, for a dry run, would be).
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub generation: u64,
+    pub diff: diff::Diff,
+    /// Nothing changed: the document is the one running.
+    pub unchanged: bool,
+}
+
+/// Why a document was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Not YAML (or JSON), or not the shape of a topology.
+    #[error("{0}")]
+    Parse(String),
+    /// Every problem validation found, each with its path.
+    #[error("{} problem(s)", .0.len())]
+    Invalid(Vec<ConfigError>),
+    /// Valid, but not applicable to the running instance.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<LoadError> for ApplyError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Invalid(errs) => ApplyError::Invalid(errs),
+            other => ApplyError::Parse(other.to_string()),
+        }
+    }
+}
+
+struct Inner {
+    /// The document the live topology was built from.
+    document: Arc<str>,
+    history: VecDeque<Record>,
+}
+
+/// The apply path of one running instance.
+pub struct Control {
+    shared: Arc<Shared>,
+    /// Where relative paths in documents point (the topology file's directory).
+    base_dir: PathBuf,
+    /// Serialises applies; never taken by requests.
+    inner: Mutex<Inner>,
+}
+
+impl Control {
+    /// The control of a server that started with `topology` (generation 1) read from
+    /// `document`.
+    pub fn new(shared: Arc<Shared>, document: &str, base_dir: &Path) -> Control {
+        let generation = shared.topology.load().generation;
+        let document: Arc<str> = Arc::from(document);
+        let mut history = VecDeque::with_capacity(HISTORY);
+        history.push_back(Record {
+            generation,
+            source: Source::Start,
+            result: Outcome::Applied,
+            at: SystemTime::now(),
+            summary: "started".into(),
+            document: Some(document.clone()),
+        });
+        Control {
+            shared,
+            base_dir: base_dir.to_path_buf(),
+            inner: Mutex::new(Inner { document, history }),
+        }
+    }
+
+    /// The live topology.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.shared.topology.load_full()
+    }
+
+    /// The document the live topology was built from.
+    pub fn document(&self) -> Arc<str> {
+        self.lock().document.clone()
+    }
+
+    /// The history, oldest first.
+    pub fn history(&self) -> Vec<Record> {
+        self.lock().history.iter().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave `Inner` half-written (each field is
+        // replaced whole), so a poisoned lock is still good.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Validates `text` and, unless `dry_run`, makes it the live topology. The same steps
+    /// for every source; a refused document changes nothing but the history.
+    pub fn apply(&self, source: Source, text: &str, dry_run: bool) -> Result<Applied, ApplyError> {
+        let mut inner = self.lock();
+        let live = self.shared.topology.load_full();
+        let result = self.check(&live, &inner.document, text);
+        let (topology, diff) = match result {
+            Ok(Some(ok)) => ok,
+            Ok(None) => {
+                if !dry_run {
+                    tracing::info!(
+                        source = source.as_str(),
+                        generation = live.generation,
+                        "topology read again: no change"
+                    );
+                    record(
+                        &mut inner,
+                        live.generation,
+                        source,
+                        Outcome::Unchanged,
+                        "no change".into(),
+                        None,
+                    );
+                }
+                return Ok(Applied {
+                    generation: live.generation,
+                    diff: diff::Diff::default(),
+                    unchanged: true,
+                });
+            }
+            Err(e) => {
+                if !dry_run {
+                    let why = match &e {
+                        ApplyError::Invalid(errs) => errs
+                            .iter()
+                            .map(|e| e.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                        other => other.to_string(),
+                    };
+                    tracing::warn!(source = source.as_str(), problems = %why, "topology refused; the running one stays");
+                    record(
+                        &mut inner,
+                        live.generation,
+                        source,
+                        Outcome::Rejected,
+                        why,
+                        None,
+                    );
+                }
+                return Err(e);
+            }
+        };
+        if dry_run {
+            return Ok(Applied {
+                generation: live.generation + 1,
+                diff,
+                unchanged: false,
+            });
+        }
+        let generation = self.swap(&live, topology);
+        let document: Arc<str> = Arc::from(text);
+        inner.document = document.clone();
+        let summary = diff.to_string();
+        tracing::info!(source = source.as_str(), generation, changes = %summary, "topology applied");
+        record(
+            &mut inner,
+            generation,
+            source,
+            Outcome::Applied,
+            summary,
+            Some(document),
+        );
+        Ok(Applied {
+            generation,
+            diff,
+            unchanged: false,
+        })
+    }
+
+    /// Parses, validates and compares; `None` when the document is the running one.
+    fn check(
+        &self,
+        live: &Topology,
+        running: &str,
+        text: &str,
+    ) -> Result<Option<(Topology, diff::Diff)>, ApplyError> {
+        if text == running {
+            return Ok(None);
+        }
+        let topology = config::parse(text, &self.base_dir)?;
+        if let Some(why) = listener_change(live, &topology) {
+            return Err(ApplyError::Refused(why));
+        }
+        let diff = diff::diff(live, &topology);
+        Ok(Some((topology, diff)))
+    }
+
+    /// Binds node state, carries the in-flight counters over, and publishes `topology`.
+    fn swap(&self, live: &Topology, mut topology: Topology) -> u64 {
+        topology.generation = live.generation + 1;
+        self.shared.registry.bind(&mut topology);
+        // An environment that stays keeps counting its requests in flight, so a reload
+        // does not open a second allowance next to the first.
+        for env in &mut topology.environments {
+            if let Some(old) = live.env_by_name(&env.name) {
+                if let Some(env) = Arc::get_mut(env) {
+                    env.in_flight = live.environments[old].in_flight.clone();
+                }
+            }
+        }
+        let generation = topology.generation;
+        let keep: Vec<_> = topology
+            .nodes
+            .iter()
+            .map(|n| (n.name.to_string(), n.addr))
+            .collect();
+        self.shared.topology.store(Arc::new(topology));
+        self.shared.registry.retain(&keep);
+        self.shared.topology_changed(generation);
+        generation
+    }
+}
+
+fn record(
+    inner: &mut Inner,
+    generation: u64,
+    source: Source,
+    result: Outcome,
+    summary: String,
+    document: Option<Arc<str>>,
+) {
+    if inner.history.len() == HISTORY {
+        inner.history.pop_front();
+    }
+    inner.history.push_back(Record {
+        generation,
+        source,
+        result,
+        at: SystemTime::now(),
+        summary,
+        document,
+    });
+}
+
+/// Why the listeners of `new` cannot replace those of `live`, if they cannot.
+fn listener_change(live: &Topology, new: &Topology) -> Option<String> {
+    let same = live.listeners.len() == new.listeners.len()
+        && live.listeners.iter().all(|l| {
+            new.listeners
+                .iter()
+                .any(|n| n.name == l.name && n.bind == l.bind && n.tls.is_some() == l.tls.is_some())
+        });
+    if same {
+        return None;
+    }
+    let show = |t: &Topology| {
+        t.listeners
+            .iter()
+            .map(|l| format!("{}={}", l.name, l.bind))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Some(format!(
+        "listeners cannot change while running (restart to rebind): running [{}], new [{}]",
+        show(live),
+        show(new)
+    ))
+}

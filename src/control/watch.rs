@@ -1,0 +1,139 @@
+//! The topology file watch: a change of the file is applied like any other source.
+//!
+//! The directory is watched, not the file: editors save by writing a new file and renaming
+//! it over the old one, and Kubernetes swaps a ConfigMap by re-pointing the `..data`
+//! symlink, so the file's own inode comes and goes. Events are debounced (quiet for
+//! `DEBOUNCE`), then the file is read by its path (following symlinks). A file that is
+//! briefly missing or does not parse (half-written) is read again a few times before its
+//! problems are recorded as a refused document; either way the running topology stays.
+//! A document equal to the running one (envgate's own write-back, or a touch) is no
+//! change.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+
+use super::{Control, Source};
+
+/// Quiet time after the last event before the file is read.
+pub const DEBOUNCE: Duration = Duration::from_millis(250);
+/// Reads of a file that is missing or does not parse before its problems are reported.
+const ATTEMPTS: u32 = 4;
+
+/// A running watch; dropping it stops the watch.
+pub struct FileWatch {
+    _watcher: notify::RecommendedWatcher,
+    stop: mpsc::Sender<Event>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum Event {
+    Changed,
+    Stop,
+}
+
+impl Drop for FileWatch {
+    fn drop(&mut self) {
+        let _ = self.stop.send(Event::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Watches `path` and applies each change through `control`.
+pub fn spawn(control: Arc<Control>, path: &Path) -> notify::Result<FileWatch> {
+    let path = path.to_path_buf();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let (tx, rx) = mpsc::channel();
+    let events = tx.clone();
+    let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        // Any event in the directory may concern the file (a rename onto it, a symlink
+        // swap of a parent): the debounced read decides.
+        if e.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = events.send(Event::Changed);
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let thread = std::thread::Builder::new()
+        .name("envgate-watch".into())
+        .spawn(move || run(control, path, rx))
+        .map_err(notify::Error::io)?;
+    Ok(FileWatch {
+        _watcher: watcher,
+        stop: tx,
+        thread: Some(thread),
+    })
+}
+
+fn run(control: Arc<Control>, path: PathBuf, rx: mpsc::Receiver<Event>) {
+    loop {
+        match rx.recv() {
+            Ok(Event::Changed) => {}
+            Ok(Event::Stop) | Err(_) => return,
+        }
+        // Debounce: wait until the directory is quiet.
+        loop {
+            match rx.recv_timeout(DEBOUNCE) {
+                Ok(Event::Changed) => continue,
+                Ok(Event::Stop) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        if !reload(&control, &path, &rx) {
+            return;
+        }
+    }
+}
+
+/// Reads and applies the file, retrying a missing or unparsable one. `false` when asked
+/// to stop meanwhile.
+fn reload(control: &Control, path: &Path, rx: &mpsc::Receiver<Event>) -> bool {
+    for attempt in 1..=ATTEMPTS {
+        let last = attempt == ATTEMPTS;
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if !last => {
+                tracing::debug!(file = %path.display(), error = %e, "topology file unreadable; reading it again");
+                if !pause(rx) {
+                    return false;
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "topology file unreadable; the running topology stays");
+                return true;
+            }
+        };
+        if text == *control.document() {
+            return true;
+        }
+        // A half-written file is usually not even YAML: give the writer time to finish
+        // (only the syntax is checked here; `apply` does the rest).
+        if !last && serde_norway::from_str::<serde_norway::Value>(&text).is_err() {
+            if !pause(rx) {
+                return false;
+            }
+            continue;
+        }
+        // Refusals are logged and recorded by `apply`.
+        let _ = control.apply(Source::File, &text, false);
+        return true;
+    }
+    true
+}
+
+/// Waits one debounce period; `false` when asked to stop.
+fn pause(rx: &mpsc::Receiver<Event>) -> bool {
+    match rx.recv_timeout(DEBOUNCE) {
+        Ok(Event::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => false,
+        Ok(Event::Changed) | Err(mpsc::RecvTimeoutError::Timeout) => true,
+    }
+}
