@@ -37,6 +37,8 @@ pub struct Topology {
     pub environments: Vec<Arc<Environment>>,
     pub pools: Vec<Pool>,
     pub entries: EntryTable,
+    /// Environments by name, for carrying per-environment state across topologies.
+    pub env_index: rustc_hash::FxHashMap<Arc<str>, EnvId>,
 }
 
 #[derive(Debug, Clone)]
@@ -430,6 +432,6 @@ impl Tenants {
 
 impl Topology {
     pub fn env_by_name(&self, name: &str) -> Option<EnvId> {
-        self.environments.iter().position(|e| &*e.name == name)
+        self.env_index.get(name).copied()
     }
 }

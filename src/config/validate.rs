@@ -310,9 +310,14 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
             control,
             defaults,
             nodes,
-            environments,
             pools: pools.list,
             entries,
+            env_index: environments
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.name.clone(), i))
+                .collect(),
+            environments,
         })
     } else {
         Err(errs.0)

@@ -291,13 +291,7 @@ impl Control {
             }
         }
         let generation = topology.generation;
-        let keep: Vec<_> = topology
-            .nodes
-            .iter()
-            .map(|n| (n.name.to_string(), n.addr))
-            .collect();
         self.shared.topology.store(Arc::new(topology));
-        self.shared.registry.retain(&keep);
         self.shared.topology_changed(generation);
         generation
     }

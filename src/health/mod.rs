@@ -247,38 +247,46 @@ mod tests {
 }
 
 /// Node states by identity, shared by every topology snapshot. Written only when a
-/// topology is compiled (control plane), never by requests.
+/// topology is applied (control plane), never by requests.
+/// A node's identity: its name and address.
+type NodeKey = (Arc<str>, SocketAddr);
+
 #[derive(Debug, Default)]
 pub struct NodeRegistry {
-    states: Mutex<HashMap<(String, SocketAddr), Arc<NodeState>>>,
+    states: Mutex<HashMap<NodeKey, Arc<NodeState>>>,
 }
 
 impl NodeRegistry {
-    /// The state of node `name` at `addr`, created if new.
-    pub fn state(&self, name: &str, addr: SocketAddr, trust_unknown: bool) -> Arc<NodeState> {
-        // The lock is only taken while compiling a topology, off the hot path.
-        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        let state = states
-            .entry((name.to_string(), addr))
-            .or_insert_with(|| Arc::new(NodeState::new(trust_unknown)))
-            .clone();
-        state.set_trust_unknown(trust_unknown);
-        state
-    }
-
-    /// Binds every node of a validated topology to its live state (created for a new node;
-    /// a node that keeps its name and address keeps its health, drain and ejection), and
-    /// sets its `trust_unknown`. The apply step calls it once the topology was accepted:
-    /// validation itself never touches live state.
+    /// Binds every node of an accepted topology to its live state (created for a new node;
+    /// a node that keeps its name and address keeps its health, drain and ejection), sets
+    /// its `trust_unknown`, and forgets the nodes the topology no longer has. The apply
+    /// step calls it once the topology was accepted: validation itself never touches live
+    /// state. Linear in the number of nodes, under one lock.
     pub fn bind(&self, topology: &mut crate::topology::Topology) {
+        // The lock is only taken while applying a topology, off the hot path.
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        let mut old = std::mem::take(&mut *states);
+        states.reserve(topology.nodes.len());
         for n in &mut topology.nodes {
-            n.state = self.state(&n.name, n.addr, n.health.trust_unknown);
+            let key = (n.name.clone(), n.addr);
+            let state = match states.get(&key) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = old
+                        .remove(&key)
+                        .unwrap_or_else(|| Arc::new(NodeState::new(n.health.trust_unknown)));
+                    states.insert(key, s.clone());
+                    s
+                }
+            };
+            state.set_trust_unknown(n.health.trust_unknown);
+            n.state = state;
         }
     }
 
-    /// Forgets nodes that the topology `keep` no longer names.
-    pub fn retain(&self, keep: &[(String, SocketAddr)]) {
-        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        states.retain(|k, _| keep.contains(k));
+    /// The live state of node `name` at `addr`, if a topology has it.
+    pub fn get(&self, name: &str, addr: SocketAddr) -> Option<Arc<NodeState>> {
+        let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        states.get(&(Arc::from(name), addr)).cloned()
     }
 }

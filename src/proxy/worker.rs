@@ -161,19 +161,30 @@ impl Worker {
         snap
     }
 
+    /// Linear in the size of the topology: a node's connection pool is found by address
+    /// in a map, an environment's retry balance by name.
     fn build(&self, topo: Arc<Topology>) -> LocalSnap {
-        let mut pools = self.pools.borrow_mut();
+        let mut old_pools = std::mem::take(&mut *self.pools.borrow_mut());
+        let mut pools: FxHashMap<SocketAddr, Rc<ConnPool>> =
+            FxHashMap::with_capacity_and_hasher(topo.nodes.len(), Default::default());
         let conns: Vec<Rc<ConnPool>> = topo
             .nodes
             .iter()
             .map(|n| {
                 pools
                     .entry(n.addr)
-                    .or_insert_with(|| Rc::new(ConnPool::new(n.addr)))
+                    .or_insert_with(|| {
+                        old_pools
+                            .remove(&n.addr)
+                            .unwrap_or_else(|| Rc::new(ConnPool::new(n.addr)))
+                    })
                     .clone()
             })
             .collect();
-        pools.retain(|addr, _| topo.nodes.iter().any(|n| n.addr == *addr));
+        // The pools of nodes that left are dropped with `old_pools` (their idle
+        // connections close).
+        drop(old_pools);
+        *self.pools.borrow_mut() = pools;
         let wrr = topo
             .pools
             .iter()
