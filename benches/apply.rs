@@ -83,6 +83,7 @@ fn apply(c: &mut Criterion) {
             workers: 1,
             document: a.clone(),
             base_dir: ".".into(),
+            file: None,
         },
     )
     .unwrap();

@@ -101,6 +101,7 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
             workers,
             document: text.clone(),
             base_dir: ".".into(),
+            file: None,
         },
     )?;
     let h = port;

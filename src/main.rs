@@ -174,6 +174,7 @@ fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
             workers,
             document,
             base_dir,
+            file: Some(path.clone()),
         },
     )?;
     // The file is watched; a watch that cannot start leaves SIGHUP.

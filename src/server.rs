@@ -17,6 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
+use crate::control::api::{self, Api};
 use crate::control::Control;
 use crate::health::{checker, NodeRegistry};
 use crate::proxy::listener::{accept_loop, ListenerMeta};
@@ -80,6 +81,9 @@ pub struct Options {
     pub document: String,
     /// Where relative paths in documents point (the topology file's directory).
     pub base_dir: std::path::PathBuf,
+    /// The topology file, where changes made through the control endpoint are written
+    /// back (`None`: they live in memory only).
+    pub file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,12 +163,29 @@ pub fn start(
         .map(|n| n.health.timeout)
         .max()
         .unwrap_or_default();
+    // The control endpoint is bound before anything starts: an address that cannot be
+    // bound fails the start with the OS error.
+    let control_listener = match &topology.control {
+        Some(c) => {
+            let l = bind(c.bind).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("control endpoint {}: {e}", c.bind))
+            })?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         topology: ArcSwap::from_pointee(topology),
         registry,
         changed,
         ready: watch::channel(false).0,
     });
+    let control = Arc::new(Control::new(
+        shared.clone(),
+        &options.document,
+        &options.base_dir,
+    ));
     let (tx, rx) = watch::channel(false);
     let workers = match options.workers {
         0 => std::thread::available_parallelism()
@@ -175,6 +196,17 @@ pub fn start(
     let mut handles = Vec::new();
     {
         let (shared, rx) = (shared.clone(), rx.clone());
+        let api = control_listener.map(|l| {
+            (
+                Arc::new(Api {
+                    control: control.clone(),
+                    file: options.file.clone(),
+                    ready: shared.ready.subscribe(),
+                    stopping: rx.clone(),
+                }),
+                l,
+            )
+        });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -183,7 +215,12 @@ pub fn start(
                 .name("envgate-control".into())
                 .spawn(move || {
                     let ready = shared.ready.clone();
-                    rt.block_on(checker::supervise(shared, changed_rx, rx, ready))
+                    rt.block_on(async move {
+                        if let Some((api, listener)) = api {
+                            tokio::spawn(api::serve(api, listener));
+                        }
+                        checker::supervise(shared, changed_rx, rx, ready).await
+                    })
                 })?,
         );
     }
@@ -212,11 +249,6 @@ pub fn start(
                 })?,
         );
     }
-    let control = Arc::new(Control::new(
-        shared.clone(),
-        &options.document,
-        &options.base_dir,
-    ));
     Ok(Server {
         shared,
         control,
@@ -293,7 +325,8 @@ impl Server {
 
     /// Drains a node (`true`): it gets no new requests, finishes those in flight, and
     /// keeps being health-checked; `false` returns it to service. Applies wherever the node
-    /// is used and survives reloads that keep the node.
+    /// is used, until the next apply, which sets drain from the document (the node's
+    /// `drain` key, which the control API patches).
     pub fn set_drained(&self, node: &str, drained: bool) -> Result<(), UnknownNode> {
         let topo = self.shared.topology.load();
         let n = topo

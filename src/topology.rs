@@ -242,6 +242,8 @@ pub struct Node {
     pub labels: IndexMap<String, String>,
     pub max_connections: Option<u32>,
     pub health: HealthSpec,
+    /// Drained by the document (`drain: true`): set on the live state when applied.
+    pub drain: bool,
     /// Health and drain, shared with the checker and carried across reloads.
     pub state: Arc<NodeState>,
 }

@@ -129,6 +129,8 @@ pub struct RawNode {
     pub labels: IndexMap<String, String>,
     pub max_connections: Option<u32>,
     pub health: Option<RawHealth>,
+    /// Whether the node is drained: no new requests, those in flight finish.
+    pub drain: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -864,6 +864,7 @@ fn nodes(
             labels: n.labels.clone(),
             max_connections: n.max_connections,
             health,
+            drain: n.drain.unwrap_or(false),
             state,
         });
     }

@@ -81,6 +81,17 @@ pub fn diff(old: &Topology, new: &Topology) -> Diff {
                         n.name, o.backup, n.backup
                     ));
                 }
+                if o.drain != n.drain {
+                    out.push(format!(
+                        "node {}: {}",
+                        n.name,
+                        if n.drain {
+                            "drained"
+                        } else {
+                            "back in service"
+                        }
+                    ));
+                }
                 if o.health != n.health {
                     out.push(format!("node {}: health check changed", n.name));
                 }

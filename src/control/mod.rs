@@ -11,6 +11,7 @@
 //! Requests never wait on this lock: they read the `ArcSwap` without locking, and a swap
 //! is one atomic store. Requests in flight finish on the topology they started with.
 
+pub mod api;
 pub mod diff;
 pub mod watch;
 
@@ -168,6 +169,15 @@ impl Control {
         self.lock().document.clone()
     }
 
+    /// The live generation and its document, read together.
+    pub fn current(&self) -> (u64, Arc<str>) {
+        let inner = self.lock();
+        (
+            self.shared.topology.load().generation,
+            inner.document.clone(),
+        )
+    }
+
     /// The history, oldest first.
     pub fn history(&self) -> Vec<Record> {
         self.lock().history.iter().cloned().collect()
@@ -320,6 +330,14 @@ fn record(
 
 /// Why the listeners of `new` cannot replace those of `live`, if they cannot.
 fn listener_change(live: &Topology, new: &Topology) -> Option<String> {
+    let bind = |t: &Topology| t.control.as_ref().map(|c| c.bind);
+    if bind(live) != bind(new) {
+        return Some(format!(
+            "control.bind cannot change while running (restart to rebind): running {:?}, new {:?}",
+            bind(live),
+            bind(new)
+        ));
+    }
     let same = live.listeners.len() == new.listeners.len()
         && live.listeners.iter().all(|l| {
             new.listeners

@@ -259,7 +259,7 @@ pub struct NodeRegistry {
 impl NodeRegistry {
     /// Binds every node of an accepted topology to its live state (created for a new node;
     /// a node that keeps its name and address keeps its health, drain and ejection), sets
-    /// its `trust_unknown`, and forgets the nodes the topology no longer has. The apply
+    /// its `trust_unknown` and drain (the document's `drain`), and forgets the nodes the topology no longer has. The apply
     /// step calls it once the topology was accepted: validation itself never touches live
     /// state. Linear in the number of nodes, under one lock.
     pub fn bind(&self, topology: &mut crate::topology::Topology) {
@@ -280,6 +280,7 @@ impl NodeRegistry {
                 }
             };
             state.set_trust_unknown(n.health.trust_unknown);
+            state.set_drained(n.drain);
             n.state = state;
         }
     }

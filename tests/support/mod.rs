@@ -394,6 +394,7 @@ impl Envgate {
                 workers,
                 document: text.clone(),
                 base_dir: dir.path().to_path_buf(),
+                file: Some(path.clone()),
             },
         )
         .unwrap();
