@@ -322,3 +322,121 @@ async fn without_a_token_file_the_endpoint_is_read_only() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_agrees_with_where_requests_go() {
+    let nodes = [
+        Upstream::start("p1").await,
+        Upstream::start("p2").await,
+        Upstream::start("c1").await,
+        Upstream::start("t1").await,
+    ];
+    let api = free_port();
+    let mut topo = Topo::new().defaults("health: { interval: 100ms, timeout: 100ms }");
+    for n in &nodes {
+        topo = topo.node(&n.name, n.addr);
+    }
+    let yaml = topo
+        .env(
+            "production",
+            &["company.com"],
+            "nodes: [p1, p2], tenants: { key: { header: X-Tenant-Id }, ranges: [ { from: 1001, to: 1001, environment: acme } ] }, canary: { environment: canary, weight: 50, cookie: envgate_canary }",
+        )
+        .env("canary", &[], "nodes: [c1]")
+        .env("acme", &[], "nodes: [t1]")
+        .yaml()
+        .replace("  p2: {", "  p2: { drain: true,")
+        + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
+    let eg = Envgate::start(&yaml);
+    let port = eg.port("http");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            call(api, Method::GET, "/ready", None, "").await.status == 200
+        })
+        .await
+    );
+    let explain = |q: String| async move {
+        json(
+            &call(
+                api,
+                Method::GET,
+                &format!("/api/v1/explain?host=company.com&port={port}&{q}"),
+                None,
+                "",
+            )
+            .await,
+        )
+    };
+    for (query, header, env, node) in [
+        (
+            "header=X-Tenant-Id:1001",
+            ("x-tenant-id", "1001"),
+            "acme",
+            "t1",
+        ),
+        (
+            "cookie=envgate_canary%3D10",
+            ("cookie", "envgate_canary=10"),
+            "canary",
+            "c1",
+        ),
+        (
+            "cookie=envgate_canary%3D9000",
+            ("cookie", "envgate_canary=9000"),
+            "production",
+            "p1",
+        ),
+    ] {
+        let e = explain(format!("path=/x&{query}")).await;
+        assert_eq!(e["environment"], env, "{e}");
+        assert_eq!(e["next"], node, "{e}");
+        for _ in 0..3 {
+            let r = send(
+                port,
+                Request::get("/x")
+                    .header("host", "company.com")
+                    .header(header.0, header.1)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(r.node(), node, "{query}");
+        }
+    }
+    let e = explain("path=/x&cookie=envgate_canary%3D9000".into()).await;
+    let members = e["candidates"][0].as_array().unwrap();
+    let p2 = members.iter().find(|m| m["node"] == "p2").unwrap();
+    assert_eq!(
+        (p2["drained"].as_bool(), p2["usable"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert!(
+        e["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("canary bucket 9000 (cookie) >= 5000: stays"),
+        "{e}"
+    );
+    let e = explain("path=/x&header=X-Tenant-Id:1001".into()).await;
+    assert!(
+        e["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("tenant 1001 in range 1001-1001 -> acme"),
+        "{e}"
+    );
+    let e = json(
+        &call(
+            api,
+            Method::GET,
+            "/api/v1/explain?host=nowhere.org&path=/",
+            None,
+            "",
+        )
+        .await,
+    );
+    assert_eq!(
+        (e["answer"].as_u64(), e["error"].as_str()),
+        (Some(404), Some("no_route"))
+    );
+}

@@ -115,17 +115,35 @@ async fn a_refused_document_or_a_dry_run_changes_nothing() {
         .fill(&two_nodes(&a, &b, "a, b", defaults))
         .replace("127.0.0.1:", "127.0.0.2:");
     match control.apply(Source::Api, &moved, false) {
-        Err(ApplyError::Refused(why)) => assert!(why.contains("listeners cannot change"), "{why}"),
+        Err(ApplyError::Refused(_, why)) => {
+            assert!(why.contains("listeners cannot change"), "{why}")
+        }
         other => panic!("{other:?}"),
     }
 
-    // The history: the start, two refusals, nothing from the dry run.
+    // So is a change of the timeouts the workers' servers took at start.
+    let slower = eg.fill(&two_nodes(
+        &a,
+        &b,
+        "a, b",
+        "health: { interval: 1m, timeout: 1s }, timeouts: { idle: 5m }",
+    ));
+    match control.apply(Source::Api, &slower, false) {
+        Err(ApplyError::Refused(_, why)) => assert!(
+            why.contains("timeouts.client_header and timeouts.idle"),
+            "{why}"
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    // The history: the start, three refusals, nothing from the dry run.
     let h = control.history();
     let seen: Vec<(Source, Outcome)> = h.iter().map(|r| (r.source, r.result)).collect();
     assert_eq!(
         seen,
         [
             (Source::Start, Outcome::Applied),
+            (Source::Api, Outcome::Rejected),
             (Source::Api, Outcome::Rejected),
             (Source::Api, Outcome::Rejected),
         ]
@@ -233,4 +251,85 @@ async fn the_watched_file_follows_a_configmap_symlink_swap() {
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
     std::fs::remove_dir_all(dir.join("..2026_11_27_1")).unwrap();
     assert!(serves(port, "b").await, "the symlink swap was not applied");
+}
+
+/// Steady load (keep-alive and fresh connections, two workers) while the topology is
+/// replaced 50 times, each time moving the entry between two environments: not one
+/// request fails or gets anything but 200, and both sides served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_replacements_under_load_drop_nothing() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let doc = |serving: &str| {
+        let (blue, green) = if serving == "blue" {
+            (&["company.com"][..], &[][..])
+        } else {
+            (&[][..], &["company.com"][..])
+        };
+        Topo::new()
+            .node("a", a.addr)
+            .node("b", b.addr)
+            .env("blue", blue, "nodes: [a]")
+            .env("green", green, "nodes: [b]")
+            .yaml()
+    };
+    let eg = Envgate::start_with(&doc("blue"), 2);
+    let port = eg.port("http");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut bad) = (0usize, Vec::new());
+            let mut tx = connect::<http_body_util::Full<bytes::Bytes>>(port).await;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = if c % 2 == 0 {
+                    // Keep-alive.
+                    tx.ready().await.unwrap();
+                    let resp = tx
+                        .send_request(
+                            http::Request::get("/")
+                                .header("host", "company.com")
+                                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                .unwrap(),
+                        )
+                        .await;
+                    match resp {
+                        Ok(r) => {
+                            let status = r.status();
+                            let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+                            Some(status)
+                        }
+                        Err(_) => None,
+                    }
+                } else {
+                    Some(get(port, "company.com", "/").await.status)
+                };
+                match r {
+                    Some(s) if s == 200 => ok += 1,
+                    other => bad.push(other),
+                }
+            }
+            (ok, bad)
+        }));
+    }
+    for i in 0..50 {
+        eg.apply(&doc(if i % 2 == 0 { "green" } else { "blue" }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (ok, bad) = c.await.unwrap();
+        assert!(bad.is_empty(), "failed or non-200 answers: {bad:?}");
+        total += ok;
+    }
+    assert_eq!(eg.server().control().topology().generation, 51);
+    eprintln!("{total} requests during 50 applies, none failed");
+    assert!(total > 100, "only {total} requests");
+    assert!(
+        a.hits() > 0 && b.hits() > 0,
+        "a {} b {}",
+        a.hits(),
+        b.hits()
+    );
 }

@@ -146,6 +146,7 @@ async fn handle(api: &Api, _peer: SocketAddr, req: Request<Incoming>) -> Respons
         (Method::PUT | Method::PATCH, "/api/v1/topology") => write_topology(api, req).await,
         (Method::GET, "/api/v1/status") => status(api),
         (Method::GET, "/api/v1/history") => history(api),
+        (Method::GET, "/api/v1/explain") => explain(api, &req),
         (Method::POST, "/api/v1/rollback") => rollback(api, req),
         (
             _,
@@ -346,9 +347,9 @@ fn apply(api: &Api, source: Source, text: &str, dry_run: bool) -> Response<Full<
             StatusCode::UNPROCESSABLE_ENTITY,
             json!({ "errors": errs.iter().map(|e| json!({ "path": e.path, "kind": e.kind.as_str(), "message": e.message })).collect::<Vec<_>>() }),
         ),
-        Err(ApplyError::Refused(m)) => respond(
+        Err(ApplyError::Refused(path, m)) => respond(
             StatusCode::UNPROCESSABLE_ENTITY,
-            json!({ "errors": [ { "path": "listeners", "kind": "conflict", "message": m } ] }),
+            json!({ "errors": [ { "path": path, "kind": "conflict", "message": m } ] }),
         ),
     }
 }
@@ -402,6 +403,175 @@ fn rollback(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         );
     };
     apply(api, Source::Rollback, &document, false)
+}
+
+/// `%XX` and `+` decoded (query parameter values).
+fn decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The routing decision for a described request, against the live topology and node
+/// state, by the data plane's own `routing::route`: `?host=&port=&path=&method=`, and
+/// any number of `header=Name:Value`, `cookie=name=value`, `client=IP`.
+fn explain(api: &Api, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    use crate::routing::{self, canary::Arm, path, Described, RequestView, RouteError};
+    let t = api.control.topology();
+    let mut host = None;
+    let mut port = None;
+    let mut target = "/".to_string();
+    let mut method = Method::GET;
+    let mut headers = http::HeaderMap::new();
+    let mut client: std::net::IpAddr = [127, 0, 0, 1].into();
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = decode(v);
+        match k {
+            "host" => host = Some(v),
+            "port" => port = v.parse::<u16>().ok(),
+            "path" => target = v,
+            "method" => match Method::from_bytes(v.as_bytes()) {
+                Ok(m) => method = m,
+                Err(_) => return error(StatusCode::BAD_REQUEST, "bad_request", "bad method"),
+            },
+            "header" => {
+                let Some((name, value)) = v.split_once(':') else {
+                    return error(StatusCode::BAD_REQUEST, "bad_request", "header=Name:Value");
+                };
+                match (
+                    http::HeaderName::from_bytes(name.trim().as_bytes()),
+                    HeaderValue::from_str(value.trim()),
+                ) {
+                    (Ok(n), Ok(v)) => {
+                        headers.append(n, v);
+                    }
+                    _ => return error(StatusCode::BAD_REQUEST, "bad_request", "bad header"),
+                }
+            }
+            "cookie" => match HeaderValue::from_str(&v) {
+                Ok(c) => {
+                    headers.append(header::COOKIE, c);
+                }
+                Err(_) => return error(StatusCode::BAD_REQUEST, "bad_request", "bad cookie"),
+            },
+            "client" => match v.parse() {
+                Ok(ip) => client = ip,
+                Err(_) => {
+                    return error(StatusCode::BAD_REQUEST, "bad_request", "bad client address")
+                }
+            },
+            _ => {}
+        }
+    }
+    let port = match port.or_else(|| t.listeners.first().map(|l| l.bind.port())) {
+        Some(p) => p,
+        None => return error(StatusCode::BAD_REQUEST, "bad_request", "give ?port="),
+    };
+    let (raw_path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (target.clone(), None),
+    };
+    let normal = match path::normalize(&raw_path, t.defaults.allow_encoded_slash) {
+        Ok(p) => p.unwrap_or(raw_path),
+        Err(e) => {
+            return respond(
+                StatusCode::OK,
+                json!({ "answer": 400, "error": "bad_path", "reason": e.as_str() }),
+            )
+        }
+    };
+    let view = RequestView {
+        host: host.as_deref().map(str::as_bytes),
+        port,
+        path: &normal,
+        query: query.as_deref(),
+        method: &method,
+        headers: &headers,
+        client,
+        trusted: false,
+        random: 0,
+    };
+    let route = match routing::route(&t, &view) {
+        Ok(r) => r,
+        Err(e) => {
+            let (status, err) = match e {
+                RouteError::NoRoute => (404, "no_route"),
+                RouteError::TenantRequired => (400, "tenant_required"),
+                RouteError::BadTenant => (400, "bad_tenant"),
+            };
+            return respond(StatusCode::OK, json!({ "answer": status, "error": err }));
+        }
+    };
+    let candidates: Vec<Value> = route
+        .candidates
+        .iter()
+        .map(|p| {
+            json!(t.pools[p].members.iter().map(|m| {
+                let n = &t.nodes[m.node];
+                json!({
+                    "node": &*n.name,
+                    "address": n.addr.to_string(),
+                    "weight": m.weight,
+                    "backup": m.backup,
+                    "health": match n.state.health() { Health::Up => "up", Health::Down => "down", Health::Unknown => "unknown" },
+                    "drained": n.state.is_drained(),
+                    "usable": n.state.usable(),
+                })
+            }).collect::<Vec<_>>())
+        })
+        .collect();
+    // The node a fresh round-robin would pick first (each worker keeps its own counters).
+    let next = route.candidates.iter().find_map(|p| {
+        let members = &t.pools[p].members;
+        let wrr = crate::balance::Wrr::new(members.len());
+        wrr.pick(members, |n| t.nodes[n].state.usable())
+            .map(|i| t.nodes[members[i].node].name.to_string())
+    });
+    let canary = route.canary.map(|c| {
+        json!({
+            "arm": c.arm.as_str(),
+            "to_canary": c.arm == Arm::Canary,
+            "set_cookie": c.set_cookie,
+        })
+    });
+    respond(
+        StatusCode::OK,
+        json!({
+            "answer": if next.is_some() { 200 } else { 503 },
+            "entry": route.entry.to_string(),
+            "entry_environment": &*t.environments[route.entry.env].name,
+            "environment": &*t.environments[route.env].name,
+            "redirected": route.redirect.is_some(),
+            "canary": canary,
+            "application": { "name": route.app.name, "version": route.app.version, "path": route.app.prefix },
+            "candidates": candidates,
+            "next": next,
+            "explanation": Described { route: &route, topo: &t }.to_string(),
+        }),
+    )
 }
 
 fn history(api: &Api) -> Response<Full<Bytes>> {

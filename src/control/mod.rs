@@ -108,9 +108,10 @@ pub enum ApplyError {
     /// Every problem validation found, each with its path.
     #[error("{} problem(s)", .0.len())]
     Invalid(Vec<ConfigError>),
-    /// Valid, but not applicable to the running instance.
-    #[error("{0}")]
-    Refused(String),
+    /// Valid, but not applicable to the running instance: the document path concerned
+    /// (`listeners`, `control.bind`, `defaults.timeouts`) and why.
+    #[error("{1}")]
+    Refused(&'static str, String),
 }
 
 impl From<LoadError> for ApplyError {
@@ -280,8 +281,8 @@ impl Control {
             return Ok(None);
         }
         let topology = config::parse(text, &self.base_dir)?;
-        if let Some(why) = listener_change(live, &topology) {
-            return Err(ApplyError::Refused(why));
+        if let Some((path, why)) = listener_change(live, &topology) {
+            return Err(ApplyError::Refused(path, why));
         }
         let diff = diff::diff(live, &topology);
         Ok(Some((topology, diff)))
@@ -328,14 +329,26 @@ fn record(
     });
 }
 
-/// Why the listeners of `new` cannot replace those of `live`, if they cannot.
-fn listener_change(live: &Topology, new: &Topology) -> Option<String> {
+/// Why `new` cannot replace `live` in this running instance (what was fixed at start:
+/// listeners, the control address, the servers' header and idle timeouts), if it cannot.
+fn listener_change(live: &Topology, new: &Topology) -> Option<(&'static str, String)> {
+    // The HTTP/1 and HTTP/2 servers of each worker take these when the worker starts.
+    let (a, b) = (&live.defaults.timeouts, &new.defaults.timeouts);
+    if a.client_header != b.client_header || a.idle != b.idle {
+        return Some(("defaults.timeouts", format!(
+            "timeouts.client_header and timeouts.idle cannot change while running (restart to change them): running {:?}/{:?}, new {:?}/{:?}",
+            a.client_header, a.idle, b.client_header, b.idle
+        )));
+    }
     let bind = |t: &Topology| t.control.as_ref().map(|c| c.bind);
     if bind(live) != bind(new) {
-        return Some(format!(
+        return Some((
+            "control.bind",
+            format!(
             "control.bind cannot change while running (restart to rebind): running {:?}, new {:?}",
             bind(live),
             bind(new)
+        ),
         ));
     }
     let same = live.listeners.len() == new.listeners.len()
@@ -354,9 +367,12 @@ fn listener_change(live: &Topology, new: &Topology) -> Option<String> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    Some(format!(
-        "listeners cannot change while running (restart to rebind): running [{}], new [{}]",
-        show(live),
-        show(new)
+    Some((
+        "listeners",
+        format!(
+            "listeners cannot change while running (restart to rebind): running [{}], new [{}]",
+            show(live),
+            show(new)
+        ),
     ))
 }
