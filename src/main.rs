@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use envgate::config::{self, LoadError};
-use envgate::control::{watch, Source};
+use envgate::control::{client, watch, Source};
 use envgate::health::NodeRegistry;
 use envgate::server::{self, Options, Server};
 
@@ -42,6 +42,33 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Apply FILE to a running instance through its control endpoint (validated there
+    /// whole; exit 0 applied, 1 refused, 2 unreachable).
+    Apply {
+        file: PathBuf,
+        /// Show the changes and the problems without applying.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// The running instance's environments, nodes (health, drain) and recent applies.
+    Status {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Where a request to URL would go on the running instance, and why.
+    Explain {
+        /// `http://host[:port]/path?query`
+        url: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// A request header, `Name: value` (repeatable; `Cookie: ...` included).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Run demo nodes and a demo topology on loopback, and print what to try.
     Demo {
         /// Port of the demo's host-routed listener; the port-wide one is this plus 3.
@@ -50,6 +77,21 @@ enum Command {
         #[arg(long, env = "WORKERS")]
         workers: Option<usize>,
     },
+}
+
+/// Where the control endpoint is: `--control` and `--token-file`, or the topology file's
+/// `control` key.
+#[derive(clap::Args)]
+struct Endpoint {
+    /// The topology file that names the endpoint and its token file.
+    #[arg(long, default_value = "config/envgate.yaml")]
+    config: PathBuf,
+    /// The endpoint's address (instead of the topology file's `control.bind`).
+    #[arg(long)]
+    control: Option<std::net::SocketAddr>,
+    /// The file holding the bearer token for writes.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -88,6 +130,60 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Apply {
+            file,
+            dry_run,
+            endpoint,
+        } => remote(&endpoint, |t| {
+            let text = std::fs::read(&file)
+                .map_err(|e| client::ClientError::Setup(format!("{}: {e}", file.display())))?;
+            let path = if dry_run {
+                "/api/v1/topology?dry_run=true"
+            } else {
+                "/api/v1/topology"
+            };
+            t.call(http::Method::PUT, path, text.into())
+        }),
+        Command::Status { endpoint } => remote(&endpoint, |t| {
+            t.call(http::Method::GET, "/api/v1/status", Default::default())
+        }),
+        Command::Explain {
+            url,
+            method,
+            headers,
+            endpoint,
+        } => remote(&endpoint, |t| {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|e| client::ClientError::Setup(format!("{url}: {e}")))?;
+            let host = uri.host().unwrap_or("");
+            let port = uri
+                .port_u16()
+                .unwrap_or(if uri.scheme_str() == Some("https") {
+                    443
+                } else {
+                    80
+                });
+            let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            let mut q = format!(
+                "/api/v1/explain?host={}&port={port}&path={}&method={}",
+                client::encode(host),
+                client::encode(target),
+                client::encode(&method)
+            );
+            for h in &headers {
+                let (name, value) = h.split_once(':').unwrap_or((h, ""));
+                if name.trim().eq_ignore_ascii_case("cookie") {
+                    q.push_str(&format!("&cookie={}", client::encode(value.trim())));
+                } else {
+                    q.push_str(&format!(
+                        "&header={}",
+                        client::encode(&format!("{}:{}", name.trim(), value.trim()))
+                    ));
+                }
+            }
+            t.call(http::Method::GET, &q, Default::default())
+        }),
         Command::Demo { port, workers } => {
             init_logging(LogFormat::Text);
             match envgate::demo::run(port, workers.unwrap_or(0)) {
@@ -97,6 +193,39 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Runs one call against a running instance: prints the answer; exit 0 on success, 1 when
+/// the endpoint refused, 2 when it could not be reached.
+fn remote(
+    endpoint: &Endpoint,
+    call: impl FnOnce(&client::Target) -> Result<(http::StatusCode, bytes::Bytes), client::ClientError>,
+) -> ExitCode {
+    let target = match client::Target::find(
+        &endpoint.config,
+        endpoint.control,
+        endpoint.token_file.clone(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("envgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match call(&target) {
+        Ok((status, body)) => {
+            println!("{}", client::render(status, &body));
+            if status.is_success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("envgate: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -460,3 +460,96 @@ fn sigterm_during_start_up_stops_it_cleanly() {
     let status = exit_status(&mut held.child);
     assert!(status.success(), "{status:?}: {}", held.log());
 }
+
+/// A free port on 127.0.0.1 (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn apply_status_and_explain_talk_to_a_running_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, api) = (free_port(), free_port());
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let doc = |env: &str| {
+        format!("version: 1\nlisteners: [ {{ name: http, bind: \"127.0.0.1:{port}\" }} ]\ncontrol: {{ bind: \"127.0.0.1:{api}\", token_file: token }}\nnodes: {{ a: {{ address: \"127.0.0.1:1\" }} }}\nenvironments:\n  {env}: {{ entries: [\"company.com:{port}\"], nodes: [a] }}\n")
+    };
+    let conf = dir.path().join("envgate.yaml");
+    std::fs::write(&conf, doc("blue")).unwrap();
+    let log = dir.path().join("envgate.log");
+    let mut child = Child(
+        envgate()
+            .args(["run", "--workers", "1", "--config"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let _ = first_answer(port, "company.com");
+    let cli = |args: &[&str]| {
+        let out = envgate()
+            .args(args)
+            .arg("--config")
+            .arg(&conf)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+
+    // A dry run, then the change; both found through the topology file's control key.
+    let next = dir.path().join("next.yaml");
+    std::fs::write(&next, doc("green")).unwrap();
+    let next = next.to_str().unwrap();
+    let (code, out) = cli(&["apply", next, "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("\"dry_run\": true") && out.contains("+environment green"),
+        "{out}"
+    );
+    let (code, out) = cli(&["status"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("\"generation\": 1"), "{out}");
+    let (code, out) = cli(&["apply", next]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("\"generation\": 2"), "{out}");
+    let (code, out) = cli(&[
+        "explain",
+        &format!("http://company.com:{port}/x?y=1"),
+        "-H",
+        "X-Tenant-Id: 5",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("\"environment\": \"green\""), "{out}");
+
+    // A document that does not validate: exit 1, one problem a line with its path.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, doc("red").replace("nodes: [a]", "nodes: [ghost]")).unwrap();
+    let (code, out) = cli(&["apply", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("environments.red.nodes[0]:") && out.contains("(reference)"),
+        "{out}"
+    );
+    // No endpoint there: exit 2.
+    let out = envgate()
+        .args(["status", "--control", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    kill("-TERM", child.0.id());
+    assert!(
+        exit_status(&mut child).success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+}

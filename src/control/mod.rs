@@ -12,6 +12,7 @@
 //! is one atomic store. Requests in flight finish on the topology they started with.
 
 pub mod api;
+pub mod client;
 pub mod diff;
 pub mod watch;
 
