@@ -281,7 +281,6 @@ fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
         .to_path_buf();
     let topology = config::parse(&document, &base_dir)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    warn_inactive(&topology);
     let mut listeners = Vec::new();
     for l in &topology.listeners {
         let sock = server::bind(l.bind)
@@ -319,13 +318,6 @@ fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
     server.shutdown();
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Says which validated parts of the topology this version does not act on yet.
-fn warn_inactive(t: &envgate::topology::Topology) {
-    if let Some(c) = &t.control {
-        tracing::warn!(bind = %c.bind, "the control endpoint is not served by this version");
-    }
 }
 
 /// The signals `run` acts on, caught from the start.

@@ -75,6 +75,7 @@ pub enum LoadError {
 /// problems validation finds, so a typo never hides the rest of the document's problems
 /// (and never passes silently either: the document is still refused).
 pub fn parse(text: &str, base_dir: &Path) -> Result<Topology, LoadError> {
+    check_nesting(text, MAX_NESTING).map_err(LoadError::Parse)?;
     // (YAML path, key) of every key that no field took.
     let mut unknown: Vec<(String, String)> = Vec::new();
     let de = serde_norway::Deserializer::from_str(text);
@@ -109,6 +110,62 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<Topology, LoadError> {
             Err(LoadError::Invalid(errors))
         }
     }
+}
+
+/// Deepest nesting of flow collections (`[`, `{`) a document may have. A topology needs a
+/// handful of levels; the YAML scanner's cost grows with the square of this depth, so a
+/// small document of nested brackets could otherwise take minutes to refuse.
+pub const MAX_NESTING: usize = 64;
+
+/// Refuses a document whose flow collections nest deeper than `max` (outside quoted
+/// scalars and comments), before the YAML parser sees it. One pass, no allocation.
+pub fn check_nesting(text: &str, max: usize) -> Result<(), String> {
+    let b = text.as_bytes();
+    let (mut depth, mut i) = (0usize, 0usize);
+    let mut line_start = true;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'\'' => {
+                i += 1;
+                while i < b.len() {
+                    if b[i] == b'\'' {
+                        if b.get(i + 1) == Some(&b'\'') {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'#' if line_start || matches!(b[i - 1], b' ' | b'\t') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Err(format!(
+                        "the document nests collections more than {max} deep (line {})",
+                        b[..i].iter().filter(|c| **c == b'\n').count() + 1
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        line_start = i < b.len() && b[i] == b'\n';
+        i += 1;
+    }
+    Ok(())
 }
 
 /// `serde_ignored`'s path in the notation of validation errors: `environments.a.entires`,
@@ -149,6 +206,35 @@ pub fn load_file(path: &Path) -> Result<Topology, LoadError> {
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     parse(&text, base)
+}
+
+#[cfg(test)]
+mod nesting_tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_bounded_outside_quotes_and_comments() {
+        let deep = format!("a: {}1{}", "[".repeat(65), "]".repeat(65));
+        assert!(check_nesting(&deep, 64)
+            .unwrap_err()
+            .contains("more than 64"));
+        let ok = format!("a: {}1{}", "[".repeat(64), "]".repeat(64));
+        assert!(check_nesting(&ok, 64).is_ok());
+        let quoted = format!(
+            "a: \"{}\"\nb: '{}'\n# {}\nc: 1 # {}\n",
+            "[".repeat(100),
+            "{{".repeat(100),
+            "[".repeat(100),
+            "[".repeat(100)
+        );
+        assert!(check_nesting(&quoted, 64).is_ok(), "{quoted}");
+        // Refused by the scan (its message), before the YAML scanner would take minutes.
+        let huge = "[".repeat(200_000);
+        match parse(&huge, Path::new(".")) {
+            Err(LoadError::Parse(m)) => assert!(m.contains("more than 64 deep"), "{m}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
 }
 
 /// Parses `500ms`, `2s`, `1m`, `1h30m`.

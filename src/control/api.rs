@@ -74,7 +74,7 @@ pub async fn serve(api: Arc<Api>, listener: std::net::TcpListener) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let api = api.clone();
-                async move { Ok::<_, Infallible>(handle(&api, peer, req).await) }
+                async move { Ok::<_, Infallible>(handle(api, peer, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -123,7 +123,7 @@ fn token_matches(presented: &[u8], token: &[u8]) -> bool {
     diff == 0
 }
 
-async fn handle(api: &Api, _peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(api: Arc<Api>, _peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => respond(StatusCode::OK, json!({ "status": "ok" })),
@@ -142,12 +142,12 @@ async fn handle(api: &Api, _peer: SocketAddr, req: Request<Incoming>) -> Respons
                 respond(StatusCode::OK, json!({ "status": "ready" }))
             }
         }
-        (Method::GET, "/api/v1/topology") => get_topology(api, &req),
+        (Method::GET, "/api/v1/topology") => get_topology(&api, &req),
         (Method::PUT | Method::PATCH, "/api/v1/topology") => write_topology(api, req).await,
-        (Method::GET, "/api/v1/status") => status(api),
-        (Method::GET, "/api/v1/history") => history(api),
-        (Method::GET, "/api/v1/explain") => explain(api, &req),
-        (Method::POST, "/api/v1/rollback") => rollback(api, req),
+        (Method::GET, "/api/v1/status") => status(&api),
+        (Method::GET, "/api/v1/history") => history(&api),
+        (Method::GET, "/api/v1/explain") => explain(&api, &req),
+        (Method::POST, "/api/v1/rollback") => rollback(api, req).await,
         (
             _,
             "/healthz" | "/ready" | "/api/v1/topology" | "/api/v1/status" | "/api/v1/history"
@@ -161,26 +161,36 @@ async fn handle(api: &Api, _peer: SocketAddr, req: Request<Incoming>) -> Respons
     }
 }
 
+/// The entity tags of an `If-Match` / `If-None-Match` value (a list; `W/` weak prefixes
+/// kept so callers can compare strongly or weakly).
+fn tags(v: &HeaderValue) -> impl Iterator<Item = &str> {
+    v.to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
 fn get_topology(api: &Api, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (generation, document) = api.control.current();
     let tag = etag(generation, &document);
-    if req
+    // Weak comparison (RFC 9110 13.1.2): `W/"x"` matches `"x"`.
+    let matches = req
         .headers()
         .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v.as_bytes() == tag.as_bytes() || v.as_bytes() == b"*")
-    {
-        let mut resp = Response::new(Full::new(Bytes::new()));
-        *resp.status_mut() = StatusCode::NOT_MODIFIED;
-        if let Ok(v) = HeaderValue::from_str(&tag) {
-            resp.headers_mut().insert(header::ETAG, v);
-        }
-        return resp;
-    }
-    let mut resp = Response::new(Full::new(Bytes::from(document.to_string())));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/yaml"),
-    );
+        .is_some_and(|v| tags(v).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag));
+    let mut resp = if matches {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        let mut r = Response::new(Full::new(Bytes::from(document.to_string())));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/yaml"),
+        );
+        r
+    };
     if let Ok(v) = HeaderValue::from_str(&tag) {
         resp.headers_mut().insert(header::ETAG, v);
     }
@@ -214,10 +224,14 @@ fn authorise(api: &Api, req: &Request<Incoming>) -> Result<(), Response<Full<Byt
             ));
         }
     };
+    // The scheme is case-insensitive (RFC 9110 11.1), spaces may follow it.
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(|v| v.as_bytes())
+        .and_then(|v| {
+            (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| v[7..].trim_ascii())
+        })
         .unwrap_or(b"");
     if !token_matches(presented, token.as_bytes()) {
         let mut resp = error(
@@ -234,17 +248,31 @@ fn authorise(api: &Api, req: &Request<Incoming>) -> Result<(), Response<Full<Byt
     Ok(())
 }
 
-fn stale(api: &Api, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
-    let want = req.headers().get(header::IF_MATCH)?;
+/// `If-Match`: `Ok(None)` without one (or `*`), `Ok(Some(generation))` when it names the
+/// current ETag (strong comparison: a weak tag never matches), 412 otherwise. The
+/// generation is checked again when the change is swapped in, so of two writers with the
+/// same tag exactly one wins.
+fn if_match(api: &Api, req: &Request<Incoming>) -> Result<Option<u64>, Response<Full<Bytes>>> {
+    let Some(v) = req.headers().get(header::IF_MATCH) else {
+        return Ok(None);
+    };
     let (generation, document) = api.control.current();
     let tag = etag(generation, &document);
-    (want.as_bytes() != tag.as_bytes() && want.as_bytes() != b"*").then(|| {
-        error(
-            StatusCode::PRECONDITION_FAILED,
-            "stale",
-            format!("the topology changed: its ETag is now {tag}"),
-        )
-    })
+    if tags(v).any(|t| t == "*") {
+        return Ok(None);
+    }
+    if tags(v).any(|t| t == tag) {
+        return Ok(Some(generation));
+    }
+    Err(stale_answer(&tag))
+}
+
+fn stale_answer(tag: &str) -> Response<Full<Bytes>> {
+    error(
+        StatusCode::PRECONDITION_FAILED,
+        "stale",
+        format!("the topology changed: its ETag is now {tag}"),
+    )
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
@@ -264,27 +292,48 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>
     }
 }
 
-async fn write_topology(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Err(resp) = authorise(api, &req) {
+/// What a write asks for, handed to the blocking apply.
+enum Change {
+    Document(String),
+    Patch(json_patch::Patch),
+    Rollback(u64),
+}
+
+async fn write_topology(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(resp) = authorise(&api, &req) {
         return resp;
     }
-    if let Some(resp) = stale(api, &req) {
-        return resp;
-    }
+    let base = match if_match(&api, &req) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
     let dry_run = query_param(&req, "dry_run").is_some_and(|v| v == "true" || v == "1");
     let patch = req.method() == Method::PATCH;
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    let text = if patch {
-        match patched(&api.control.document(), &body) {
-            Ok(t) => t,
-            Err(resp) => return resp,
+    let change = if patch {
+        match serde_json::from_slice::<json_patch::Patch>(&body) {
+            Ok(p) if p.len() > MAX_PATCH_OPS => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "patch_too_large",
+                    format!("a patch may hold at most {MAX_PATCH_OPS} operations"),
+                )
+            }
+            Ok(p) => Change::Patch(p),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "parse",
+                    format!("not a JSON Patch (RFC 6902): {e}"),
+                )
+            }
         }
     } else {
-        match std::str::from_utf8(&body) {
-            Ok(t) => t.to_string(),
+        match String::from_utf8(body.to_vec()) {
+            Ok(t) => Change::Document(t),
             Err(_) => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -294,18 +343,82 @@ async fn write_topology(api: &Api, req: Request<Incoming>) -> Response<Full<Byte
             }
         }
     };
-    apply(api, Source::Api, &text, dry_run)
+    blocking(api, change, base, dry_run).await
 }
 
-/// The running document with a JSON Patch (RFC 6902) applied, as YAML.
-fn patched(document: &str, body: &[u8]) -> Result<String, Response<Full<Bytes>>> {
-    let patch: json_patch::Patch = serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "parse",
-            format!("not a JSON Patch (RFC 6902): {e}"),
-        )
-    })?;
+/// Runs a change off the control thread's runtime (which also runs the health
+/// checkers): parsing and validating a large document, patching it and writing it back
+/// take time that must not stall anything else.
+async fn blocking(
+    api: Arc<Api>,
+    change: Change,
+    base: Option<u64>,
+    dry_run: bool,
+) -> Response<Full<Bytes>> {
+    match tokio::task::spawn_blocking(move || change_now(&api, change, base, dry_run)).await {
+        Ok(resp) => resp,
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// Most operations in one patch.
+pub const MAX_PATCH_OPS: usize = 10_000;
+
+fn change_now(
+    api: &Api,
+    change: Change,
+    base: Option<u64>,
+    dry_run: bool,
+) -> Response<Full<Bytes>> {
+    match change {
+        Change::Document(text) => apply(api, Source::Api, &text, dry_run, base),
+        Change::Rollback(to) => {
+            let document = api
+                .control
+                .history()
+                .into_iter()
+                .rev()
+                .find(|r| r.generation == to && r.document.is_some())
+                .and_then(|r| r.document);
+            match document {
+                Some(d) => apply(api, Source::Rollback, &d, dry_run, base),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("generation {to} is not in the history (or its document was let go)"),
+                ),
+            }
+        }
+        Change::Patch(patch) => {
+            // A patch is computed over one generation's document and applied only if that
+            // generation is still live; when another change came between, it is computed
+            // again over the new one (unless the client made it conditional).
+            for _ in 0..3 {
+                let (generation, document) = api.control.current();
+                if base.is_some_and(|b| b != generation) {
+                    return stale_answer(&etag(generation, &document));
+                }
+                let text = match patched(&document, &patch) {
+                    Ok(t) => t,
+                    Err(resp) => return resp,
+                };
+                let resp = apply(api, Source::Api, &text, dry_run, Some(generation));
+                if resp.status() != StatusCode::PRECONDITION_FAILED || base.is_some() {
+                    return resp;
+                }
+            }
+            error(
+                StatusCode::CONFLICT,
+                "busy",
+                "the topology kept changing while the patch was applied; try again",
+            )
+        }
+    }
+}
+
+/// The running document with a JSON Patch (RFC 6902) applied, as YAML. A patch may not
+/// make the document larger than `MAX_BODY` (each `copy` can double it).
+fn patched(document: &str, patch: &json_patch::Patch) -> Result<String, Response<Full<Bytes>>> {
     let mut doc: Value = serde_norway::from_str(document).map_err(|e| {
         error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -313,36 +426,62 @@ fn patched(document: &str, body: &[u8]) -> Result<String, Response<Full<Bytes>>>
             format!("the running document does not read as JSON: {e}"),
         )
     })?;
-    json_patch::patch(&mut doc, &patch).map_err(|e| {
-        respond(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            json!({ "errors": [ { "path": format!("/{}", e.operation), "kind": "patch", "message": e.to_string() } ] }),
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "document_too_large",
+            format!("the patched document would pass {MAX_BODY} bytes"),
         )
-    })?;
-    serde_norway::to_string(&doc)
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+    };
+    for (i, op) in patch.iter().enumerate() {
+        json_patch::patch(&mut doc, std::slice::from_ref(op)).map_err(|e| {
+            respond(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({ "errors": [ { "path": format!("/{i}"), "kind": "patch", "message": e.to_string() } ] }),
+            )
+        })?;
+        // Only `copy` grows the document past the patch's own size.
+        if matches!(op, json_patch::PatchOperation::Copy(_))
+            && serde_json::to_vec(&doc).map_or(true, |v| v.len() > MAX_BODY)
+        {
+            return Err(too_large());
+        }
+    }
+    let text = serde_norway::to_string(&doc)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "parse", e.to_string()))?;
+    if text.len() > MAX_BODY {
+        return Err(too_large());
+    }
+    Ok(text)
 }
 
-fn apply(api: &Api, source: Source, text: &str, dry_run: bool) -> Response<Full<Bytes>> {
-    match api.control.apply(source, text, dry_run) {
+fn apply(
+    api: &Api,
+    source: Source,
+    text: &str,
+    dry_run: bool,
+    base: Option<u64>,
+) -> Response<Full<Bytes>> {
+    match api.control.apply_on(source, text, dry_run, base) {
         Ok(applied) => {
+            let mut body = json!({ "generation": applied.generation, "changes": applied.diff.changes, "unchanged": applied.unchanged, "dry_run": dry_run });
             if !dry_run && !applied.unchanged {
                 if let Some(file) = &api.file {
-                    if let Err(e) = write_back(file, text) {
-                        tracing::error!(file = %file.display(), error = %e, "applied, but the topology file could not be written: a restart would lose this change");
-                        return respond(
-                            StatusCode::OK,
-                            json!({ "generation": applied.generation, "changes": applied.diff.changes, "unchanged": false, "dry_run": false, "written": false, "warning": format!("not written to {}: {e}", file.display()) }),
-                        );
+                    match write_back(file, text, &applied.replaced) {
+                        Ok(()) => body["written"] = json!(true),
+                        Err(e) => {
+                            tracing::error!(file = %file.display(), error = %e, "applied, but not written to the topology file: a restart would not keep this change");
+                            body["written"] = json!(false);
+                            body["warning"] =
+                                json!(format!("not written to {}: {e}", file.display()));
+                        }
                     }
                 }
             }
-            respond(
-                StatusCode::OK,
-                json!({ "generation": applied.generation, "changes": applied.diff.changes, "unchanged": applied.unchanged, "dry_run": dry_run }),
-            )
+            respond(StatusCode::OK, body)
         }
         Err(ApplyError::Parse(m)) => error(StatusCode::BAD_REQUEST, "parse", m),
+        Err(ApplyError::Stale(_, now)) => stale_answer(&etag(now, &api.control.document())),
         Err(ApplyError::Invalid(errs)) => respond(
             StatusCode::UNPROCESSABLE_ENTITY,
             json!({ "errors": errs.iter().map(|e| json!({ "path": e.path, "kind": e.kind.as_str(), "message": e.message })).collect::<Vec<_>>() }),
@@ -354,33 +493,53 @@ fn apply(api: &Api, source: Source, text: &str, dry_run: bool) -> Response<Full<
     }
 }
 
-/// Writes `text` to `file` atomically: a temporary file beside it, fsync, rename.
-fn write_back(file: &std::path::Path, text: &str) -> std::io::Result<()> {
+/// Writes `text` over the topology file atomically (a temporary file beside the real
+/// file, fsync, rename), following a symlink to the file it names and keeping that file's
+/// permissions. The file must still hold `replaced` (the document the change replaced):
+/// an edit made there meanwhile is not overwritten (the watch applies it next).
+fn write_back(file: &std::path::Path, text: &str, replaced: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let dir = file.parent().unwrap_or(std::path::Path::new("."));
-    let name = file
+    let target = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    let old = std::fs::read(&target).ok();
+    if old.as_deref().is_some_and(|o| o != replaced.as_bytes()) {
+        return Err(std::io::Error::other(
+            "the file was changed meanwhile; it is not overwritten (the file watch applies it)",
+        ));
+    }
+    let dir = target.parent().unwrap_or(std::path::Path::new("."));
+    let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "topology".into());
     let tmp = dir.join(format!(".{name}.envgate-tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, file)?;
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        if let Ok(meta) = std::fs::metadata(&target) {
+            f.set_permissions(meta.permissions())?;
+        }
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &target)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
 }
 
-fn rollback(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Err(resp) = authorise(api, &req) {
+async fn rollback(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(resp) = authorise(&api, &req) {
         return resp;
     }
-    if let Some(resp) = stale(api, &req) {
-        return resp;
-    }
+    let base = match if_match(&api, &req) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
     let Some(to) = query_param(&req, "to").and_then(|v| v.parse::<u64>().ok()) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -388,21 +547,7 @@ fn rollback(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             "give ?to=GENERATION",
         );
     };
-    let document = api
-        .control
-        .history()
-        .into_iter()
-        .rev()
-        .find(|r| r.generation == to && r.document.is_some())
-        .and_then(|r| r.document);
-    let Some(document) = document else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("generation {to} is not in the history"),
-        );
-    };
-    apply(api, Source::Rollback, &document, false)
+    blocking(api, Change::Rollback(to), base, false).await
 }
 
 /// `%XX` and `+` decoded (query parameter values).

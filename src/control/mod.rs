@@ -98,6 +98,9 @@ pub struct Applied {
     pub diff: diff::Diff,
     /// Nothing changed: the document is the one running.
     pub unchanged: bool,
+    /// The document that was running before (for a write-back that must not overwrite
+    /// an edit it did not see).
+    pub replaced: Arc<str>,
 }
 
 /// Why a document was refused.
@@ -109,6 +112,9 @@ pub enum ApplyError {
     /// Every problem validation found, each with its path.
     #[error("{} problem(s)", .0.len())]
     Invalid(Vec<ConfigError>),
+    /// The write was conditional on generation `.0`, and `.1` is live now.
+    #[error("the topology changed: generation {1} is live, not {0}")]
+    Stale(u64, u64),
     /// Valid, but not applicable to the running instance: the document path concerned
     /// (`listeners`, `control.bind`, `defaults.timeouts`) and why.
     #[error("{1}")]
@@ -125,9 +131,14 @@ impl From<LoadError> for ApplyError {
 }
 
 struct Inner {
-    /// The document the live topology was built from.
-    document: Arc<str>,
     history: VecDeque<Record>,
+}
+
+/// The live generation and the document it was built from, read together without a lock.
+#[derive(Debug)]
+struct Current {
+    generation: u64,
+    document: Arc<str>,
 }
 
 /// The apply path of one running instance.
@@ -135,7 +146,11 @@ pub struct Control {
     shared: Arc<Shared>,
     /// Where relative paths in documents point (the topology file's directory).
     base_dir: PathBuf,
-    /// Serialises applies; never taken by requests.
+    /// Replaced whole at each apply; readers (the API's GETs, the file watch) never wait.
+    current: arc_swap::ArcSwap<Current>,
+    /// Serialises the swap and the history. Held only for the diff, the swap and the
+    /// record, never during the parse or validation (which may take a while), and never
+    /// by requests.
     inner: Mutex<Inner>,
 }
 
@@ -157,7 +172,11 @@ impl Control {
         Control {
             shared,
             base_dir: base_dir.to_path_buf(),
-            inner: Mutex::new(Inner { document, history }),
+            current: arc_swap::ArcSwap::from_pointee(Current {
+                generation,
+                document,
+            }),
+            inner: Mutex::new(Inner { history }),
         }
     }
 
@@ -168,16 +187,13 @@ impl Control {
 
     /// The document the live topology was built from.
     pub fn document(&self) -> Arc<str> {
-        self.lock().document.clone()
+        self.current.load().document.clone()
     }
 
-    /// The live generation and its document, read together.
+    /// The live generation and its document, read together (without waiting on an apply).
     pub fn current(&self) -> (u64, Arc<str>) {
-        let inner = self.lock();
-        (
-            self.shared.topology.load().generation,
-            inner.document.clone(),
-        )
+        let c = self.current.load();
+        (c.generation, c.document.clone())
     }
 
     /// The history, oldest first.
@@ -194,33 +210,59 @@ impl Control {
     /// Validates `text` and, unless `dry_run`, makes it the live topology. The same steps
     /// for every source; a refused document changes nothing but the history.
     pub fn apply(&self, source: Source, text: &str, dry_run: bool) -> Result<Applied, ApplyError> {
+        self.apply_on(source, text, dry_run, None)
+    }
+
+    /// `apply`, only if generation `base` is still the live one when the swap is made
+    /// (`ApplyError::Stale` otherwise): a conditional write (`If-Match`), or a patch
+    /// computed over that generation's document.
+    pub fn apply_on(
+        &self,
+        source: Source,
+        text: &str,
+        dry_run: bool,
+        base: Option<u64>,
+    ) -> Result<Applied, ApplyError> {
+        let (generation, running) = self.current();
+        if let Some(b) = base.filter(|b| *b != generation) {
+            return Err(ApplyError::Stale(b, generation));
+        }
+        if text == &*running {
+            if !dry_run {
+                tracing::info!(
+                    source = source.as_str(),
+                    generation,
+                    "topology read again: no change"
+                );
+                record(
+                    &mut self.lock(),
+                    generation,
+                    source,
+                    Outcome::Unchanged,
+                    "no change".into(),
+                    None,
+                );
+            }
+            return Ok(Applied {
+                generation,
+                diff: diff::Diff::default(),
+                unchanged: true,
+                replaced: running,
+            });
+        }
+        // The long part, outside the lock.
+        let parsed = config::parse(text, &self.base_dir).map_err(ApplyError::from);
         let mut inner = self.lock();
         let live = self.shared.topology.load_full();
-        let result = self.check(&live, &inner.document, text);
-        let (topology, diff) = match result {
-            Ok(Some(ok)) => ok,
-            Ok(None) => {
-                if !dry_run {
-                    tracing::info!(
-                        source = source.as_str(),
-                        generation = live.generation,
-                        "topology read again: no change"
-                    );
-                    record(
-                        &mut inner,
-                        live.generation,
-                        source,
-                        Outcome::Unchanged,
-                        "no change".into(),
-                        None,
-                    );
-                }
-                return Ok(Applied {
-                    generation: live.generation,
-                    diff: diff::Diff::default(),
-                    unchanged: true,
-                });
-            }
+        if let Some(b) = base.filter(|b| *b != live.generation) {
+            return Err(ApplyError::Stale(b, live.generation));
+        }
+        let checked = parsed.and_then(|topology| match listener_change(&live, &topology) {
+            Some((path, why)) => Err(ApplyError::Refused(path, why)),
+            None => Ok(topology),
+        });
+        let topology = match checked {
+            Ok(t) => t,
             Err(e) => {
                 if !dry_run {
                     let why = match &e {
@@ -244,16 +286,22 @@ impl Control {
                 return Err(e);
             }
         };
+        let diff = diff::diff(&live, &topology);
+        let replaced = self.current.load().document.clone();
         if dry_run {
             return Ok(Applied {
                 generation: live.generation + 1,
                 diff,
                 unchanged: false,
+                replaced,
             });
         }
         let generation = self.swap(&live, topology);
         let document: Arc<str> = Arc::from(text);
-        inner.document = document.clone();
+        self.current.store(Arc::new(Current {
+            generation,
+            document: document.clone(),
+        }));
         let summary = diff.to_string();
         tracing::info!(source = source.as_str(), generation, changes = %summary, "topology applied");
         record(
@@ -268,25 +316,8 @@ impl Control {
             generation,
             diff,
             unchanged: false,
+            replaced,
         })
-    }
-
-    /// Parses, validates and compares; `None` when the document is the running one.
-    fn check(
-        &self,
-        live: &Topology,
-        running: &str,
-        text: &str,
-    ) -> Result<Option<(Topology, diff::Diff)>, ApplyError> {
-        if text == running {
-            return Ok(None);
-        }
-        let topology = config::parse(text, &self.base_dir)?;
-        if let Some((path, why)) = listener_change(live, &topology) {
-            return Err(ApplyError::Refused(path, why));
-        }
-        let diff = diff::diff(live, &topology);
-        Ok(Some((topology, diff)))
     }
 
     /// Binds node state, carries the in-flight counters over, and publishes `topology`.
@@ -309,6 +340,9 @@ impl Control {
     }
 }
 
+/// Most bytes of documents the history keeps for rollbacks; older records lose theirs.
+pub const HISTORY_BYTES: usize = 256 * 1024 * 1024;
+
 fn record(
     inner: &mut Inner,
     generation: u64,
@@ -318,7 +352,14 @@ fn record(
     document: Option<Arc<str>>,
 ) {
     if inner.history.len() == HISTORY {
-        inner.history.pop_front();
+        // Refusals and no-changes go first, so a run of bad saves does not push out the
+        // documents a rollback needs.
+        let i = inner
+            .history
+            .iter()
+            .position(|r| r.result != Outcome::Applied)
+            .unwrap_or(0);
+        inner.history.remove(i);
     }
     inner.history.push_back(Record {
         generation,
@@ -328,6 +369,20 @@ fn record(
         summary,
         document,
     });
+    // The oldest documents give way when the kept ones pass the budget.
+    let mut bytes: usize = inner
+        .history
+        .iter()
+        .filter_map(|r| r.document.as_ref().map(|d| d.len()))
+        .sum();
+    for r in inner.history.iter_mut() {
+        if bytes <= HISTORY_BYTES {
+            break;
+        }
+        if let Some(d) = r.document.take() {
+            bytes -= d.len();
+        }
+    }
 }
 
 /// Why `new` cannot replace `live` in this running instance (what was fixed at start:
