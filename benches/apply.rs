@@ -1,7 +1,8 @@
 //! The apply path at scale: a topology of 10,000 environments and 20,000 nodes, changed
 //! by one canary step and one entry move, applied through `Control::apply` (parse,
 //! validate, diff, bind node state, swap, record) on a running server; and its parts
-//! alone. The goal is under 100 ms for the whole apply.
+//! alone, for the document in YAML and in JSON. The goal is under 100 ms for the whole
+//! apply.
 //!
 //! `cargo bench --bench apply`
 
@@ -63,10 +64,19 @@ fn document(step: bool) -> String {
 
 fn apply(c: &mut Criterion) {
     let (a, b) = (document(false), document(true));
+    // The same documents as JSON (what the control API and fleet mode send).
+    let json = |y: &str| {
+        let v: serde_json::Value = serde_norway::from_str(y).unwrap();
+        serde_json::to_string(&v).unwrap()
+    };
+    let (ja, jb) = (json(&a), json(&b));
     let mut g = c.benchmark_group("apply_10000_envs_20000_nodes");
     g.sample_size(10).measurement_time(Duration::from_secs(20));
     g.bench_function("parse_and_validate", |bench| {
         bench.iter(|| envgate::config::parse(black_box(&a), std::path::Path::new(".")).unwrap())
+    });
+    g.bench_function("parse_and_validate_json", |bench| {
+        bench.iter(|| envgate::config::parse(black_box(&ja), std::path::Path::new(".")).unwrap())
     });
     let ta = envgate::config::parse(&a, std::path::Path::new(".")).unwrap();
     let tb = envgate::config::parse(&b, std::path::Path::new(".")).unwrap();
@@ -93,6 +103,13 @@ fn apply(c: &mut Criterion) {
         bench.iter(|| {
             flip = !flip;
             let doc = if flip { &b } else { &a };
+            control.apply(Source::Api, doc, false).unwrap()
+        })
+    });
+    g.bench_function("control_apply_json", |bench| {
+        bench.iter(|| {
+            flip = !flip;
+            let doc = if flip { &jb } else { &ja };
             control.apply(Source::Api, doc, false).unwrap()
         })
     });

@@ -660,3 +660,41 @@ fn canary_tenant_and_read_node_shapes() {
         );
     }
 }
+
+#[test]
+fn json_documents_and_yaml_flow_documents_read_alike() {
+    let yaml = format!(
+        "{BASE}environments:\n  production: {{ entries: [\"company.com:8080\"], nodes: [app-1, app-2], canary: {{ environment: next, weight: 2.5 }} }}\n  next: {{ nodes: [app-2] }}\n"
+    );
+    let value: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
+    let json = serde_json::to_string_pretty(&value).unwrap();
+    assert!(json.starts_with('{'));
+    let (a, b) = (
+        parse(&yaml, std::path::Path::new(".")).unwrap(),
+        parse(&json, std::path::Path::new(".")).unwrap(),
+    );
+    assert_eq!(a.environments.len(), b.environments.len());
+    let threshold = |t: &envgate::topology::Topology| {
+        let e = t.env_by_name("production").unwrap();
+        t.environments[e].canary.as_ref().unwrap().threshold
+    };
+    assert_eq!((threshold(&a), threshold(&b)), (250, 250));
+    // A JSON document's unknown keys and wrong values are reported with their paths too.
+    let typo = json.replacen("\"entries\"", "\"entires\"", 1);
+    let errs = errors(&typo);
+    expect(
+        &errs,
+        "environments.production.entires",
+        ErrorKind::Value,
+        &["unknown key"],
+    );
+    // A YAML flow mapping that is not JSON is still read as YAML.
+    let flow = "{ version: 1, listeners: [ { name: http, bind: \"127.0.0.1:8080\" } ], nodes: { a: { address: \"10.0.0.1:80\" } }, environments: { e: { entries: [\":8080\"], nodes: [a] } } }";
+    assert_eq!(
+        parse(flow, std::path::Path::new("."))
+            .unwrap()
+            .environments
+            .len(),
+        1
+    );
+}
