@@ -71,6 +71,49 @@ impl Drop for TrackerGuard {
     }
 }
 
+/// A change of the listeners, for every worker: serve a new listening socket (each
+/// worker gets its own clone), or stop accepting on one (its connections go on).
+pub enum ListenerCmd {
+    Start(StdListener, ListenerMeta),
+    Stop(String),
+}
+
+/// How the apply path reaches the workers' listeners.
+pub struct ListenerControl {
+    pub workers: Vec<tokio::sync::mpsc::UnboundedSender<ListenerCmd>>,
+}
+
+impl ListenerControl {
+    /// Binds `spec`'s address (the OS error when it cannot) for `start`.
+    pub fn bind(&self, spec: &crate::topology::ListenerSpec) -> std::io::Result<StdListener> {
+        let l = bind(spec.bind)?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    }
+
+    /// Starts serving `sock` on every worker.
+    pub fn start(&self, name: &str, sock: &StdListener) -> std::io::Result<()> {
+        let port = sock.local_addr()?.port();
+        for w in &self.workers {
+            let _ = w.send(ListenerCmd::Start(
+                sock.try_clone()?,
+                ListenerMeta {
+                    name: name.to_string(),
+                    port,
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stops accepting on listener `name` in every worker.
+    pub fn stop(&self, name: &str) {
+        for w in &self.workers {
+            let _ = w.send(ListenerCmd::Stop(name.to_string()));
+        }
+    }
+}
+
 /// How to run.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -181,11 +224,6 @@ pub fn start(
         changed,
         ready: watch::channel(false).0,
     });
-    let control = Arc::new(Control::new(
-        shared.clone(),
-        &options.document,
-        &options.base_dir,
-    ));
     let (tx, rx) = watch::channel(false);
     let workers = match options.workers {
         0 => std::thread::available_parallelism()
@@ -193,6 +231,16 @@ pub fn start(
             .unwrap_or(1),
         n => n,
     };
+    // One channel a worker, for listeners added or removed by an apply.
+    let (senders, mut receivers): (Vec<_>, Vec<_>) = (0..workers)
+        .map(|_| tokio::sync::mpsc::unbounded_channel::<ListenerCmd>())
+        .unzip();
+    let control = Arc::new(Control::new(
+        shared.clone(),
+        &options.document,
+        &options.base_dir,
+        Some(ListenerControl { workers: senders }),
+    ));
     let mut handles = Vec::new();
     {
         let (shared, rx) = (shared.clone(), rx.clone());
@@ -237,6 +285,7 @@ pub fn start(
         }
         let shared = shared.clone();
         let rx = rx.clone();
+        let cmds = receivers.remove(0);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -245,7 +294,7 @@ pub fn start(
                 .name(format!("envgate-worker-{i}"))
                 .spawn(move || {
                     let local = tokio::task::LocalSet::new();
-                    local.block_on(&rt, worker_main(shared, socks, rx, ready_bound));
+                    local.block_on(&rt, worker_main(shared, socks, rx, cmds, ready_bound));
                 })?,
         );
     }
@@ -261,6 +310,7 @@ async fn worker_main(
     shared: Arc<Shared>,
     socks: Vec<(StdListener, ListenerMeta)>,
     mut shutdown: watch::Receiver<bool>,
+    mut cmds: tokio::sync::mpsc::UnboundedReceiver<ListenerCmd>,
     ready_bound: Duration,
 ) {
     let mut ready = shared.ready.subscribe();
@@ -274,25 +324,50 @@ async fn worker_main(
     // A worker-local copy of the shutdown signal keeps per-connection clones off the
     // shared channel's counters.
     let (local_tx, local_rx) = watch::channel(false);
-    for (sock, meta) in socks {
-        let listener = match tokio::net::TcpListener::from_std(sock) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(listener = %meta.name, error = %e, "cannot serve listener");
-                continue;
+    // The accept loop of each listener, by name: an apply may stop one (its connections
+    // go on) or start a new one.
+    let mut loops: std::collections::HashMap<String, tokio::task::JoinHandle<()>> =
+        Default::default();
+    let start = |loops: &mut std::collections::HashMap<String, tokio::task::JoinHandle<()>>,
+                 sock: StdListener,
+                 meta: ListenerMeta| {
+        match tokio::net::TcpListener::from_std(sock) {
+            Ok(listener) => {
+                let name = meta.name.clone();
+                let task = tokio::task::spawn_local(accept_loop(
+                    worker.clone(),
+                    listener,
+                    Rc::new(meta),
+                    local_rx.clone(),
+                    tracker.clone(),
+                ));
+                if let Some(old) = loops.insert(name, task) {
+                    old.abort();
+                }
             }
-        };
-        tokio::task::spawn_local(accept_loop(
-            worker.clone(),
-            listener,
-            Rc::new(meta),
-            local_rx.clone(),
-            tracker.clone(),
-        ));
+            Err(e) => {
+                tracing::error!(listener = %meta.name, error = %e, "cannot serve listener")
+            }
+        }
+    };
+    for (sock, meta) in socks {
+        start(&mut loops, sock, meta);
     }
-    while !*shutdown.borrow_and_update() {
-        if shutdown.changed().await.is_err() {
+    loop {
+        if *shutdown.borrow_and_update() {
             break;
+        }
+        tokio::select! {
+            changed = shutdown.changed() => if changed.is_err() { break },
+            cmd = cmds.recv() => match cmd {
+                Some(ListenerCmd::Start(sock, meta)) => start(&mut loops, sock, meta),
+                Some(ListenerCmd::Stop(name)) => {
+                    if let Some(task) = loops.remove(&name) {
+                        task.abort();
+                    }
+                }
+                None => {}
+            },
         }
     }
     let _ = local_tx.send(true);

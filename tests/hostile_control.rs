@@ -616,7 +616,8 @@ async fn malformed_bodies_and_patches() {
     assert_eq!(st, 401);
 }
 
-/// A refused document (a listener change; a document that does not validate) changes no
+/// A refused document (a listener renamed onto the address the old name still holds, so
+/// it cannot be bound; a document that does not validate) changes no
 /// node state (drain set at run time, trust, health), no generation, no document, and no
 /// file; a dry run of a valid one neither.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,13 +110,21 @@ async fn a_refused_document_or_a_dry_run_changes_nothing() {
     }
     nodes.sort();
     assert_eq!(nodes, ["a", "a", "b", "b"], "the dry run changed routing");
-    // A listener change is refused with the reason.
-    let moved = eg
-        .fill(&two_nodes(&a, &b, "a, b", defaults))
-        .replace("127.0.0.1:", "127.0.0.2:");
-    match control.apply(Source::Api, &moved, false) {
-        Err(ApplyError::Refused(_, why)) => {
-            assert!(why.contains("listeners cannot change"), "{why}")
+    // A new listener on a port that cannot be bound is refused with the OS error.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let more = eg.fill(&two_nodes(&a, &b, "a, b", defaults)).replacen(
+        "listeners: [ ",
+        &format!("listeners: [ {{ name: extra, bind: \"127.0.0.1:{taken_port}\" }}, "),
+        1,
+    );
+    match control.apply(Source::Api, &more, false) {
+        Err(ApplyError::Refused(path, why)) => {
+            assert_eq!(path, "listeners");
+            assert!(
+                why.contains("cannot bind listener \"extra\"") && why.contains("in use"),
+                "{why}"
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -137,6 +145,7 @@ async fn a_refused_document_or_a_dry_run_changes_nothing() {
     }
 
     // The history: the start, three refusals, nothing from the dry run.
+    drop(taken);
     let h = control.history();
     let seen: Vec<(Source, Outcome)> = h.iter().map(|r| (r.source, r.result)).collect();
     assert_eq!(
@@ -332,4 +341,97 @@ async fn fifty_replacements_under_load_drop_nothing() {
         a.hits(),
         b.hits()
     );
+}
+
+/// A listener added by an apply serves at once (on every worker), with the entries on its
+/// port; one removed stops accepting while its open connections finish; the others are
+/// untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_are_added_and_removed_by_an_apply() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let eg = Envgate::start_with(&two_nodes(&a, &b, "a", ""), 2);
+    let port = eg.port("http");
+    let extra = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let with_extra = eg
+        .fill(&two_nodes(&a, &b, "a", ""))
+        .replacen(
+            "listeners: [ ",
+            &format!("listeners: [ {{ name: extra, bind: \"127.0.0.1:{extra}\" }}, "),
+            1,
+        )
+        .replace(
+            "spare: { entries: [],",
+            &format!("spare: {{ entries: [\":{extra}\"],"),
+        );
+    let control = eg.server().control().clone();
+    let applied = control.apply(Source::Api, &with_extra, false).unwrap();
+    assert!(
+        applied
+            .diff
+            .changes
+            .iter()
+            .any(|c| c.contains(&format!(":{extra} -> spare"))),
+        "{:?}",
+        applied.diff
+    );
+    // Served at once (retried only while the workers pick the new socket up).
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", extra))
+                .await
+                .is_ok()
+        })
+        .await
+    );
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..8 {
+        let r = get(extra, "anything", "/").await;
+        assert_eq!(r.status, 200);
+        seen.insert(r.node().to_string());
+    }
+    assert!(seen.contains("a") && seen.contains("b"), "{seen:?}");
+    assert_eq!(get(port, "company.com", "/").await.node(), "a");
+
+    // A keep-alive connection on the listener that goes away.
+    let mut kept = connect::<http_body_util::Full<bytes::Bytes>>(extra).await;
+    let first = kept
+        .send_request(
+            http::Request::get("/")
+                .header("host", "x")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let _ = http_body_util::BodyExt::collect(first.into_body()).await;
+
+    let without = eg.fill(&two_nodes(&a, &b, "a", ""));
+    control.apply(Source::Api, &without, false).unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", extra))
+                .await
+                .is_err()
+        })
+        .await,
+        "the removed listener still accepts"
+    );
+    // Its open connection finishes what it carries (the port's entry is gone: 404).
+    kept.ready().await.unwrap();
+    let again = kept
+        .send_request(
+            http::Request::get("/")
+                .header("host", "x")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404);
+    assert_eq!(get(port, "company.com", "/").await.node(), "a");
 }

@@ -148,6 +148,8 @@ pub struct Control {
     base_dir: PathBuf,
     /// Replaced whole at each apply; readers (the API's GETs, the file watch) never wait.
     current: arc_swap::ArcSwap<Current>,
+    /// Binds and closes listeners an apply adds or removes (`None`: listeners are fixed).
+    listeners: Option<crate::server::ListenerControl>,
     /// Serialises the swap and the history. Held only for the diff, the swap and the
     /// record, never during the parse or validation (which may take a while), and never
     /// by requests.
@@ -157,7 +159,12 @@ pub struct Control {
 impl Control {
     /// The control of a server that started with `topology` (generation 1) read from
     /// `document`.
-    pub fn new(shared: Arc<Shared>, document: &str, base_dir: &Path) -> Control {
+    pub fn new(
+        shared: Arc<Shared>,
+        document: &str,
+        base_dir: &Path,
+        listeners: Option<crate::server::ListenerControl>,
+    ) -> Control {
         let generation = shared.topology.load().generation;
         let document: Arc<str> = Arc::from(document);
         let mut history = VecDeque::with_capacity(HISTORY);
@@ -176,6 +183,7 @@ impl Control {
                 generation,
                 document,
             }),
+            listeners,
             inner: Mutex::new(Inner { history }),
         }
     }
@@ -261,7 +269,37 @@ impl Control {
             Some((path, why)) => Err(ApplyError::Refused(path, why)),
             None => Ok(topology),
         });
-        let topology = match checked {
+        // Listeners added (or moved) are bound now, so that a port that cannot be bound
+        // refuses the change with the OS error before anything is swapped.
+        let checked = checked.and_then(|topology| {
+            let (added, removed) = listener_diff(&live, &topology);
+            if (!added.is_empty() || !removed.is_empty()) && self.listeners.is_none() {
+                return Err(ApplyError::Refused(
+                    "listeners",
+                    "listeners cannot change in this instance".into(),
+                ));
+            }
+            let mut bound = Vec::new();
+            if let Some(lc) = &self.listeners {
+                for i in added {
+                    let spec = &topology.listeners[i];
+                    match lc.bind(spec) {
+                        Ok(sock) => bound.push((spec.name.clone(), sock)),
+                        Err(e) => {
+                            return Err(ApplyError::Refused(
+                                "listeners",
+                                format!(
+                                    "cannot bind listener {:?} on {}: {e}",
+                                    spec.name, spec.bind
+                                ),
+                            ))
+                        }
+                    }
+                }
+            }
+            Ok((topology, bound, removed))
+        });
+        let (topology, bound, removed) = match checked {
             Ok(t) => t,
             Err(e) => {
                 if !dry_run {
@@ -297,6 +335,24 @@ impl Control {
             });
         }
         let generation = self.swap(&live, topology);
+        // The new topology (with the entries of new ports) is live: listeners that went
+        // away stop accepting (their connections go on), new ones start.
+        if let Some(lc) = &self.listeners {
+            for name in &removed {
+                lc.stop(name);
+                tracing::info!(listener = %name, "listener closed");
+            }
+            for (name, sock) in &bound {
+                match lc.start(name, sock) {
+                    Ok(()) => {
+                        tracing::info!(listener = %name, address = ?sock.local_addr().ok(), "listener added")
+                    }
+                    Err(e) => {
+                        tracing::error!(listener = %name, error = %e, "cannot serve the new listener")
+                    }
+                }
+            }
+        }
         let document: Arc<str> = Arc::from(text);
         self.current.store(Arc::new(Current {
             generation,
@@ -338,6 +394,24 @@ impl Control {
         self.shared.topology_changed(generation);
         generation
     }
+}
+
+/// The listeners `new` adds (indices in `new`) and the names of those it removes. A
+/// listener whose address or TLS changed is removed and added again.
+fn listener_diff(live: &Topology, new: &Topology) -> (Vec<usize>, Vec<String>) {
+    let same = |a: &crate::topology::ListenerSpec, b: &crate::topology::ListenerSpec| {
+        a.name == b.name && a.bind == b.bind && a.tls.is_some() == b.tls.is_some()
+    };
+    let added = (0..new.listeners.len())
+        .filter(|&i| !live.listeners.iter().any(|l| same(l, &new.listeners[i])))
+        .collect();
+    let removed = live
+        .listeners
+        .iter()
+        .filter(|l| !new.listeners.iter().any(|n| same(l, n)))
+        .map(|l| l.name.clone())
+        .collect();
+    (added, removed)
 }
 
 /// Most bytes of documents the history keeps for rollbacks; older records lose theirs.
@@ -386,7 +460,7 @@ fn record(
 }
 
 /// Why `new` cannot replace `live` in this running instance (what was fixed at start:
-/// listeners, the control address, the servers' header and idle timeouts), if it cannot.
+/// the control address, the servers' header and idle timeouts), if it cannot.
 fn listener_change(live: &Topology, new: &Topology) -> Option<(&'static str, String)> {
     // The HTTP/1 and HTTP/2 servers of each worker take these when the worker starts.
     let (a, b) = (&live.defaults.timeouts, &new.defaults.timeouts);
@@ -407,28 +481,5 @@ fn listener_change(live: &Topology, new: &Topology) -> Option<(&'static str, Str
         ),
         ));
     }
-    let same = live.listeners.len() == new.listeners.len()
-        && live.listeners.iter().all(|l| {
-            new.listeners
-                .iter()
-                .any(|n| n.name == l.name && n.bind == l.bind && n.tls.is_some() == l.tls.is_some())
-        });
-    if same {
-        return None;
-    }
-    let show = |t: &Topology| {
-        t.listeners
-            .iter()
-            .map(|l| format!("{}={}", l.name, l.bind))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    Some((
-        "listeners",
-        format!(
-            "listeners cannot change while running (restart to rebind): running [{}], new [{}]",
-            show(live),
-            show(new)
-        ),
-    ))
+    None
 }
