@@ -440,3 +440,35 @@ async fn explain_agrees_with_where_requests_go() {
         (Some(404), Some("no_route"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_for_a_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(true).await;
+    let mut held = Vec::new();
+    for _ in 0..envgate::control::api::MAX_CONNECTIONS {
+        held.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", s.api))
+                .await
+                .unwrap(),
+        );
+    }
+    // Let the endpoint take every one of them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = tokio::net::TcpStream::connect(("127.0.0.1", s.api))
+        .await
+        .unwrap();
+    extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(300), extra.read(&mut buf)).await;
+    assert!(early.is_err(), "answered beyond the connection cap");
+    drop(held.pop());
+    let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("not answered once a slot was free")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+}

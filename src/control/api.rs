@@ -6,8 +6,9 @@
 //! `Authorization: Bearer <token>` (compared in constant time) with the token of
 //! `control.token_file`; without a token file the endpoint is read-only. `If-Match` with
 //! the topology's ETag makes a write conditional (412 when stale). Answers are JSON:
-//! 400 for a body that is not a document (or a patch), 401 without the token, 412 stale,
-//! 413 over `MAX_BODY`, 422 for a document that does not validate:
+//! 400 for a body that is not a document (or a patch), 401 without the token, 408 for a
+//! body slower than `BODY_TIMEOUT`, 412 stale, 413 over `MAX_BODY`, 422 for a document
+//! that does not validate:
 //! `{"errors":[{"path","kind","message"}]}`.
 //!
 //! Applied changes are written back to the topology file (temporary file, fsync, rename),
@@ -37,6 +38,10 @@ use crate::health::Health;
 
 /// Largest request body (a topology of 10,000 environments is about 3 MiB of YAML).
 pub const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Connections the endpoint serves at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Longest a request body may take to arrive whole.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the endpoint serves from.
 pub struct Api {
@@ -59,7 +64,16 @@ pub async fn serve(api: Arc<Api>, listener: std::net::TcpListener) {
         }
     };
     let mut stopping = api.stopping.clone();
+    // At most this many connections at once; more wait in the accept queue.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            _ = stopping.wait_for(|s| *s) => return,
+        };
         let (stream, peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
@@ -81,6 +95,7 @@ pub async fn serve(api: Arc<Api>, listener: std::net::TcpListener) {
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc);
             let _ = conn.await;
+            drop(slot);
         });
     }
 }
@@ -276,7 +291,18 @@ fn stale_answer(tag: &str) -> Response<Full<Bytes>> {
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+    let read = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    );
+    let Ok(read) = read.await else {
+        return Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+        ));
+    };
+    match read {
         Ok(b) => Ok(b.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
