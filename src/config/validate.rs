@@ -76,8 +76,6 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
     let listener_ports: Vec<u16> = listeners.iter().map(|l| l.bind.port()).collect();
 
     let mut entries = EntryTable::default();
-    // Entry -> (environment, its YAML path), to name both parties of a duplicate.
-    let mut entry_owner: HashMap<Entry, (String, String)> = HashMap::new();
     let mut environments = Vec::new();
     let mut pools = Pools::default();
 
@@ -90,20 +88,20 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
             );
         }
 
-        // Entry addresses.
-        let mut env_entries = Vec::new();
+        // Entry addresses. Error paths are formatted only when there is an error.
+        let mut env_entries = Vec::with_capacity(env.entries.len());
         for (i, e) in env.entries.iter().enumerate() {
-            let path = format!("{at}.entries[{i}]");
+            let path = || format!("{at}.entries[{i}]");
             let entry = match Entry::parse(e) {
                 Ok(entry) => entry,
                 Err(msg) => {
-                    errs.value(&path, msg);
+                    errs.value(path(), msg);
                     continue;
                 }
             };
             if !listener_ports.contains(&entry.port) {
                 errs.reference(
-                    &path,
+                    path(),
                     format!(
                         "entry \"{entry}\" needs a listener on port {}, and none binds it (listener ports: {})",
                         entry.port,
@@ -111,18 +109,26 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
                     ),
                 );
             }
-            if entries.insert(&entry, env_id).is_err() {
-                let (other_env, other_path) = &entry_owner[&entry];
-                if other_env == name {
-                    errs.conflict(&path, format!("entry \"{entry}\" is listed twice in environment {name:?} (also at {other_path})"));
+            if let Err(other) = entries.insert(&entry, env_id) {
+                // The holder's own path: found again in its document (a rare, error path).
+                let (other_name, other_env) = raw
+                    .environments
+                    .get_index(other)
+                    .expect("entry holders are environments of this document");
+                let j = other_env
+                    .entries
+                    .iter()
+                    .position(|x| Entry::parse(x).is_ok_and(|x| x == entry))
+                    .unwrap_or(0);
+                let other_path = format!("environments.{other_name}.entries[{j}]");
+                if other == env_id {
+                    errs.conflict(path(), format!("entry \"{entry}\" is listed twice in environment {name:?} (also at {other_path})"));
                 } else {
                     errs.conflict(
-                        &path,
-                        format!("entry \"{entry}\" is claimed by environments {other_env:?} ({other_path}) and {name:?}"),
+                        path(),
+                        format!("entry \"{entry}\" is claimed by environments {other_name:?} ({other_path}) and {name:?}"),
                     );
                 }
-            } else {
-                entry_owner.insert(entry.clone(), (name.clone(), path));
             }
             env_entries.push(entry.to_string());
         }
@@ -135,19 +141,20 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
         let mut by_name: HashMap<&str, (usize, &str)> = HashMap::new();
         let mut by_prefix: HashMap<String, (usize, &str)> = HashMap::new();
         for (i, app) in env.apps.iter().enumerate() {
-            let path = format!("{at}.apps[{i}]");
+            // Formatted only when there is an error to report.
+            let path = || format!("{at}.apps[{i}]");
             if app.name.trim().is_empty() {
-                errs.value(format!("{path}.name"), "an application needs a name");
+                errs.value(format!("{}.name", path()), "an application needs a name");
             }
             if app.version.trim().is_empty() {
                 errs.value(
-                    format!("{path}.version"),
+                    format!("{}.version", path()),
                     format!("application {:?} needs a version", app.name),
                 );
             }
             if let Some((j, other_version)) = by_name.insert(&app.name, (i, &app.version)) {
                 errs.conflict(
-                    &path,
+                    path(),
                     format!(
                         "application {:?} appears twice in environment {name:?}: version {:?} ({at}.apps[{j}]) and version {:?}; an environment runs one version of each application",
                         app.name, other_version, app.version
@@ -162,7 +169,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
             };
             if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
                 errs.value(
-                    format!("{path}.path"),
+                    format!("{}.path", path()),
                     format!(
                         "path prefix {prefix:?} must start with '/' and hold no '?', '#' or space"
                     ),
@@ -170,7 +177,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
             }
             if let Some((j, other)) = by_prefix.insert(prefix.clone(), (i, &app.name)) {
                 errs.conflict(
-                    format!("{path}.path"),
+                    format!("{}.path", path()),
                     format!(
                         "applications {other:?} ({at}.apps[{j}]) and {:?} both claim path prefix {prefix:?} in environment {name:?}",
                         app.name
@@ -181,14 +188,14 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
                 None => members.clone(),
                 Some(list) => {
                     if list.is_empty() {
-                        errs.value(format!("{path}.nodes"), format!("application {:?} lists no nodes (leave `nodes` out to use all of the environment's)", app.name));
+                        errs.value(format!("{}.nodes", path()), format!("application {:?} lists no nodes (leave `nodes` out to use all of the environment's)", app.name));
                     }
                     let mut sub = Vec::new();
                     for (k, n) in list.iter().enumerate() {
                         match members.iter().find(|m| &*nodes[m.node].name == n) {
                             Some(m) => sub.push(*m),
                             None => errs.reference(
-                                format!("{path}.nodes[{k}]"),
+                                format!("{}.nodes[{k}]", path()),
                                 format!("application {:?} uses node {n:?}, which is not one of environment {name:?}'s nodes", app.name),
                             ),
                         }
@@ -199,7 +206,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
             let read_pool = app.read_nodes.as_ref().map(|list| {
                 if list.is_empty() {
                     errs.value(
-                        format!("{path}.read_nodes"),
+                        format!("{}.read_nodes", path()),
                         format!("application {:?} lists no read nodes (leave `read_nodes` out to send reads to its nodes)", app.name),
                     );
                 }
@@ -207,12 +214,12 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
                 for (k, n) in list.iter().enumerate() {
                     match members.iter().find(|m| &*nodes[m.node].name == n) {
                         Some(m) if sub.iter().any(|s| s.node == m.node) => errs.conflict(
-                            format!("{path}.read_nodes[{k}]"),
+                            format!("{}.read_nodes[{k}]", path()),
                             format!("node {n:?} is listed twice"),
                         ),
                         Some(m) => sub.push(*m),
                         None => errs.reference(
-                            format!("{path}.read_nodes[{k}]"),
+                            format!("{}.read_nodes[{k}]", path()),
                             format!("application {:?} reads from node {n:?}, which is not one of environment {name:?}'s nodes", app.name),
                         ),
                     }
@@ -296,7 +303,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
             upgrades,
             allow_connect: env.allow_connect.unwrap_or(false),
             in_flight: Arc::new(AtomicUsize::new(0)),
-            bodies: EnvBodies::new(name),
+            bodies: std::sync::OnceLock::new(),
         }));
     }
 
@@ -878,42 +885,56 @@ fn env_members(
     ids: &HashMap<String, NodeId>,
     errs: &mut Errors,
 ) -> Vec<Member> {
-    let list: Vec<(String, RawEnvNode)> = match &env.nodes {
-        RawEnvNodes::List(l) => l
-            .iter()
-            .map(|n| (n.clone(), RawEnvNode::default()))
-            .collect(),
+    const PLAIN: RawEnvNode = RawEnvNode {
+        weight: None,
+        backup: None,
+    };
+    // Borrowed, not cloned: this runs once per environment, and a topology may hold
+    // tens of thousands.
+    let list: Vec<(&str, &RawEnvNode)> = match &env.nodes {
+        RawEnvNodes::List(l) => l.iter().map(|n| (n.as_str(), &PLAIN)).collect(),
         RawEnvNodes::Map(m) => m
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+            .map(|(k, v)| (k.as_str(), v.as_ref().unwrap_or(&PLAIN)))
             .collect(),
     };
     let is_list = matches!(env.nodes, RawEnvNodes::List(_));
-    let mut members = Vec::new();
-    let mut seen: HashSet<&str> = HashSet::new();
-    for (i, (name, over)) in list.iter().enumerate() {
-        let path = if is_list {
+    // Error paths are formatted only when there is an error to report.
+    let path = |i: usize, name: &str| {
+        if is_list {
             format!("{at}.nodes[{i}]")
         } else {
             format!("{at}.nodes.{name}")
+        }
+    };
+    let mut members = Vec::with_capacity(list.len());
+    // A set only for long lists; a short one is scanned.
+    let mut seen: Option<HashSet<&str>> = (list.len() > 16).then(HashSet::new);
+    for (i, &(name, over)) in list.iter().enumerate() {
+        let twice = match &mut seen {
+            Some(set) => !set.insert(name),
+            None => list[..i].iter().any(|(n, _)| *n == name),
         };
-        if !seen.insert(name) {
-            errs.conflict(&path, format!("node {name:?} is listed twice"));
+        if twice {
+            errs.conflict(path(i, name), format!("node {name:?} is listed twice"));
             continue;
         }
         let Some(&id) = ids.get(name) else {
             errs.reference(
-                &path,
+                path(i, name),
                 format!("node {name:?} is not defined (define it under `nodes`)"),
             );
             continue;
         };
-        let w = weight(
-            &format!("{path}.weight"),
-            over.weight,
-            nodes[id].weight,
-            errs,
-        );
+        let w = match over.weight {
+            None => nodes[id].weight,
+            Some(w) => weight(
+                &format!("{}.weight", path(i, name)),
+                Some(w),
+                nodes[id].weight,
+                errs,
+            ),
+        };
         members.push(Member {
             node: id,
             weight: w,

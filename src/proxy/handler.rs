@@ -360,7 +360,7 @@ pub async fn exchange(
         let Some(slot) = env.try_enter() else {
             break 'serve own(
                 StatusCode::SERVICE_UNAVAILABLE,
-                env.bodies.over_limit.clone(),
+                env.bodies().over_limit.clone(),
             );
         };
         let timeouts = &topo.defaults.timeouts;
@@ -458,7 +458,7 @@ pub async fn exchange(
                             passive_failure(topo, route.candidates, node);
                             break 'serve own(
                                 StatusCode::BAD_GATEWAY,
-                                env.bodies.bad_gateway.clone(),
+                                env.bodies().bad_gateway.clone(),
                             );
                         };
                         blame.succeed();
@@ -543,16 +543,16 @@ pub async fn exchange(
         let mut resp = match last {
             Last::NoNode => own(
                 StatusCode::SERVICE_UNAVAILABLE,
-                env.bodies.no_healthy_node.clone(),
+                env.bodies().no_healthy_node.clone(),
             ),
             Last::Local => own(
                 StatusCode::SERVICE_UNAVAILABLE,
-                env.bodies.no_capacity.clone(),
+                env.bodies().no_capacity.clone(),
             ),
-            Last::BadGateway => own(StatusCode::BAD_GATEWAY, env.bodies.bad_gateway.clone()),
+            Last::BadGateway => own(StatusCode::BAD_GATEWAY, env.bodies().bad_gateway.clone()),
             Last::Timeout => own(
                 StatusCode::GATEWAY_TIMEOUT,
-                env.bodies.gateway_timeout.clone(),
+                env.bodies().gateway_timeout.clone(),
             ),
         };
         if h1 && watch.as_ref().is_some_and(|w| !w.is_done()) {
