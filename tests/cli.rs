@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod support;
-use support::Child;
+use support::{free_port, Child};
 
 fn envgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_envgate"))
@@ -459,15 +459,6 @@ fn sigterm_during_start_up_stops_it_cleanly() {
     held.release();
     let status = exit_status(&mut held.child);
     assert!(status.success(), "{status:?}: {}", held.log());
-}
-
-/// A free port on 127.0.0.1 (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

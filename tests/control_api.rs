@@ -15,14 +15,6 @@ use support::*;
 
 const TOKEN: &str = "s3cret-token";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Setup {
     eg: Envgate,
     api: u16,

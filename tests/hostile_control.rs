@@ -19,14 +19,6 @@ const TOKEN: &str = "s3cret-token";
 /// Nesting depth of the slow document (about 2 s of libyaml in a debug build).
 const DEPTH: usize = 16_000;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Setup {
     eg: Envgate,
     api: u16,

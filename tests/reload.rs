@@ -351,11 +351,7 @@ async fn listeners_are_added_and_removed_by_an_apply() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     let eg = Envgate::start_with(&two_nodes(&a, &b, "a", ""), 2);
     let port = eg.port("http");
-    let extra = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let extra = free_port();
     let with_extra = eg
         .fill(&two_nodes(&a, &b, "a", ""))
         .replacen(
@@ -397,18 +393,8 @@ async fn listeners_are_added_and_removed_by_an_apply() {
     assert_eq!(get(port, "company.com", "/").await.node(), "a");
 
     // A keep-alive connection on the listener that goes away.
-    let mut kept = connect::<http_body_util::Full<bytes::Bytes>>(extra).await;
-    let first = kept
-        .send_request(
-            http::Request::get("/")
-                .header("host", "x")
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(first.status(), 200);
-    let _ = http_body_util::BodyExt::collect(first.into_body()).await;
+    let mut kept = connect(extra).await;
+    assert_eq!(get_on(&mut kept, "x", "/").await.status, 200);
 
     let without = eg.fill(&two_nodes(&a, &b, "a", ""));
     control.apply(Source::Api, &without, false).unwrap();
@@ -422,16 +408,6 @@ async fn listeners_are_added_and_removed_by_an_apply() {
         "the removed listener still accepts"
     );
     // Its open connection finishes what it carries (the port's entry is gone: 404).
-    kept.ready().await.unwrap();
-    let again = kept
-        .send_request(
-            http::Request::get("/")
-                .header("host", "x")
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(again.status(), 404);
+    assert_eq!(get_on(&mut kept, "x", "/").await.status, 404);
     assert_eq!(get(port, "company.com", "/").await.node(), "a");
 }

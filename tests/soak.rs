@@ -29,7 +29,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{eventually, Child, Upstream};
+use support::{eventually, free_port, Child, Upstream};
 
 /// Longest a single exchange may take before it counts as an unexpected error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -550,14 +550,6 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn tail(text: &str, lines: usize) -> String {

@@ -20,7 +20,6 @@
 #![allow(clippy::result_large_err)]
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -34,7 +33,6 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::{ApplyError, Control, Source};
-use crate::health::Health;
 
 /// Largest request body (a topology of 10,000 environments is about 3 MiB of YAML).
 pub const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -74,7 +72,7 @@ pub async fn serve(api: Arc<Api>, listener: std::net::TcpListener) {
             },
             _ = stopping.wait_for(|s| *s) => return,
         };
-        let (stream, peer) = tokio::select! {
+        let (stream, _) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
@@ -88,7 +86,7 @@ pub async fn serve(api: Arc<Api>, listener: std::net::TcpListener) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let api = api.clone();
-                async move { Ok::<_, Infallible>(handle(api, peer, req).await) }
+                async move { Ok::<_, Infallible>(handle(api, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -114,14 +112,6 @@ fn error(status: StatusCode, error: &str, message: impl Into<String>) -> Respons
     respond(status, json!({ "error": error, "message": message.into() }))
 }
 
-/// The topology's entity tag: its generation and a hash of its document.
-pub fn etag(generation: u64, document: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = rustc_hash::FxHasher::default();
-    document.hash(&mut h);
-    format!("\"g{generation}-{:016x}\"", h.finish())
-}
-
 fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     req.uri().query()?.split('&').find_map(|p| {
         let (k, v) = p.split_once('=').unwrap_or((p, ""));
@@ -138,7 +128,7 @@ fn token_matches(presented: &[u8], token: &[u8]) -> bool {
     diff == 0
 }
 
-async fn handle(api: Arc<Api>, _peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => respond(StatusCode::OK, json!({ "status": "ok" })),
@@ -187,29 +177,39 @@ fn tags(v: &HeaderValue) -> impl Iterator<Item = &str> {
 }
 
 fn get_topology(api: &Api, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (generation, document) = api.control.current();
-    let tag = etag(generation, &document);
+    let now = api.control.current();
+    let tag = &now.etag;
     // Weak comparison (RFC 9110 13.1.2): `W/"x"` matches `"x"`.
     let matches = req
         .headers()
         .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| tags(v).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag));
+        .is_some_and(|v| tags(v).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == *tag));
     let mut resp = if matches {
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         r
     } else {
-        let mut r = Response::new(Full::new(Bytes::from(document.to_string())));
+        // The document itself, shared (no copy of what may be megabytes).
+        let mut r = Response::new(Full::new(Bytes::from_owner(Shared(now.document.clone()))));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/yaml"),
         );
         r
     };
-    if let Ok(v) = HeaderValue::from_str(&tag) {
+    if let Ok(v) = HeaderValue::from_str(tag) {
         resp.headers_mut().insert(header::ETAG, v);
     }
     resp
+}
+
+/// A document handed to `Bytes` without a copy.
+struct Shared(Arc<str>);
+
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
 }
 
 /// The token check every write makes. The token file is read at each write, so a new
@@ -271,15 +271,14 @@ fn if_match(api: &Api, req: &Request<Incoming>) -> Result<Option<u64>, Response<
     let Some(v) = req.headers().get(header::IF_MATCH) else {
         return Ok(None);
     };
-    let (generation, document) = api.control.current();
-    let tag = etag(generation, &document);
+    let now = api.control.current();
     if tags(v).any(|t| t == "*") {
         return Ok(None);
     }
-    if tags(v).any(|t| t == tag) {
-        return Ok(Some(generation));
+    if tags(v).any(|t| t == now.etag) {
+        return Ok(Some(now.generation));
     }
-    Err(stale_answer(&tag))
+    Err(stale_answer(&now.etag))
 }
 
 fn stale_answer(tag: &str) -> Response<Full<Bytes>> {
@@ -420,11 +419,12 @@ fn change_now(
             // generation is still live; when another change came between, it is computed
             // again over the new one (unless the client made it conditional).
             for _ in 0..3 {
-                let (generation, document) = api.control.current();
+                let now = api.control.current();
+                let generation = now.generation;
                 if base.is_some_and(|b| b != generation) {
-                    return stale_answer(&etag(generation, &document));
+                    return stale_answer(&now.etag);
                 }
-                let text = match patched(&document, &patch) {
+                let text = match patched(&now.document, &patch) {
                     Ok(t) => t,
                     Err(resp) => return resp,
                 };
@@ -507,7 +507,7 @@ fn apply(
             respond(StatusCode::OK, body)
         }
         Err(ApplyError::Parse(m)) => error(StatusCode::BAD_REQUEST, "parse", m),
-        Err(ApplyError::Stale(_, now)) => stale_answer(&etag(now, &api.control.document())),
+        Err(ApplyError::Stale(..)) => stale_answer(&api.control.current().etag),
         Err(ApplyError::Invalid(errs)) => respond(
             StatusCode::UNPROCESSABLE_ENTITY,
             json!({ "errors": errs.iter().map(|e| json!({ "path": e.path, "kind": e.kind.as_str(), "message": e.message })).collect::<Vec<_>>() }),
@@ -576,27 +576,13 @@ async fn rollback(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>
     blocking(api, Change::Rollback(to), base, false).await
 }
 
-/// `%XX` and `+` decoded (query parameter values).
+/// A query parameter value, decoded as forms encode it (`%XX`, `+`; a malformed escape
+/// is kept as a `%`).
 fn decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let bytes: Vec<u8> = crate::routing::tenant::form(v.as_bytes())
+        .map(|b| b.unwrap_or(b'%'))
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// The routing decision for a described request, against the live topology and node
@@ -700,18 +686,22 @@ fn explain(api: &Api, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         .candidates
         .iter()
         .map(|p| {
-            json!(t.pools[p].members.iter().map(|m| {
-                let n = &t.nodes[m.node];
-                json!({
-                    "node": &*n.name,
-                    "address": n.addr.to_string(),
-                    "weight": m.weight,
-                    "backup": m.backup,
-                    "health": match n.state.health() { Health::Up => "up", Health::Down => "down", Health::Unknown => "unknown" },
-                    "drained": n.state.is_drained(),
-                    "usable": n.state.usable(),
+            json!(t.pools[p]
+                .members
+                .iter()
+                .map(|m| {
+                    let n = &t.nodes[m.node];
+                    json!({
+                        "node": &*n.name,
+                        "address": n.addr.to_string(),
+                        "weight": m.weight,
+                        "backup": m.backup,
+                        "health": n.state.health().as_str(),
+                        "drained": n.state.is_drained(),
+                        "usable": n.state.usable(),
+                    })
                 })
-            }).collect::<Vec<_>>())
+                .collect::<Vec<_>>())
         })
         .collect();
     // The node a fresh round-robin would pick first (each worker keeps its own counters).
@@ -775,7 +765,7 @@ fn status(api: &Api) -> Response<Full<Bytes>> {
                 "address": n.addr.to_string(),
                 "weight": n.weight,
                 "backup": n.backup,
-                "health": match n.state.health() { Health::Up => "up", Health::Down => "down", Health::Unknown => "unknown" },
+                "health": n.state.health().as_str(),
                 "drained": n.state.is_drained(),
                 "ejected": n.state.is_ejected(),
                 "usable": n.state.usable(),

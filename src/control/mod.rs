@@ -138,11 +138,29 @@ struct Inner {
     retired: Vec<Arc<Topology>>,
 }
 
-/// The live generation and the document it was built from, read together without a lock.
+/// The live generation, the document it was built from and its entity tag, read
+/// together without a lock.
 #[derive(Debug)]
-struct Current {
-    generation: u64,
-    document: Arc<str>,
+pub struct Current {
+    pub generation: u64,
+    pub document: Arc<str>,
+    /// `"g<generation>-<hash of the document>"`, computed once per apply (the document
+    /// may be megabytes; readers compare tags, they do not hash it again).
+    pub etag: String,
+}
+
+impl Current {
+    fn new(generation: u64, document: Arc<str>) -> Current {
+        use std::hash::{Hash, Hasher};
+        let mut h = rustc_hash::FxHasher::default();
+        document.hash(&mut h);
+        let etag = format!("\"g{generation}-{:016x}\"", h.finish());
+        Current {
+            generation,
+            document,
+            etag,
+        }
+    }
 }
 
 /// The apply path of one running instance.
@@ -183,10 +201,7 @@ impl Control {
         Control {
             shared,
             base_dir: base_dir.to_path_buf(),
-            current: arc_swap::ArcSwap::from_pointee(Current {
-                generation,
-                document,
-            }),
+            current: arc_swap::ArcSwap::from_pointee(Current::new(generation, document)),
             listeners,
             inner: Mutex::new(Inner {
                 history,
@@ -205,10 +220,10 @@ impl Control {
         self.current.load().document.clone()
     }
 
-    /// The live generation and its document, read together (without waiting on an apply).
-    pub fn current(&self) -> (u64, Arc<str>) {
-        let c = self.current.load();
-        (c.generation, c.document.clone())
+    /// The live generation, its document and entity tag, read together (without waiting
+    /// on an apply).
+    pub fn current(&self) -> Arc<Current> {
+        self.current.load_full()
     }
 
     /// The history, oldest first.
@@ -238,7 +253,35 @@ impl Control {
         dry_run: bool,
         base: Option<u64>,
     ) -> Result<Applied, ApplyError> {
-        let (generation, running) = self.current();
+        self.apply_inner(source, text, None, dry_run, base)
+    }
+
+    /// Parses and validates `text` as `apply` would, changing nothing (for a source that
+    /// looks at the result before applying it, like the file watch).
+    pub fn parse(&self, text: &str) -> Result<Topology, LoadError> {
+        config::parse(text, &self.base_dir)
+    }
+
+    /// `apply` of a document already parsed by `parse` (not parsed a second time).
+    pub fn apply_parsed(
+        &self,
+        source: Source,
+        text: &str,
+        parsed: Result<Topology, LoadError>,
+    ) -> Result<Applied, ApplyError> {
+        self.apply_inner(source, text, Some(parsed), false, None)
+    }
+
+    fn apply_inner(
+        &self,
+        source: Source,
+        text: &str,
+        parsed: Option<Result<Topology, LoadError>>,
+        dry_run: bool,
+        base: Option<u64>,
+    ) -> Result<Applied, ApplyError> {
+        let now = self.current();
+        let (generation, running) = (now.generation, now.document.clone());
         if let Some(b) = base.filter(|b| *b != generation) {
             return Err(ApplyError::Stale(b, generation));
         }
@@ -266,13 +309,15 @@ impl Control {
             });
         }
         // The long part, outside the lock.
-        let parsed = config::parse(text, &self.base_dir).map_err(ApplyError::from);
+        let parsed = parsed
+            .unwrap_or_else(|| self.parse(text))
+            .map_err(ApplyError::from);
         let mut inner = self.lock();
         let live = self.shared.topology.load_full();
         if let Some(b) = base.filter(|b| *b != live.generation) {
             return Err(ApplyError::Stale(b, live.generation));
         }
-        let checked = parsed.and_then(|topology| match listener_change(&live, &topology) {
+        let checked = parsed.and_then(|topology| match fixed_at_start(&live, &topology) {
             Some((path, why)) => Err(ApplyError::Refused(path, why)),
             None => Ok(topology),
         });
@@ -372,10 +417,8 @@ impl Control {
             }
         }
         let document: Arc<str> = Arc::from(text);
-        self.current.store(Arc::new(Current {
-            generation,
-            document: document.clone(),
-        }));
+        self.current
+            .store(Arc::new(Current::new(generation, document.clone())));
         let summary = diff.to_string();
         tracing::info!(source = source.as_str(), generation, changes = %summary, "topology applied");
         record(
@@ -479,7 +522,7 @@ fn record(
 
 /// Why `new` cannot replace `live` in this running instance (what was fixed at start:
 /// the control address, the servers' header and idle timeouts), if it cannot.
-fn listener_change(live: &Topology, new: &Topology) -> Option<(&'static str, String)> {
+fn fixed_at_start(live: &Topology, new: &Topology) -> Option<(&'static str, String)> {
     // The HTTP/1 and HTTP/2 servers of each worker take these when the worker starts.
     let (a, b) = (&live.defaults.timeouts, &new.defaults.timeouts);
     if a.client_header != b.client_header || a.idle != b.idle {

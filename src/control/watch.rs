@@ -17,6 +17,7 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 
 use super::{Control, Source};
+use crate::config::LoadError;
 
 /// Quiet time after the last event before the file is read.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
@@ -115,16 +116,16 @@ fn reload(control: &Control, path: &Path, rx: &mpsc::Receiver<Event>) -> bool {
         if text == *control.document() {
             return true;
         }
-        // A half-written file is usually not even YAML: give the writer time to finish
-        // (only the syntax is checked here; `apply` does the rest).
-        if !last && serde_norway::from_str::<serde_norway::Value>(&text).is_err() {
+        // A half-written file usually does not parse: give the writer time to finish.
+        let parsed = control.parse(&text);
+        if !last && matches!(parsed, Err(LoadError::Parse(_))) {
             if !pause(rx) {
                 return false;
             }
             continue;
         }
-        // Refusals are logged and recorded by `apply`.
-        let _ = control.apply(Source::File, &text, false);
+        // Refusals are logged and recorded by `apply_parsed`.
+        let _ = control.apply_parsed(Source::File, &text, parsed);
         return true;
     }
     true

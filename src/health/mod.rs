@@ -31,6 +31,15 @@ pub enum Health {
 }
 
 impl Health {
+    /// The word status and explain show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+            Health::Unknown => "unknown",
+        }
+    }
+
     fn from_u8(v: u8) -> Health {
         match v {
             1 => Health::Up,

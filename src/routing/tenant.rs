@@ -115,8 +115,8 @@ pub fn extract(key: &TenantKey, req: &RequestView<'_>) -> TenantId {
 }
 
 /// Decodes form-encoded bytes one at a time: `%XX` escapes and `+` for a space. `None` for
-/// a malformed escape.
-struct FormDecode<'a> {
+/// a malformed escape (which stands for itself and the two bytes after it).
+pub(crate) struct FormDecode<'a> {
     bytes: &'a [u8],
     at: usize,
 }
@@ -147,7 +147,7 @@ impl Iterator for FormDecode<'_> {
     }
 }
 
-fn form(bytes: &[u8]) -> FormDecode<'_> {
+pub(crate) fn form(bytes: &[u8]) -> FormDecode<'_> {
     FormDecode { bytes, at: 0 }
 }
 

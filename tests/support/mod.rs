@@ -23,6 +23,16 @@ use tokio::sync::watch;
 use envgate::health::NodeRegistry;
 use envgate::server::{Options, Server};
 
+/// A free port on 127.0.0.1 (bound, then released), for what envgate binds itself: a
+/// control endpoint, a listener added by a reload.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `check` every 10 ms until it holds, for at most `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where
@@ -517,6 +527,30 @@ pub async fn send(port: u16, req: Request<Full<Bytes>>) -> Reply {
         status: parts.status,
         headers: parts.headers,
         body,
+    }
+}
+
+/// `GET path` with `Host: host` on an open keep-alive connection.
+pub async fn get_on(
+    tx: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: &str,
+    path: &str,
+) -> Reply {
+    tx.ready().await.unwrap();
+    let resp = tx
+        .send_request(
+            Request::get(path)
+                .header("host", host)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
     }
 }
 
