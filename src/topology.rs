@@ -365,7 +365,7 @@ pub struct Application {
 /// The candidate nodes of one application in one environment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pool {
-    pub members: Vec<Member>,
+    pub members: Arc<[Member]>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

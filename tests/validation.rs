@@ -110,6 +110,34 @@ fn no_two_applications_on_one_prefix() {
     );
 }
 
+/// Long application lists are checked with maps instead of scans: the same conflicts,
+/// the same paths.
+#[test]
+fn long_application_lists_are_checked_alike() {
+    let mut apps: Vec<String> = (0..30)
+        .map(|i| format!("      - {{ name: a{i}, version: \"1\", path: /p{i} }}\n"))
+        .collect();
+    apps.push("      - { name: a3, version: \"2\", path: /other }\n".into());
+    apps.push("      - { name: b, version: \"1\", path: /p7/ }\n".into());
+    let errs = errors(&format!(
+        "{BASE}environments:\n  production:\n    entries: [\"c.com:8080\"]\n    nodes: [app-1]\n    apps:\n{}",
+        apps.concat()
+    ));
+    expect(
+        &errs,
+        "environments.production.apps[30]",
+        ErrorKind::Conflict,
+        &["\"a3\"", "apps[3]", "\"1\"", "\"2\""],
+    );
+    expect(
+        &errs,
+        "environments.production.apps[31].path",
+        ErrorKind::Conflict,
+        &["\"a7\"", "apps[7]", "\"b\"", "/p7"],
+    );
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+}
+
 #[test]
 fn tenant_ranges_do_not_overlap() {
     let errs = errors(&format!(

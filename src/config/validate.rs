@@ -6,7 +6,7 @@
 //! (entries, pools) happens in the same pass, so a topology that validates is ready to
 //! serve.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
@@ -138,8 +138,10 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
 
         // Applications.
         let mut apps = Vec::new();
-        let mut by_name: HashMap<&str, (usize, &str)> = HashMap::new();
-        let mut by_prefix: HashMap<String, (usize, &str)> = HashMap::new();
+        // Maps only for long lists; a short one is scanned.
+        let long = env.apps.len() > 16;
+        let mut by_name: HashMap<&str, usize> = HashMap::default();
+        let mut by_prefix: HashMap<&str, usize> = HashMap::default();
         for (i, app) in env.apps.iter().enumerate() {
             // Formatted only when there is an error to report.
             let path = || format!("{at}.apps[{i}]");
@@ -152,21 +154,21 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
                     format!("application {:?} needs a version", app.name),
                 );
             }
-            if let Some((j, other_version)) = by_name.insert(&app.name, (i, &app.version)) {
+            let twice = if long {
+                by_name.insert(&app.name, i)
+            } else {
+                env.apps[..i].iter().position(|a| a.name == app.name)
+            };
+            if let Some(j) = twice {
                 errs.conflict(
                     path(),
                     format!(
                         "application {:?} appears twice in environment {name:?}: version {:?} ({at}.apps[{j}]) and version {:?}; an environment runs one version of each application",
-                        app.name, other_version, app.version
+                        app.name, env.apps[j].version, app.version
                     ),
                 );
             }
-            let prefix = app.path.clone().unwrap_or_else(|| "/".into());
-            let prefix = if prefix.len() > 1 {
-                prefix.trim_end_matches('/').to_string()
-            } else {
-                prefix
-            };
+            let prefix = app_prefix(app);
             if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
                 errs.value(
                     format!("{}.path", path()),
@@ -175,7 +177,13 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
                     ),
                 );
             }
-            if let Some((j, other)) = by_prefix.insert(prefix.clone(), (i, &app.name)) {
+            let twice = if long {
+                by_prefix.insert(prefix, i)
+            } else {
+                env.apps[..i].iter().position(|a| app_prefix(a) == prefix)
+            };
+            if let Some(j) = twice {
+                let other = &env.apps[j].name;
                 errs.conflict(
                     format!("{}.path", path()),
                     format!(
@@ -184,8 +192,8 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
                     ),
                 );
             }
-            let app_members = match &app.nodes {
-                None => members.clone(),
+            let pool = match &app.nodes {
+                None => pools.intern(&members),
                 Some(list) => {
                     if list.is_empty() {
                         errs.value(format!("{}.nodes", path()), format!("application {:?} lists no nodes (leave `nodes` out to use all of the environment's)", app.name));
@@ -200,7 +208,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
                             ),
                         }
                     }
-                    sub
+                    pools.intern(&sub)
                 }
             };
             let read_pool = app.read_nodes.as_ref().map(|list| {
@@ -224,13 +232,13 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
                         ),
                     }
                 }
-                pools.intern(sub)
+                pools.intern(&sub)
             });
             apps.push(Application {
                 name: app.name.clone(),
                 version: app.version.clone(),
-                prefix,
-                pool: pools.intern(app_members),
+                prefix: prefix.to_string(),
+                pool,
                 read_pool,
             });
         }
@@ -239,7 +247,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
                 name: String::new(),
                 version: String::new(),
                 prefix: "/".into(),
-                pool: pools.intern(members.clone()),
+                pool: pools.intern(&members),
                 read_pool: None,
             });
         }
@@ -331,6 +339,16 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
     }
 }
 
+/// An application's path prefix as routing compares it: `/` when none is given, without
+/// trailing slashes.
+fn app_prefix(app: &RawApp) -> &str {
+    match app.path.as_deref() {
+        None => "/",
+        Some(p) if p.len() > 1 => p.trim_end_matches('/'),
+        Some(p) => p,
+    }
+}
+
 fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
     let v: Vec<String> = items.map(|i| i.to_string()).collect();
     if v.is_empty() {
@@ -360,15 +378,18 @@ fn valid_token(s: &str) -> bool {
 #[derive(Default)]
 struct Pools {
     list: Vec<Pool>,
-    index: HashMap<Vec<Member>, PoolId>,
+    index: HashMap<Arc<[Member]>, PoolId>,
 }
 
 impl Pools {
-    fn intern(&mut self, members: Vec<Member>) -> PoolId {
-        if let Some(&i) = self.index.get(&members) {
+    /// The pool of `members`, made on first sight (one allocation, shared by the list
+    /// and the index).
+    fn intern(&mut self, members: &[Member]) -> PoolId {
+        if let Some(&i) = self.index.get(members) {
             return i;
         }
         let id = self.list.len();
+        let members: Arc<[Member]> = Arc::from(members);
         self.index.insert(members.clone(), id);
         self.list.push(Pool { members });
         id
@@ -377,8 +398,8 @@ impl Pools {
 
 fn listeners(raw: &[RawListener], base: &Path, errs: &mut Errors) -> Vec<ListenerSpec> {
     let mut out = Vec::new();
-    let mut names: HashMap<&str, usize> = HashMap::new();
-    let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut names: HashMap<&str, usize> = HashMap::default();
+    let mut binds: HashMap<SocketAddr, usize> = HashMap::default();
     for (i, l) in raw.iter().enumerate() {
         let at = format!("listeners[{i}]");
         if !valid_name(&l.name) {
@@ -802,13 +823,14 @@ fn parse_cidr(s: &str) -> Option<Cidr> {
     (prefix <= max).then_some(Cidr { addr, prefix })
 }
 
-fn weight(at: &str, w: Option<i64>, default: u32, errs: &mut Errors) -> u32 {
+/// `at` formats the path, only when there is an error to report.
+fn weight(at: impl FnOnce() -> String, w: Option<i64>, default: u32, errs: &mut Errors) -> u32 {
     match w {
         None => default,
         Some(w) if (1..=MAX_WEIGHT).contains(&w) => w as u32,
         Some(w) => {
             errs.value(
-                at,
+                at(),
                 format!(
                     "weight {w} must be from 1 to {MAX_WEIGHT} (drain a node to stop its traffic)"
                 ),
@@ -818,19 +840,22 @@ fn weight(at: &str, w: Option<i64>, default: u32, errs: &mut Errors) -> u32 {
     }
 }
 
-fn nodes(
-    raw: &RawTopology,
+fn nodes<'r>(
+    raw: &'r RawTopology,
     defaults: &Defaults,
     errs: &mut Errors,
-) -> (Vec<Node>, HashMap<String, NodeId>) {
-    let mut out = Vec::new();
-    let mut ids = HashMap::new();
-    let mut by_addr: HashMap<SocketAddr, String> = HashMap::new();
+) -> (Vec<Node>, HashMap<&'r str, NodeId>) {
+    let mut out = Vec::with_capacity(raw.nodes.len());
+    let mut ids = HashMap::default();
+    ids.reserve(raw.nodes.len());
+    let mut by_addr: HashMap<SocketAddr, &str> = HashMap::default();
+    by_addr.reserve(raw.nodes.len());
     for (name, n) in &raw.nodes {
-        let at = format!("nodes.{name}");
+        // Formatted only when there is an error to report.
+        let at = || format!("nodes.{name}");
         if !valid_name(name) {
             errs.value(
-                &at,
+                at(),
                 format!("node name {name:?} must be letters, digits, '-', '_' or '.'"),
             );
         }
@@ -838,30 +863,30 @@ fn nodes(
             Ok(a) if a.port() != 0 => a,
             _ => {
                 errs.value(
-                    format!("{at}.address"),
+                    format!("{}.address", at()),
                     format!("address {:?} must be an IP address and a port such as 10.0.0.11:8000 (host names are not resolved)", n.address),
                 );
                 continue;
             }
         };
-        if let Some(other) = by_addr.insert(addr, name.clone()) {
-            errs.conflict(format!("{at}.address"), format!("nodes {other:?} and {name:?} both have address {addr}; define a node once and use it in several environments"));
+        if let Some(other) = by_addr.insert(addr, name) {
+            errs.conflict(format!("{}.address", at()), format!("nodes {other:?} and {name:?} both have address {addr}; define a node once and use it in several environments"));
         }
-        let weight = weight(&format!("{at}.weight"), n.weight, 1, errs);
+        let weight = weight(|| format!("{}.weight", at()), n.weight, 1, errs);
         if n.max_connections == Some(0) {
             errs.value(
-                format!("{at}.max_connections"),
+                format!("{}.max_connections", at()),
                 "max_connections must be at least 1",
             );
         }
         let health = match &n.health {
-            Some(h) => health(&format!("{at}.health"), h, &defaults.health, errs),
+            Some(h) => health(&format!("{}.health", at()), h, &defaults.health, errs),
             None => defaults.health.clone(),
         };
         // A state of its own: validation touches no live node (the apply step binds each
         // node to its live state, `NodeRegistry::bind`, once the document is accepted).
         let state = Arc::new(NodeState::new(health.trust_unknown));
-        ids.insert(name.clone(), out.len());
+        ids.insert(name.as_str(), out.len());
         out.push(Node {
             name: Arc::from(name.as_str()),
             addr,
@@ -882,7 +907,7 @@ fn env_members(
     at: &str,
     env: &RawEnvironment,
     nodes: &[Node],
-    ids: &HashMap<String, NodeId>,
+    ids: &HashMap<&str, NodeId>,
     errs: &mut Errors,
 ) -> Vec<Member> {
     const PLAIN: RawEnvNode = RawEnvNode {
@@ -909,7 +934,7 @@ fn env_members(
     };
     let mut members = Vec::with_capacity(list.len());
     // A set only for long lists; a short one is scanned.
-    let mut seen: Option<HashSet<&str>> = (list.len() > 16).then(HashSet::new);
+    let mut seen: Option<HashSet<&str>> = (list.len() > 16).then(HashSet::default);
     for (i, &(name, over)) in list.iter().enumerate() {
         let twice = match &mut seen {
             Some(set) => !set.insert(name),
@@ -929,7 +954,7 @@ fn env_members(
         let w = match over.weight {
             None => nodes[id].weight,
             Some(w) => weight(
-                &format!("{}.weight", path(i, name)),
+                || format!("{}.weight", path(i, name)),
                 Some(w),
                 nodes[id].weight,
                 errs,
@@ -1175,7 +1200,7 @@ fn redirect_cycles(raw: &RawTopology, errs: &mut Errors) {
         Black,
     }
     let mut colour = vec![C::White; names.len()];
-    let mut reported: HashSet<Vec<usize>> = HashSet::new();
+    let mut reported: HashSet<Vec<usize>> = HashSet::default();
     for start in 0..names.len() {
         if colour[start] != C::White {
             continue;

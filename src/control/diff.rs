@@ -4,8 +4,9 @@
 //! Linear in the size of both topologies (maps by name), so it costs little next to
 //! validation even for 10,000 environments.
 
-use std::collections::HashMap;
 use std::fmt;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::topology::{Environment, Topology};
 
@@ -136,16 +137,12 @@ pub fn diff(old: &Topology, new: &Topology) -> Diff {
                             e.name, a.name, x.prefix, a.prefix
                         ));
                     }
-                    let members = |t: &Topology, p: usize| -> Vec<(String, u32, bool)> {
-                        t.pools[p]
-                            .members
-                            .iter()
-                            .map(|m| (t.nodes[m.node].name.to_string(), m.weight, m.backup))
-                            .collect()
-                    };
-                    if members(old, x.pool) != members(new, a.pool)
-                        || x.read_pool.map(|p| members(old, p))
-                            != a.read_pool.map(|p| members(new, p))
+                    if !same_members(old, x.pool, new, a.pool)
+                        || match (x.read_pool, a.read_pool) {
+                            (None, None) => false,
+                            (Some(p), Some(q)) => !same_members(old, p, new, q),
+                            _ => true,
+                        }
                     {
                         if a.name.is_empty() {
                             out.push(format!("{}: nodes changed", e.name));
@@ -188,19 +185,22 @@ pub fn diff(old: &Topology, new: &Topology) -> Diff {
             }
             (None, None) => {}
         }
-        let ranges = |t: &Topology, e: &Environment| {
-            e.tenants.as_ref().map(|r| {
-                (
-                    r.key.clone(),
-                    r.required,
-                    r.ranges
-                        .iter()
-                        .map(|x| (x.from, x.to, name(t, x.environment)))
-                        .collect::<Vec<_>>(),
-                )
-            })
+        let same_ranges = match (&o.tenants, &e.tenants) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                a.key == b.key
+                    && a.required == b.required
+                    && a.ranges.len() == b.ranges.len()
+                    && a.ranges.iter().zip(b.ranges.iter()).all(|(x, y)| {
+                        x.from == y.from
+                            && x.to == y.to
+                            && old.environments[x.environment].name
+                                == new.environments[y.environment].name
+                    })
+            }
+            _ => false,
         };
-        if ranges(old, o) != ranges(new, e) {
+        if !same_ranges {
             out.push(format!("{}: tenant ranges changed", e.name));
         }
         if o.max_in_flight != e.max_in_flight
@@ -220,17 +220,7 @@ pub fn diff(old: &Topology, new: &Topology) -> Diff {
     }
 
     // Entry addresses: each belongs to one environment, so a move is one change.
-    let owner = |t: &Topology| -> HashMap<String, String> {
-        t.environments
-            .iter()
-            .flat_map(|e| {
-                e.entries
-                    .iter()
-                    .map(move |x| (x.clone(), e.name.to_string()))
-            })
-            .collect()
-    };
-    let (old_entries, new_entries) = (owner(old), owner(new));
+    let (old_entries, new_entries) = (owners(old), owners(new));
     let mut entries: Vec<String> = Vec::new();
     for (entry, env) in &new_entries {
         match old_entries.get(entry) {
@@ -247,6 +237,27 @@ pub fn diff(old: &Topology, new: &Topology) -> Diff {
     entries.sort();
     out.extend(entries);
     Diff { changes: out }
+}
+
+/// Each entry address and the environment that holds it.
+fn owners(t: &Topology) -> HashMap<&str, &str> {
+    t.environments
+        .iter()
+        .flat_map(|e| e.entries.iter().map(move |x| (x.as_str(), &*e.name)))
+        .collect()
+}
+
+/// Whether pool `p` of `a` and pool `q` of `b` hold the same nodes (by name), weights
+/// and backup flags, in the same order. Compared in place: this runs for every
+/// application of every environment.
+fn same_members(a: &Topology, p: usize, b: &Topology, q: usize) -> bool {
+    let (x, y) = (&a.pools[p].members, &b.pools[q].members);
+    x.len() == y.len()
+        && x.iter().zip(y.iter()).all(|(m, n)| {
+            m.weight == n.weight
+                && m.backup == n.backup
+                && a.nodes[m.node].name == b.nodes[n.node].name
+        })
 }
 
 /// A canary threshold (hundredths of a percent) as a percentage: `5%`, `0.5%`, `12.25%`.

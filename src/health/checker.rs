@@ -9,7 +9,7 @@
 //! first interval and each interval moves by up to `jitter` percent, so the checks of many
 //! nodes do not line up. Transitions are logged once each.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -226,13 +226,14 @@ pub async fn supervise(
     let mut running: HashMap<
         (Arc<str>, SocketAddr),
         (HealthSpec, Arc<NodeState>, JoinHandle<()>),
-    > = HashMap::new();
+    > = HashMap::default();
     let mut first = true;
     let probes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PROBES));
     loop {
         let topo = shared.topology.load_full();
         // Linear in the number of nodes: a topology of 20,000 is reconciled in milliseconds.
-        let mut keep = std::collections::HashSet::with_capacity(topo.nodes.len());
+        let mut keep = rustc_hash::FxHashSet::default();
+        keep.reserve(topo.nodes.len());
         for node in &topo.nodes {
             let key = (node.name.clone(), node.addr);
             keep.insert(key.clone());

@@ -6,7 +6,6 @@
 
 pub mod checker;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -255,14 +254,14 @@ mod tests {
     }
 }
 
-/// Node states by identity, shared by every topology snapshot. Written only when a
-/// topology is applied (control plane), never by requests.
 /// A node's identity: its name and address.
 type NodeKey = (Arc<str>, SocketAddr);
 
+/// Node states by identity, shared by every topology snapshot. Written only when a
+/// topology is applied (control plane), never by requests.
 #[derive(Debug, Default)]
 pub struct NodeRegistry {
-    states: Mutex<HashMap<NodeKey, Arc<NodeState>>>,
+    states: Mutex<rustc_hash::FxHashMap<NodeKey, Arc<NodeState>>>,
 }
 
 impl NodeRegistry {
@@ -277,15 +276,14 @@ impl NodeRegistry {
         let mut old = std::mem::take(&mut *states);
         states.reserve(topology.nodes.len());
         for n in &mut topology.nodes {
-            let key = (n.name.clone(), n.addr);
-            let state = match states.get(&key) {
-                Some(s) => s.clone(),
-                None => {
+            use std::collections::hash_map::Entry;
+            let state = match states.entry((n.name.clone(), n.addr)) {
+                Entry::Occupied(o) => o.get().clone(),
+                Entry::Vacant(v) => {
                     let s = old
-                        .remove(&key)
+                        .remove(v.key())
                         .unwrap_or_else(|| Arc::new(NodeState::new(n.health.trust_unknown)));
-                    states.insert(key, s.clone());
-                    s
+                    v.insert(s).clone()
                 }
             };
             state.set_trust_unknown(n.health.trust_unknown);

@@ -637,7 +637,7 @@ pub(crate) fn passive_failure(topo: &Topology, scope: Candidates, node: NodeId) 
     let mut seen: Vec<NodeId> = Vec::new();
     let mut ejected = 0;
     for p in scope.scope() {
-        for m in &topo.pools[p].members {
+        for m in topo.pools[p].members.iter() {
             if !seen.contains(&m.node) {
                 seen.push(m.node);
                 ejected += topo.nodes[m.node].state.is_ejected() as usize;
