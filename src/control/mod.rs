@@ -308,7 +308,8 @@ impl Control {
                 replaced: running,
             });
         }
-        // The long part, outside the lock.
+        // The long part, outside the lock, at a lower priority than the workers.
+        give_way();
         let parsed = parsed
             .unwrap_or_else(|| self.parse(text))
             .map_err(ApplyError::from);
@@ -454,6 +455,23 @@ impl Control {
         self.shared.topology.store(Arc::new(topology));
         self.shared.topology_changed(generation);
         generation
+    }
+}
+
+/// Lowers the calling thread's CPU priority by 10 nice levels, once: an apply (parse,
+/// validation, diff, and the thread that frees the old topology, which inherits it) gives
+/// way to the workers when they share a core, so a large apply delays requests as little
+/// as possible. Linux keeps a nice value per thread; the thread stays lowered (raising
+/// it back would need privileges), which suits the threads that apply: the control
+/// endpoint's blocking pool, the file watch, the signal handler.
+fn give_way() {
+    thread_local!(static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if LOWERED.with(|l| l.replace(true)) {
+        return;
+    }
+    // `None` is the calling thread.
+    if let Ok(now) = rustix::process::getpriority_process(None) {
+        let _ = rustix::process::setpriority_process(None, (now + 10).min(19));
     }
 }
 

@@ -70,8 +70,6 @@ impl LocalSnap {
 pub struct Worker {
     pub shared: Arc<Shared>,
     current: RefCell<Option<Rc<LocalSnap>>>,
-    /// Connection pools by node address, kept across topology generations.
-    pools: RefCell<FxHashMap<SocketAddr, Rc<ConnPool>>>,
     pub request_ids: RequestIds,
     pub values: ValueArena,
     pub http1: http1::Builder,
@@ -126,7 +124,6 @@ impl Worker {
         Worker {
             shared,
             current: RefCell::new(None),
-            pools: RefCell::new(FxHashMap::default()),
             request_ids: RequestIds::default(),
             values: ValueArena::default(),
             http1: h1,
@@ -161,30 +158,32 @@ impl Worker {
         snap
     }
 
-    /// Linear in the size of the topology: a node's connection pool is found by address
-    /// in a map, an environment's retry balance by name.
+    /// Linear in the size of the topology, and cheap: a change usually keeps nodes and
+    /// environments where they were, so each node's connection pool and each
+    /// environment's retry balance is first looked for at its own index in the worker's
+    /// previous tables, and by address or name only when it moved. The pools of nodes
+    /// that left go with the previous tables (their idle connections close).
     fn build(&self, topo: Arc<Topology>) -> LocalSnap {
-        let mut old_pools = std::mem::take(&mut *self.pools.borrow_mut());
-        let mut pools: FxHashMap<SocketAddr, Rc<ConnPool>> =
-            FxHashMap::with_capacity_and_hasher(topo.nodes.len(), Default::default());
+        let old = self.current.borrow();
+        let mut moved: Option<FxHashMap<SocketAddr, Rc<ConnPool>>> = None;
         let conns: Vec<Rc<ConnPool>> = topo
             .nodes
             .iter()
-            .map(|n| {
-                pools
-                    .entry(n.addr)
-                    .or_insert_with(|| {
-                        old_pools
-                            .remove(&n.addr)
-                            .unwrap_or_else(|| Rc::new(ConnPool::new(n.addr)))
-                    })
-                    .clone()
+            .enumerate()
+            .map(|(i, n)| {
+                let Some(old) = old.as_deref() else {
+                    return Rc::new(ConnPool::new(n.addr));
+                };
+                if let Some(c) = old.conns.get(i).filter(|c| c.addr == n.addr) {
+                    return c.clone();
+                }
+                moved
+                    .get_or_insert_with(|| old.conns.iter().map(|c| (c.addr, c.clone())).collect())
+                    .get(&n.addr)
+                    .cloned()
+                    .unwrap_or_else(|| Rc::new(ConnPool::new(n.addr)))
             })
             .collect();
-        // The pools of nodes that left are dropped with `old_pools` (their idle
-        // connections close).
-        drop(old_pools);
-        *self.pools.borrow_mut() = pools;
         let wrr = topo
             .pools
             .iter()
@@ -192,13 +191,22 @@ impl Worker {
             .collect();
         // Balances carry over by environment name; a new environment starts at the floor.
         let budget = topo.defaults.retry_budget;
-        let old = self.current.borrow();
         let retry_tokens = topo
             .environments
             .iter()
-            .map(|e| {
-                let carried = old.as_ref().and_then(|old| {
-                    let i = old.topo.env_by_name(&e.name)?;
+            .enumerate()
+            .map(|(i, e)| {
+                let carried = old.as_deref().and_then(|old| {
+                    let same = old
+                        .topo
+                        .environments
+                        .get(i)
+                        .is_some_and(|o| o.name == e.name);
+                    let i = if same {
+                        i
+                    } else {
+                        old.topo.env_by_name(&e.name)?
+                    };
                     Some(old.retry_tokens[i].get())
                 });
                 Cell::new(
