@@ -157,7 +157,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
             let twice = if long {
                 by_name.insert(&app.name, i)
             } else {
-                env.apps[..i].iter().position(|a| a.name == app.name)
+                env.apps[..i].iter().rposition(|a| a.name == app.name)
             };
             if let Some(j) = twice {
                 errs.conflict(
@@ -180,7 +180,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
             let twice = if long {
                 by_prefix.insert(prefix, i)
             } else {
-                env.apps[..i].iter().position(|a| app_prefix(a) == prefix)
+                env.apps[..i].iter().rposition(|a| app_prefix(a) == prefix)
             };
             if let Some(j) = twice {
                 let other = &env.apps[j].name;

@@ -309,4 +309,157 @@ mod tests {
         assert_eq!(percent(1225), "12.25%");
         assert_eq!(percent(10_000), "100%");
     }
+
+    /// Three nodes, and environments as given; `nodes_first` reverses the node list when
+    /// false (the same nodes at other indices).
+    fn topo3(envs: &str, nodes_first: bool) -> Topology {
+        let mut nodes = [
+            "  a: { address: \"10.0.0.1:80\" }\n",
+            "  b: { address: \"10.0.0.2:80\" }\n",
+            "  c: { address: \"10.0.0.3:80\" }\n",
+        ];
+        if !nodes_first {
+            nodes.reverse();
+        }
+        let doc = format!(
+            "version: 1\nlisteners: [ {{ name: http, bind: \"127.0.0.1:80\" }} ]\nnodes:\n{}environments:\n{envs}",
+            nodes.concat()
+        );
+        crate::config::parse(&doc, std::path::Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn member_order_weight_and_backup_are_changes() {
+        let old = topo3("  p: { entries: [\":80\"], nodes: [a, b] }\n", true);
+        for (envs, why) in [
+            ("  p: { entries: [\":80\"], nodes: [b, a] }\n", "order"),
+            (
+                "  p: { entries: [\":80\"], nodes: { a: { weight: 2 }, b: {} } }\n",
+                "weight",
+            ),
+            (
+                "  p: { entries: [\":80\"], nodes: { a: {}, b: { backup: true } } }\n",
+                "backup",
+            ),
+            ("  p: { entries: [\":80\"], nodes: [a, c] }\n", "member"),
+            ("  p: { entries: [\":80\"], nodes: [a] }\n", "fewer"),
+        ] {
+            let d = diff(&old, &topo3(envs, true));
+            assert_eq!(d.changes, ["p: nodes changed"], "{why}");
+        }
+        // The same members at other node indices are no change.
+        let moved = topo3("  p: { entries: [\":80\"], nodes: [a, b] }\n", false);
+        assert!(diff(&old, &moved).is_empty(), "{}", diff(&old, &moved));
+    }
+
+    #[test]
+    fn read_pools_added_removed_and_changed() {
+        let app = |read: &str| {
+            topo3(
+                &format!("  p: {{ entries: [\":80\"], nodes: [a, b, c], apps: [ {{ name: r, version: \"1\", path: /r{read} }} ] }}\n"),
+                true,
+            )
+        };
+        let none = app("");
+        let ab = app(", read_nodes: [a, b]");
+        let ba = app(", read_nodes: [b, a]");
+        let c = app(", read_nodes: [c]");
+        let changed = ["p: application r nodes changed"];
+        assert_eq!(diff(&none, &ab).changes, changed, "added");
+        assert_eq!(diff(&ab, &none).changes, changed, "removed");
+        assert_eq!(diff(&ab, &ba).changes, changed, "reordered");
+        assert_eq!(diff(&ab, &c).changes, changed, "replaced");
+        assert!(diff(&ab, &ab).is_empty());
+        // A read pool equal to the nodes of the application is still a read pool.
+        let all = app(", read_nodes: [a, b, c]");
+        assert_eq!(diff(&none, &all).changes, changed, "same nodes as reads");
+        // Node indices moved, same names: no change.
+        let moved = topo3(
+            "  p: { entries: [\":80\"], nodes: [a, b, c], apps: [ { name: r, version: \"1\", path: /r, read_nodes: [a, b] } ] }\n",
+            false,
+        );
+        assert!(diff(&ab, &moved).is_empty(), "{}", diff(&ab, &moved));
+    }
+
+    #[test]
+    fn tenant_ranges_follow_names_not_indices() {
+        let ranges = |target: &str| {
+            format!("tenants: {{ key: {{ header: X-T }}, ranges: [ {{ from: 1, to: 9, environment: {target} }} ] }}")
+        };
+        let old = topo3(
+            &format!(
+                "  p: {{ entries: [\":80\"], nodes: [a], {} }}\n  t1: {{ nodes: [b] }}\n  t2: {{ nodes: [c] }}\n",
+                ranges("t1")
+            ),
+            true,
+        );
+        // The target renamed (same index, same nodes): a change of the ranges.
+        let renamed = topo3(
+            &format!(
+                "  p: {{ entries: [\":80\"], nodes: [a], {} }}\n  t3: {{ nodes: [b] }}\n  t2: {{ nodes: [c] }}\n",
+                ranges("t3")
+            ),
+            true,
+        );
+        let d = diff(&old, &renamed);
+        assert!(
+            d.changes.contains(&"p: tenant ranges changed".to_string()),
+            "{d}"
+        );
+        assert!(d.changes.contains(&"+environment t3".to_string()), "{d}");
+        assert!(d.changes.contains(&"-environment t1".to_string()), "{d}");
+        // The same target moved to another index (t1 and t2 swapped): the ranges did not
+        // change (the nodes of t1 and t2 did).
+        let other = topo3(
+            &format!(
+                "  p: {{ entries: [\":80\"], nodes: [a], {} }}\n  t2: {{ nodes: [b] }}\n  t1: {{ nodes: [c] }}\n",
+                ranges("t1")
+            ),
+            true,
+        );
+        let d = diff(&old, &other);
+        assert!(
+            !d.changes.contains(&"p: tenant ranges changed".to_string()),
+            "{d}"
+        );
+        let retarget = topo3(
+            &format!(
+                "  p: {{ entries: [\":80\"], nodes: [a], {} }}\n  t1: {{ nodes: [b] }}\n  t2: {{ nodes: [c] }}\n",
+                ranges("t2")
+            ),
+            true,
+        );
+        assert_eq!(diff(&old, &retarget).changes, ["p: tenant ranges changed"]);
+        // The same document with environments and nodes reordered: no change at all.
+        let reordered = topo3(
+            &format!(
+                "  t2: {{ nodes: [c] }}\n  t1: {{ nodes: [b] }}\n  p: {{ entries: [\":80\"], nodes: [a], {} }}\n",
+                ranges("t1")
+            ),
+            false,
+        );
+        assert!(
+            diff(&old, &reordered).is_empty(),
+            "{}",
+            diff(&old, &reordered)
+        );
+        // Ranges added or removed.
+        let without = topo3(
+            "  p: { entries: [\":80\"], nodes: [a] }\n  t1: { nodes: [b] }\n  t2: { nodes: [c] }\n",
+            true,
+        );
+        assert_eq!(diff(&old, &without).changes, ["p: tenant ranges changed"]);
+        assert_eq!(diff(&without, &old).changes, ["p: tenant ranges changed"]);
+    }
+
+    #[test]
+    fn a_node_renamed_at_its_address_changes_the_pools() {
+        let old = topo("  p: { entries: [\":80\"], nodes: [a, b] }\n");
+        let doc = "version: 1\nlisteners: [ { name: http, bind: \"127.0.0.1:80\" } ]\nnodes:\n  a: { address: \"10.0.0.1:80\" }\n  z: { address: \"10.0.0.2:80\" }\nenvironments:\n  p: { entries: [\":80\"], nodes: [a, z] }\n";
+        let new = crate::config::parse(doc, std::path::Path::new(".")).unwrap();
+        assert_eq!(
+            diff(&old, &new).changes,
+            ["+node z (10.0.0.2:80)", "-node b", "p: nodes changed"]
+        );
+    }
 }
