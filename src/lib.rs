@@ -18,6 +18,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod health;
+pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -251,6 +251,7 @@ pub fn start(
                     file: options.file.clone(),
                     ready: shared.ready.subscribe(),
                     stopping: rx.clone(),
+                    metrics: crate::metrics::Metrics::new(control.clone()).registry(),
                 }),
                 l,
             )

@@ -50,6 +50,8 @@ pub struct Api {
     pub ready: watch::Receiver<bool>,
     /// True from the moment a shutdown begins.
     pub stopping: watch::Receiver<bool>,
+    /// `GET /metrics`.
+    pub metrics: prometheus::Registry,
 }
 
 /// Serves the control endpoint on `listener` until `stopping` turns true.
@@ -149,14 +151,15 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>> 
         }
         (Method::GET, "/api/v1/topology") => get_topology(&api, &req),
         (Method::PUT | Method::PATCH, "/api/v1/topology") => write_topology(api, req).await,
+        (Method::GET, "/metrics") => metrics(&api),
         (Method::GET, "/api/v1/status") => status(&api),
         (Method::GET, "/api/v1/history") => history(&api),
         (Method::GET, "/api/v1/explain") => explain(&api, &req),
         (Method::POST, "/api/v1/rollback") => rollback(api, req).await,
         (
             _,
-            "/healthz" | "/ready" | "/api/v1/topology" | "/api/v1/status" | "/api/v1/history"
-            | "/api/v1/rollback",
+            "/healthz" | "/ready" | "/metrics" | "/api/v1/topology" | "/api/v1/status"
+            | "/api/v1/history" | "/api/v1/rollback",
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -752,6 +755,21 @@ fn history(api: &Api) -> Response<Full<Bytes>> {
         })
         .collect();
     respond(StatusCode::OK, json!({ "history": records }))
+}
+
+/// The Prometheus text exposition, built from the live state at each scrape.
+fn metrics(api: &Api) -> Response<Full<Bytes>> {
+    match crate::metrics::render(&api.metrics) {
+        Ok(text) => {
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "metrics", e.to_string()),
+    }
 }
 
 fn status(api: &Api) -> Response<Full<Bytes>> {

@@ -76,6 +76,19 @@ impl Outcome {
     }
 }
 
+/// Applies by source and result, since start (`envgate_topology_reloads_total`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReloadCounts([[u64; 3]; 6]);
+
+impl ReloadCounts {
+    pub fn get(&self, source: Source, result: Outcome) -> u64 {
+        self.0[source as usize][result as usize]
+    }
+    fn add(&mut self, source: Source, result: Outcome) {
+        self.0[source as usize][result as usize] += 1;
+    }
+}
+
 /// One entry of the history.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -136,6 +149,8 @@ struct Inner {
     /// dropped off every request path: freeing a topology of 10,000 environments takes
     /// tens of milliseconds, which a worker's next request would otherwise pay.
     retired: Vec<Arc<Topology>>,
+    /// Every apply, by source and result (the history forgets; these do not).
+    counts: ReloadCounts,
 }
 
 /// The live generation, the document it was built from and its entity tag, read
@@ -206,6 +221,7 @@ impl Control {
             inner: Mutex::new(Inner {
                 history,
                 retired: Vec::new(),
+                counts: ReloadCounts::default(),
             }),
         }
     }
@@ -224,6 +240,11 @@ impl Control {
     /// on an apply).
     pub fn current(&self) -> Arc<Current> {
         self.current.load_full()
+    }
+
+    /// Every apply since start, by source and result.
+    pub fn reload_counts(&self) -> ReloadCounts {
+        self.lock().counts
     }
 
     /// The history, oldest first.
@@ -504,6 +525,7 @@ fn record(
     summary: String,
     document: Option<Arc<str>>,
 ) {
+    inner.counts.add(source, result);
     if inner.history.len() == HISTORY {
         // Refusals and no-changes go first, so a run of bad saves does not push out the
         // documents a rollback needs.

@@ -201,8 +201,9 @@ async fn check_loop(
             Ok(()) => "check passed".to_string(),
             Err(e) => e.clone(),
         };
-        // Metrics, once the metrics module exists: envgate_health_checks_total{node,result}
-        // counts here, and envgate_node_up{node} follows each transition below.
+        // envgate_health_checks_total{node,result}; envgate_node_up{node} follows the
+        // node's health, read at scrape time.
+        state.count_check(result.is_ok());
         if let Some((from, to)) = counter.observe(&state, result.is_ok(), &spec) {
             tracing::info!(node = %name, address = %addr, from = ?from, to = ?to, reason = %reason, "node health changed");
         }

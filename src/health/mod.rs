@@ -61,6 +61,9 @@ pub struct NodeState {
     ejected_until: AtomicU64,
     /// Ejections since the node last served a request well (the cool-down doubles).
     ejections: AtomicU32,
+    /// Active checks that passed and failed (`envgate_health_checks_total`).
+    checks_passed: AtomicU64,
+    checks_failed: AtomicU64,
 }
 
 impl NodeState {
@@ -72,7 +75,27 @@ impl NodeState {
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            checks_passed: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
         }
+    }
+
+    /// Counts one active check (its checker is the only writer).
+    pub fn count_check(&self, passed: bool) {
+        let c = if passed {
+            &self.checks_passed
+        } else {
+            &self.checks_failed
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Active checks so far: (passed, failed).
+    pub fn checks(&self) -> (u64, u64) {
+        (
+            self.checks_passed.load(Ordering::Relaxed),
+            self.checks_failed.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether a passive ejection is in force now. Reads the clock only for a node that

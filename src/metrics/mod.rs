@@ -1,0 +1,203 @@
+//! Prometheus metrics (DESIGN.md "Metrics"), served at `GET /metrics` on the control
+//! listener.
+//!
+//! Nothing here runs on a request: every value is read at scrape time from state envgate
+//! keeps anyway (the live topology, each node's state, the apply path's counts), by a
+//! collector of envgate's own (`prometheus::core::Collector`), so a scrape is exact and
+//! series of removed nodes and environments disappear with them. The prometheus crate
+//! only checks the families and writes the text format.
+
+mod process;
+
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
+
+use crate::control::{Control, Outcome, Source};
+use crate::health::Health;
+
+/// Families, built one scrape at a time.
+#[derive(Default)]
+struct Families(Vec<MetricFamily>);
+
+impl Families {
+    /// A new family; its samples follow with `sample`.
+    fn family(&mut self, name: &str, help: &str, kind: MetricType) -> &mut Self {
+        let mut f = MetricFamily::default();
+        f.set_name(name.to_string());
+        f.set_help(help.to_string());
+        f.set_field_type(kind);
+        self.0.push(f);
+        self
+    }
+
+    /// One sample of the last family.
+    fn sample(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
+        let f = self.0.last_mut().expect("a family comes first");
+        let mut m = proto::Metric::from_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut l = LabelPair::default();
+                    l.set_name(k.to_string());
+                    l.set_value(v.to_string());
+                    l
+                })
+                .collect(),
+        );
+        match f.get_field_type() {
+            MetricType::COUNTER => {
+                let mut c = proto::Counter::default();
+                c.set_value(value);
+                m.set_counter(c);
+            }
+            _ => {
+                let mut g = proto::Gauge::default();
+                g.set_value(value);
+                m.set_gauge(g);
+            }
+        }
+        f.mut_metric().push(m);
+        self
+    }
+}
+
+/// The collector of one running instance.
+pub struct Metrics {
+    control: Arc<Control>,
+}
+
+/// Sources whose applies are reloads (the document envgate started with is not).
+const RELOAD_SOURCES: [Source; 5] = [
+    Source::File,
+    Source::Signal,
+    Source::Api,
+    Source::Rollback,
+    Source::Fleet,
+];
+const OUTCOMES: [Outcome; 3] = [Outcome::Applied, Outcome::Rejected, Outcome::Unchanged];
+
+impl Metrics {
+    pub fn new(control: Arc<Control>) -> Metrics {
+        Metrics { control }
+    }
+
+    /// A registry holding this collector alone.
+    pub fn registry(self) -> prometheus::Registry {
+        let r = prometheus::Registry::new();
+        r.register(Box::new(self))
+            .expect("the collector's families are well-formed and registered once");
+        r
+    }
+
+    fn families(&self) -> Families {
+        let mut out = Families::default();
+        out.family(
+            "envgate_build_info",
+            "The running version (always 1).",
+            MetricType::GAUGE,
+        )
+        .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+
+        let current = self.control.current();
+        out.family(
+            "envgate_topology_generation",
+            "The number of the live topology, bumped by every apply.",
+            MetricType::GAUGE,
+        )
+        .sample(&[], current.generation as f64);
+
+        let reloads = self.control.reload_counts();
+        out.family(
+            "envgate_topology_reloads_total",
+            "Documents offered to the apply path, by source and result.",
+            MetricType::COUNTER,
+        );
+        for source in RELOAD_SOURCES {
+            for result in OUTCOMES {
+                out.sample(
+                    &[("source", source.as_str()), ("result", result.as_str())],
+                    reloads.get(source, result) as f64,
+                );
+            }
+        }
+
+        let topo = self.control.topology();
+        out.family(
+            "envgate_node_up",
+            "1 when the node's health checks say it is up, 0 when down or not checked yet.",
+            MetricType::GAUGE,
+        );
+        for n in &topo.nodes {
+            let up = n.state.health() == Health::Up;
+            out.sample(&[("node", &n.name)], f64::from(u8::from(up)));
+        }
+        out.family(
+            "envgate_node_ejected",
+            "1 while passive detection keeps the node out of rotation.",
+            MetricType::GAUGE,
+        );
+        for n in &topo.nodes {
+            out.sample(
+                &[("node", &n.name)],
+                f64::from(u8::from(n.state.is_ejected())),
+            );
+        }
+        out.family(
+            "envgate_node_drained",
+            "1 while the node is drained (no new requests).",
+            MetricType::GAUGE,
+        );
+        for n in &topo.nodes {
+            out.sample(
+                &[("node", &n.name)],
+                f64::from(u8::from(n.state.is_drained())),
+            );
+        }
+        out.family(
+            "envgate_health_checks_total",
+            "Active health checks, by node and result.",
+            MetricType::COUNTER,
+        );
+        for n in &topo.nodes {
+            let (passed, failed) = n.state.checks();
+            out.sample(&[("node", &n.name), ("result", "passed")], passed as f64);
+            out.sample(&[("node", &n.name), ("result", "failed")], failed as f64);
+        }
+        out.family(
+            "envgate_in_flight",
+            "Requests being served, by environment.",
+            MetricType::GAUGE,
+        );
+        for e in &topo.environments {
+            out.sample(
+                &[("environment", &e.name)],
+                e.in_flight.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            );
+        }
+
+        process::collect(&mut out);
+        out
+    }
+}
+
+impl Collector for Metrics {
+    fn desc(&self) -> Vec<&Desc> {
+        // None declared up front: the series follow the live topology, so the families
+        // are built (and checked by the registry's `gather`) at each scrape.
+        Vec::new()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.families().0
+    }
+}
+
+/// The text exposition of `registry`.
+pub fn render(registry: &prometheus::Registry) -> Result<String, prometheus::Error> {
+    use prometheus::Encoder;
+    let mut buf = Vec::with_capacity(16 * 1024);
+    prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf)?;
+    Ok(String::from_utf8(buf).unwrap_or_default())
+}
