@@ -104,6 +104,26 @@ async fn read_endpoints_and_conditional_get() {
         .iter()
         .all(|n| n["health"] == "up" || n["health"] == "unknown"));
     assert_eq!(st["environments"][0]["canary"]["weight"], 0.0);
+    assert_eq!(st["source"], "start");
+    // Each node shows its last check once one ran.
+    let mut checked = false;
+    for _ in 0..200 {
+        let st = json(&call(s.api, Method::GET, "/api/v1/status", None, "").await);
+        if st["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["last_check"]["result"] == "passed")
+        {
+            let c = &st["nodes"][0]["last_check"];
+            assert_eq!(c["detail"], "check passed", "{c}");
+            assert!(c["time"].as_str().unwrap().ends_with('Z'), "{c}");
+            checked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(checked, "no node showed a passed check");
     assert_eq!(
         call(s.api, Method::GET, "/nope", None, "").await.status,
         404

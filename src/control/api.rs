@@ -33,6 +33,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::{ApplyError, Control, Source};
+use crate::topology::TenantKey;
 
 /// Largest request body (a topology of 10,000 environments is about 3 MiB of YAML).
 pub const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -787,6 +788,11 @@ fn status(api: &Api) -> Response<Full<Bytes>> {
                 "drained": n.state.is_drained(),
                 "ejected": n.state.is_ejected(),
                 "usable": n.state.usable(),
+                "last_check": n.state.last_check().map(|c| json!({
+                    "time": humantime::format_rfc3339_seconds(c.at).to_string(),
+                    "result": if c.passed { "passed" } else { "failed" },
+                    "detail": c.detail,
+                })),
             })
         })
         .collect();
@@ -799,21 +805,36 @@ fn status(api: &Api) -> Response<Full<Bytes>> {
                 "entries": e.entries,
                 "applications": e.apps.iter().filter(|a| !a.name.is_empty()).map(|a| json!({ "name": a.name, "version": a.version, "path": a.prefix })).collect::<Vec<_>>(),
                 "canary": e.canary.as_ref().map(|c| json!({ "environment": &*t.environments[c.environment].name, "weight": c.threshold as f64 / 100.0 })),
+                "tenants": e.tenants.as_ref().map(|r| json!({
+                    "key": match &r.key {
+                        TenantKey::Header(h) => format!("header {h}"),
+                        TenantKey::HostLabel(n) => format!("host label {n}"),
+                        TenantKey::PathSegment(n) => format!("path segment {n}"),
+                        TenantKey::Query(q) => format!("query {q}"),
+                    },
+                    "required": r.required,
+                    "ranges": r.ranges.iter().map(|x| json!({ "from": x.from, "to": x.to, "environment": &*t.environments[x.environment].name })).collect::<Vec<_>>(),
+                })),
                 "in_flight": e.in_flight.load(std::sync::atomic::Ordering::Relaxed),
             })
         })
         .collect();
-    let recent: Vec<Value> = api
-        .control
-        .history()
+    let history = api.control.history();
+    // Where the live generation came from.
+    let source = history
+        .iter()
+        .rev()
+        .find(|r| r.result == super::Outcome::Applied && r.generation == t.generation)
+        .map(|r| r.source.as_str());
+    let recent: Vec<Value> = history
         .iter()
         .rev()
         .take(10)
-        .map(|r| json!({ "generation": r.generation, "source": r.source.as_str(), "result": r.result.as_str(), "summary": r.summary }))
+        .map(|r| json!({ "generation": r.generation, "source": r.source.as_str(), "result": r.result.as_str(), "time": humantime::format_rfc3339_seconds(r.at).to_string(), "summary": r.summary }))
         .collect();
     respond(
         StatusCode::OK,
-        json!({ "generation": t.generation, "environments": envs, "nodes": nodes, "recent": recent }),
+        json!({ "generation": t.generation, "source": source, "environments": envs, "nodes": nodes, "recent": recent }),
     )
 }
 

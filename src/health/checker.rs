@@ -203,7 +203,7 @@ async fn check_loop(
         };
         // envgate_health_checks_total{node,result}; envgate_node_up{node} follows the
         // node's health, read at scrape time.
-        state.count_check(result.is_ok());
+        state.checked(result.is_ok(), reason.clone());
         if let Some((from, to)) = counter.observe(&state, result.is_ok(), &spec) {
             tracing::info!(node = %name, address = %addr, from = ?from, to = ?to, reason = %reason, "node health changed");
         }

@@ -64,6 +64,18 @@ pub struct NodeState {
     /// Active checks that passed and failed (`envgate_health_checks_total`).
     checks_passed: AtomicU64,
     checks_failed: AtomicU64,
+    /// The last active check, for status (written by the node's checker, read by the
+    /// control endpoint; never touched by requests).
+    last_check: std::sync::Mutex<Option<LastCheck>>,
+}
+
+/// The result of a node's last active check.
+#[derive(Debug, Clone)]
+pub struct LastCheck {
+    pub at: std::time::SystemTime,
+    pub passed: bool,
+    /// `check passed`, or why it failed.
+    pub detail: String,
 }
 
 impl NodeState {
@@ -77,17 +89,31 @@ impl NodeState {
             ejections: AtomicU32::new(0),
             checks_passed: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
+            last_check: std::sync::Mutex::new(None),
         }
     }
 
-    /// Counts one active check (its checker is the only writer).
-    pub fn count_check(&self, passed: bool) {
+    /// Records one active check: counted, and kept as the last one.
+    pub fn checked(&self, passed: bool, detail: String) {
         let c = if passed {
             &self.checks_passed
         } else {
             &self.checks_failed
         };
         c.fetch_add(1, Ordering::Relaxed);
+        *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastCheck {
+            at: std::time::SystemTime::now(),
+            passed,
+            detail,
+        });
+    }
+
+    /// The last active check, if one ran.
+    pub fn last_check(&self) -> Option<LastCheck> {
+        self.last_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Active checks so far: (passed, failed).
