@@ -26,12 +26,13 @@ const NODES: [&str; 7] = [
     "app-1", "app-2", "app-3", "test-1", "tools-1", "canary-1", "acme-1",
 ];
 
-/// The demo topology, with `{NAME}` standing for each demo node's address and `{HTTP}` and
-/// `{PORTWIDE}` for the listener ports.
+/// The demo topology, with `{NAME}` standing for each demo node's address, `{HTTP}` and
+/// `{PORTWIDE}` for the listener ports and `{CONTROL}` for the (read-only) control endpoint.
 const TOPOLOGY: &str = r#"version: 1
 listeners:
   - { name: http, bind: "127.0.0.1:{HTTP}" }
   - { name: portwide, bind: "127.0.0.1:{PORTWIDE}" }
+control: { bind: "127.0.0.1:{CONTROL}" }
 nodes:
   app-1:   { address: "{app-1}", weight: 3 }
   app-2:   { address: "{app-2}" }
@@ -71,6 +72,7 @@ environments:
 
 pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
     let portwide = port.checked_add(3).context("port too high")?;
+    let control = port.checked_add(10).context("port too high")?;
     // The demo nodes run on this thread's runtime while it waits for Ctrl-C.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -78,7 +80,8 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
     let mut addrs = Vec::new();
     let mut text = TOPOLOGY
         .replace("{HTTP}", &port.to_string())
-        .replace("{PORTWIDE}", &portwide.to_string());
+        .replace("{PORTWIDE}", &portwide.to_string())
+        .replace("{CONTROL}", &control.to_string());
     for name in NODES {
         let addr = rt.block_on(demo_node(name))?;
         text = text.replace(&format!("{{{name}}}"), &addr.to_string());
@@ -147,6 +150,11 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
     println!(
         "  curl -s --http2-prior-knowledge -H 'Host: company.localhost' http://127.0.0.1:{h}/"
     );
+    println!("  # the status page (open it in a browser), Prometheus metrics, status and explain");
+    println!("  #   http://127.0.0.1:{control}/");
+    println!("  curl -s http://127.0.0.1:{control}/metrics | grep envgate_node_up");
+    println!("  curl -s http://127.0.0.1:{control}/api/v1/status");
+    println!("  curl -s 'http://127.0.0.1:{control}/api/v1/explain?host=company.localhost&port={h}&path=/reports/q3'");
     println!("\nCtrl-C stops the demo.");
     rt.block_on(async {
         let _ = tokio::signal::ctrl_c().await;

@@ -125,11 +125,20 @@ fn http_get(port: u16, host: &str) -> String {
 
 /// `GET /` with `extra` header lines (each ending in CRLF).
 fn http_get_with(port: u16, host: &str, extra: &str) -> String {
+    request(port, "/", host, extra)
+}
+
+/// `GET path` to localhost.
+fn http_get_path(port: u16, path: &str) -> String {
+    request(port, path, "localhost", "")
+}
+
+fn request(port: u16, path: &str, host: &str, extra: &str) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
         s,
-        "GET / HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
@@ -262,15 +271,16 @@ fn run_serves_and_stops_on_sigterm() {
 
 #[test]
 fn demo_serves_its_topology() {
-    // A port p with p + 3 free as well.
+    // A port p with p + 3 and p + 10 (the control endpoint) free as well.
     let port = (0..50)
         .find_map(|_| {
             let a = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
             let p = a.local_addr().ok()?.port();
             std::net::TcpListener::bind(("127.0.0.1", p.checked_add(3)?)).ok()?;
+            std::net::TcpListener::bind(("127.0.0.1", p.checked_add(10)?)).ok()?;
             Some(p)
         })
-        .expect("no free port pair");
+        .expect("no free ports");
     let _child = Child(
         envgate()
             .args(["demo", "--workers", "1", "--port", &port.to_string()])
@@ -294,6 +304,15 @@ fn demo_serves_its_topology() {
     assert!(answer.ends_with("acme-1: GET /\n"), "{answer}");
     let answer = http_get(port + 3, "anything.example");
     assert!(answer.ends_with("tools-1: GET /\n"), "{answer}");
+    // The control endpoint: the status page and the metrics.
+    let answer = http_get(port + 10, "localhost");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("<title>envgate</title>"), "{answer}");
+    let answer = http_get_path(port + 10, "/metrics");
+    assert!(
+        answer.contains("envgate_node_up{node=\"app-1\"}"),
+        "{answer}"
+    );
 }
 
 fn kill(sig: &str, pid: u32) {

@@ -152,6 +152,7 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>> 
         }
         (Method::GET, "/api/v1/topology") => get_topology(&api, &req),
         (Method::PUT | Method::PATCH, "/api/v1/topology") => write_topology(api, req).await,
+        (Method::GET, "/") => status_page(),
         (Method::GET, "/metrics") => metrics(&api),
         (Method::GET, "/api/v1/status") => status(&api),
         (Method::GET, "/api/v1/history") => history(&api),
@@ -159,7 +160,7 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>> 
         (Method::POST, "/api/v1/rollback") => rollback(api, req).await,
         (
             _,
-            "/healthz" | "/ready" | "/metrics" | "/api/v1/topology" | "/api/v1/status"
+            "/" | "/healthz" | "/ready" | "/metrics" | "/api/v1/topology" | "/api/v1/status"
             | "/api/v1/history" | "/api/v1/rollback",
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -756,6 +757,26 @@ fn history(api: &Api) -> Response<Full<Bytes>> {
         })
         .collect();
     respond(StatusCode::OK, json!({ "history": records }))
+}
+
+/// The status page: one self-contained HTML file (no external assets) that renders
+/// `/api/v1/status` and fetches it again every 2 s.
+fn status_page() -> Response<Full<Bytes>> {
+    static PAGE: &str = include_str!("status.html");
+    let mut resp = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    // Nothing from elsewhere: scripts, styles and fetches stay on this endpoint.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+        ),
+    );
+    resp
 }
 
 /// The Prometheus text exposition, built from the live state at each scrape.

@@ -1,0 +1,150 @@
+//! The status page (`GET /` on the control endpoint), loaded by a real browser: headless
+//! Chromium (Debian's `chromium`; `.ci/run` installs it) renders it from `/api/v1/status`,
+//! shows the environments and nodes, and a node that goes down turns red.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use support::*;
+
+/// The page's DOM after its scripts ran, as headless Chromium dumps it; `None` where
+/// Chromium is not installed (outside CI only).
+fn rendered(url: &str) -> Option<String> {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--virtual-time-budget=4000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output();
+    match out {
+        Ok(o) => {
+            assert!(
+                o.status.success(),
+                "chromium: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            Some(String::from_utf8_lossy(&o.stdout).into_owned())
+        }
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("chromium not run ({e}); install Debian's chromium package");
+            None
+        }
+        Err(e) => panic!("chromium is needed in CI: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_the_topology_and_a_node_going_down() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let api = free_port();
+    let yaml = Topo::new()
+        .defaults("health: { interval: 50ms, timeout: 50ms, rise: 1, fall: 1 }")
+        .node("a", a.addr)
+        .node("b", b.addr)
+        .env(
+            "production",
+            &["company.com"],
+            "nodes: [a, b], apps: [ { name: shop, version: \"1.4.2\", path: / } ], canary: { environment: preview, weight: 5, cookie: c }",
+        )
+        .env("preview", &["preview.company.com"], "nodes: [b]")
+        .yaml()
+        + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
+    let eg = Envgate::start_with(&yaml, 2);
+
+    // The page itself: HTML, self-contained (nothing fetched from elsewhere).
+    let r = send(
+        api,
+        Request::builder()
+            .uri("/")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(r.headers["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("default-src 'none'"));
+    let html = r.text();
+    assert!(html.contains("/api/v1/status"), "{html}");
+    assert!(!html.contains("://"), "an external reference: {html}");
+
+    // Both nodes up first (the page shows what status says).
+    let status = |want_b: &'static str| async move {
+        for _ in 0..200 {
+            let r = send(
+                api,
+                Request::builder()
+                    .uri("/api/v1/status")
+                    .header("host", "localhost")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await;
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            let health = |n: &str| {
+                v["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["name"] == n)
+                    .map(|x| x["health"].as_str().unwrap().to_string())
+            };
+            if health("a").as_deref() == Some("up") && health("b").as_deref() == Some(want_b) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("node b never {want_b}");
+    };
+    status("up").await;
+    let url = format!("http://127.0.0.1:{api}/");
+    let Some(dom) = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || rendered(&url)
+    })
+    .await
+    .unwrap() else {
+        eg.stop().await;
+        return;
+    };
+    assert!(dom.contains("data-environment=\"production\""), "{dom}");
+    assert!(dom.contains("data-environment=\"preview\""), "{dom}");
+    assert!(dom.contains("shop 1.4.2 at /"), "{dom}");
+    assert!(dom.contains("5% → preview"), "{dom}");
+    assert!(dom.contains("data-node=\"a\" data-health=\"up\""), "{dom}");
+    assert!(dom.contains("data-node=\"b\" data-health=\"up\""), "{dom}");
+    assert!(dom.contains("generation 1 (start)"), "{dom}");
+
+    // b fails its checks: the page shows it down, its row marked.
+    b.set_healthy(false);
+    status("down").await;
+    let dom = tokio::task::spawn_blocking(move || rendered(&url))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        dom.contains("<tr class=\"bad\" data-node=\"b\" data-health=\"down\">"),
+        "{dom}"
+    );
+    assert!(dom.contains("data-node=\"a\" data-health=\"up\""), "{dom}");
+    assert!(dom.contains("pill down"), "{dom}");
+    eg.stop().await;
+}
