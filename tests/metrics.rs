@@ -242,3 +242,112 @@ async fn metrics_follow_the_live_state() {
     drop(dir);
     eg.stop().await;
 }
+
+/// A real Prometheus (Debian's `prometheus` package; `.ci/run` installs it) scrapes
+/// envgate's control endpoint and answers a query over what it scraped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_envgate() {
+    if std::process::Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "prometheus is needed in CI"
+        );
+        eprintln!("prometheus not run: install Debian's prometheus package");
+        return;
+    }
+    let a = Upstream::start("a").await;
+    let api = free_port();
+    let yaml = Topo::new()
+        .defaults("health: { interval: 100ms, timeout: 100ms }")
+        .node("a", a.addr)
+        .env("blue", &["company.com"], "nodes: [a]")
+        .yaml()
+        + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
+    let eg = Envgate::start(&yaml);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: envgate\n    static_configs: [ {{ targets: [\"127.0.0.1:{api}\"] }} ]\n"
+        ),
+    )
+    .unwrap();
+    let web = free_port();
+    let child = std::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prometheus = Kill(child);
+
+    // Prometheus starts, scrapes (every second) and answers; bounded at 60 s.
+    let query = "/api/v1/query?query=envgate_node_up%7Bnode%3D%22a%22%7D";
+    let mut last = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut tx) = tokio::time::timeout(Duration::from_secs(1), connect_maybe(web)).await {
+            if let Some(r) = tx.as_mut() {
+                if let Ok(Ok(resp)) = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    r.send_request(
+                        Request::builder()
+                            .uri(query)
+                            .header("host", "localhost")
+                            .body(Full::new(Bytes::new()))
+                            .unwrap(),
+                    ),
+                )
+                .await
+                {
+                    use http_body_util::BodyExt;
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    last = String::from_utf8_lossy(&body).into_owned();
+                    let v: serde_json::Value =
+                        serde_json::from_str(&last).unwrap_or(serde_json::Value::Null);
+                    let result = &v["data"]["result"];
+                    if result.as_array().is_some_and(|r| !r.is_empty()) {
+                        assert_eq!(v["status"], "success", "{last}");
+                        assert_eq!(result[0]["metric"]["job"], "envgate", "{last}");
+                        assert_eq!(result[0]["metric"]["node"], "a", "{last}");
+                        assert_eq!(result[0]["value"][1], "1", "{last}");
+                        eg.stop().await;
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("Prometheus never answered with envgate's series: {last}");
+}
+
+/// An HTTP/1.1 connection to `port`, if something accepts there.
+async fn connect_maybe(port: u16) -> Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let (tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    Some(tx)
+}
