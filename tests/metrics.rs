@@ -351,3 +351,101 @@ async fn connect_maybe(port: u16) -> Option<hyper::client::conn::http1::SendRequ
     tokio::spawn(conn);
     Some(tx)
 }
+
+/// Metric names (`envgate_*`, `process_*`) in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for prefix in ["envgate_", "process_"] {
+        let mut rest = expr;
+        while let Some(i) = rest.find(prefix) {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// `deploy/`: the Prometheus configuration and rules pass `promtool`, and every metric
+/// the rules and the Grafana dashboard query is one envgate exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_rules_query_exported_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana/envgate-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(exprs.len() >= 8, "{exprs:?}");
+    for v in dashboard["templating"]["list"].as_array().unwrap() {
+        if v["type"] == "query" {
+            exprs.push(v["query"].as_str().unwrap().to_string());
+        }
+    }
+    let rules = std::fs::read_to_string(root.join("prometheus/envgate-rules.yml")).unwrap();
+    exprs.extend(
+        rules
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("expr:"))
+            .map(str::to_string),
+    );
+
+    let api = free_port();
+    let a = Upstream::start("a").await;
+    let yaml = Topo::new()
+        .node("a", a.addr)
+        .env("blue", &["company.com"], "nodes: [a]")
+        .yaml()
+        + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
+    let eg = Envgate::start(&yaml);
+    let (text, _) = scrape(api).await;
+    for e in &exprs {
+        let names = metric_names(e);
+        assert!(!names.is_empty(), "no envgate metric in {e:?}");
+        for n in names {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s))
+                .filter(|f| text.contains(&format!("# TYPE {f} histogram")))
+                .unwrap_or(&n)
+                .to_string();
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{e:?} queries {n}, which envgate does not export"
+            );
+        }
+    }
+    eg.stop().await;
+
+    // promtool, where it is (CI installs it).
+    for args in [
+        vec!["check", "config", "prometheus.yml"],
+        vec!["check", "rules", "envgate-rules.yml"],
+    ] {
+        match std::process::Command::new("promtool")
+            .args(&args)
+            .current_dir(root.join("prometheus"))
+            .output()
+        {
+            Ok(o) => assert!(
+                o.status.success(),
+                "promtool {args:?}: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is needed in CI: {e}"
+            ),
+        }
+    }
+}
