@@ -153,7 +153,7 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>> 
         (Method::GET, "/api/v1/topology") => get_topology(&api, &req),
         (Method::PUT | Method::PATCH, "/api/v1/topology") => write_topology(api, req).await,
         (Method::GET, "/") => status_page(),
-        (Method::GET, "/metrics") => metrics(&api),
+        (Method::GET, "/metrics") => metrics(&api).await,
         (Method::GET, "/api/v1/status") => status(&api),
         (Method::GET, "/api/v1/history") => history(&api),
         (Method::GET, "/api/v1/explain") => explain(&api, &req),
@@ -779,9 +779,15 @@ fn status_page() -> Response<Full<Bytes>> {
     resp
 }
 
-/// The Prometheus text exposition, built from the live state at each scrape.
-fn metrics(api: &Api) -> Response<Full<Bytes>> {
-    match crate::metrics::render(&api.metrics) {
+/// The Prometheus text exposition, built from the live state at each scrape, on a
+/// blocking thread: for tens of thousands of nodes it takes a while, and the health
+/// checkers share this thread.
+async fn metrics(api: &Api) -> Response<Full<Bytes>> {
+    let registry = api.metrics.clone();
+    let rendered = tokio::task::spawn_blocking(move || crate::metrics::render(&registry))
+        .await
+        .unwrap_or_else(|e| Err(prometheus::Error::Msg(e.to_string())));
+    match rendered {
         Ok(text) => {
             let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut().insert(
