@@ -154,7 +154,7 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>> 
         (Method::PUT | Method::PATCH, "/api/v1/topology") => write_topology(api, req).await,
         (Method::GET, "/") => status_page(),
         (Method::GET, "/metrics") => metrics(&api).await,
-        (Method::GET, "/api/v1/status") => status(&api),
+        (Method::GET, "/api/v1/status") => off_thread(api, |api| status(&api)).await,
         (Method::GET, "/api/v1/history") => history(&api),
         (Method::GET, "/api/v1/explain") => explain(&api, &req),
         (Method::POST, "/api/v1/rollback") => rollback(api, req).await,
@@ -757,6 +757,19 @@ fn history(api: &Api) -> Response<Full<Bytes>> {
         })
         .collect();
     respond(StatusCode::OK, json!({ "history": records }))
+}
+
+/// `answer(api)` on a blocking thread: reads that grow with the topology (status for
+/// tens of thousands of nodes, polled by every open status page) stay off the health
+/// checkers' thread.
+async fn off_thread(
+    api: Arc<Api>,
+    answer: impl FnOnce(Arc<Api>) -> Response<Full<Bytes>> + Send + 'static,
+) -> Response<Full<Bytes>> {
+    match tokio::task::spawn_blocking(move || answer(api)).await {
+        Ok(resp) => resp,
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
 }
 
 /// The status page: one self-contained HTML file (no external assets) that renders
