@@ -36,6 +36,8 @@ pub struct Shared {
     /// only then (connections wait in the accept queue meanwhile), so the first requests
     /// do not meet nodes that are merely not checked yet.
     pub ready: watch::Sender<bool>,
+    /// Open client connections by listener, for the metrics.
+    pub connections: crate::metrics::Connections,
 }
 
 /// Counts a worker's open connections so shutdown can wait for them.
@@ -223,6 +225,7 @@ pub fn start(
         registry,
         changed,
         ready: watch::channel(false).0,
+        connections: Default::default(),
     });
     let (tx, rx) = watch::channel(false);
     let workers = match options.workers {
@@ -335,12 +338,14 @@ async fn worker_main(
         match tokio::net::TcpListener::from_std(sock) {
             Ok(listener) => {
                 let name = meta.name.clone();
+                let active = shared.connections.slot(&name);
                 let task = tokio::task::spawn_local(accept_loop(
                     worker.clone(),
                     listener,
                     Rc::new(meta),
                     local_rx.clone(),
                     tracker.clone(),
+                    active,
                 ));
                 if let Some(old) = loops.insert(name, task) {
                     old.abort();

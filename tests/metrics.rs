@@ -449,3 +449,35 @@ async fn the_dashboard_and_the_rules_query_exported_metrics() {
         }
     }
 }
+
+/// `envgate_connections_active{listener}` counts open client connections across workers,
+/// and falls back when they close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_by_listener() {
+    let a = Upstream::start("a").await;
+    let api = free_port();
+    let yaml = Topo::new()
+        .node("a", a.addr)
+        .env("blue", &["company.com"], "nodes: [a]")
+        .yaml()
+        + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
+    let eg = Envgate::start_with(&yaml, 2);
+    let port = eg.port("http");
+    let key = "envgate_connections_active{listener=\"http\"}";
+    let s = until(api, "no connection open", |s| s.get(key) == Some(&0.0)).await;
+    assert_eq!(s[key], 0.0);
+
+    // Five keep-alive connections, each having served a request (so each was accepted).
+    let mut conns = Vec::new();
+    for _ in 0..5 {
+        let mut tx = connect(port).await;
+        assert_eq!(get_on(&mut tx, "company.com", "/").await.status, 200);
+        conns.push(tx);
+    }
+    until(api, "five open", |s| s[key] == 5.0).await;
+    conns.truncate(2);
+    until(api, "two open", |s| s[key] == 2.0).await;
+    drop(conns);
+    until(api, "none open", |s| s[key] == 0.0).await;
+    eg.stop().await;
+}

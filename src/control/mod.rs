@@ -242,6 +242,11 @@ impl Control {
         self.current.load_full()
     }
 
+    /// Open client connections by listener.
+    pub fn connections(&self) -> Vec<(String, i64)> {
+        self.shared.connections.by_listener()
+    }
+
     /// Every apply since start, by source and result.
     pub fn reload_counts(&self) -> ReloadCounts {
         self.lock().counts

@@ -17,6 +17,71 @@ use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 use crate::control::{Control, Outcome, Source};
 use crate::health::Health;
 
+/// Open client connections by listener (`envgate_connections_active`): one padded counter
+/// per accept loop (a worker's loop of one listener), written only by its worker, summed
+/// at scrape time.
+#[derive(Default)]
+pub struct Connections {
+    slots: std::sync::Mutex<Vec<(String, Arc<Slot>)>>,
+}
+
+/// One accept loop's open connections, on a cache line of its own (workers never write
+/// the same line).
+#[derive(Default)]
+#[repr(align(64))]
+pub struct Slot(std::sync::atomic::AtomicI64);
+
+impl Slot {
+    /// Its worker is the only writer: a relaxed load and store, no locked instruction.
+    #[inline]
+    pub fn add(&self, n: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0.store(self.0.load(Relaxed) + n, Relaxed);
+    }
+}
+
+/// One open connection; dropping it (however its task ends) ends its count.
+pub struct Open(Arc<Slot>);
+
+impl Slot {
+    /// Counts one connection open until the returned guard is dropped.
+    #[inline]
+    pub fn open(self: &Arc<Self>) -> Open {
+        self.add(1);
+        Open(self.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.add(-1);
+    }
+}
+
+impl Connections {
+    /// A counter for a new accept loop of `listener` (called when a worker starts one).
+    pub fn slot(&self, listener: &str) -> Arc<Slot> {
+        let slot = Arc::new(Slot::default());
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // Loops that stopped with no connection left are forgotten.
+        slots.retain(|(_, s)| {
+            Arc::strong_count(s) > 1 || s.0.load(std::sync::atomic::Ordering::Relaxed) != 0
+        });
+        slots.push((listener.to_string(), slot.clone()));
+        slot
+    }
+
+    /// Open connections by listener name, in name order.
+    pub fn by_listener(&self) -> Vec<(String, i64)> {
+        let mut sums: std::collections::BTreeMap<String, i64> = Default::default();
+        for (name, s) in self.slots.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            *sums.entry(name.clone()).or_default() +=
+                s.0.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        sums.into_iter().collect()
+    }
+}
+
 /// Families, built one scrape at a time.
 #[derive(Default)]
 struct Families(Vec<MetricFamily>);
@@ -175,6 +240,27 @@ impl Metrics {
                 &[("environment", &e.name)],
                 e.in_flight.load(std::sync::atomic::Ordering::Relaxed) as f64,
             );
+        }
+
+        // Every listener of the topology, and one removed while connections it accepted
+        // are still open.
+        let open = self.control.connections();
+        out.family(
+            "envgate_connections_active",
+            "Open client connections, by listener.",
+            MetricType::GAUGE,
+        );
+        for l in &topo.listeners {
+            let n = open
+                .iter()
+                .find(|(name, _)| *name == l.name)
+                .map_or(0, |(_, n)| *n);
+            out.sample(&[("listener", &l.name)], n as f64);
+        }
+        for (name, n) in &open {
+            if *n != 0 && !topo.listeners.iter().any(|l| &l.name == name) {
+                out.sample(&[("listener", name)], *n as f64);
+            }
         }
 
         process::collect(&mut out);

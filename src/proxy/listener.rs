@@ -50,6 +50,7 @@ pub async fn accept_loop(
     meta: Rc<ListenerMeta>,
     mut shutdown: watch::Receiver<bool>,
     tracker: Rc<Tracker>,
+    active: std::sync::Arc<crate::metrics::Slot>,
 ) {
     loop {
         tokio::select! {
@@ -61,9 +62,10 @@ pub async fn accept_loop(
                     let worker = worker.clone();
                     let meta = meta.clone();
                     let shutdown = shutdown.clone();
+                    let open = active.open();
                     tokio::task::spawn_local(async move {
                         serve(worker, stream, peer, &meta, shutdown).await;
-                        drop(guard);
+                        drop((open, guard));
                     });
                 }
                 Err(e) => {
