@@ -273,6 +273,9 @@ pub struct Environment {
     /// environment of the same name in the previous topology, so a reload does not reset
     /// the count (bound when the topology is applied).
     pub in_flight: Arc<AtomicUsize>,
+    /// Retries (attempts after the first) of this environment's requests, all workers;
+    /// carried over like `in_flight`. Written only when a retry happens.
+    pub retried: Arc<std::sync::atomic::AtomicU64>,
     /// The JSON bodies of envgate's own answers for this environment, built at the first
     /// answer (a cold path) and then shared, so the hot path formats nothing and a
     /// topology of many environments is not slowed down building bodies it may never send.

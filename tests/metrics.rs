@@ -481,3 +481,44 @@ async fn open_connections_by_listener() {
     until(api, "none open", |s| s[key] == 0.0).await;
     eg.stop().await;
 }
+
+/// Retries and passive ejections count: a node that refuses connections is tried, each
+/// request retried on the live node, until passive detection ejects it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_ejections_count() {
+    let live = Upstream::start("live").await;
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let api = free_port();
+    let yaml = Topo::new()
+        .defaults("health: { interval: 1m, timeout: 1s, trust_unknown: true }")
+        .node("dead", dead)
+        .node("live", live.addr)
+        .env("blue", &["company.com"], "nodes: [dead, live]")
+        .yaml()
+        + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
+    let eg = Envgate::start_with(&yaml, 1);
+    let port = eg.port("http");
+    let (_, s) = scrape(api).await;
+    assert_eq!(s["envgate_retries_total{environment=\"blue\"}"], 0.0);
+    assert_eq!(s["envgate_passive_ejections_total{node=\"dead\"}"], 0.0);
+    for _ in 0..20 {
+        assert_eq!(get(port, "company.com", "/").await.status, 200);
+    }
+    let (text, s) = scrape(api).await;
+    // Five consecutive failures eject the node (the default); each of them was retried.
+    assert_eq!(
+        s["envgate_passive_ejections_total{node=\"dead\"}"], 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        s["envgate_passive_ejections_total{node=\"live\"}"], 0.0,
+        "{text}"
+    );
+    assert_eq!(
+        s["envgate_retries_total{environment=\"blue\"}"], 5.0,
+        "{text}"
+    );
+    assert_eq!(s["envgate_node_ejected{node=\"dead\"}"], 1.0, "{text}");
+    assert_eq!(live.hits(), 20);
+    eg.stop().await;
+}

@@ -311,6 +311,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
             upgrades,
             allow_connect: env.allow_connect.unwrap_or(false),
             in_flight: Arc::new(AtomicUsize::new(0)),
+            retried: Default::default(),
             bodies: std::sync::OnceLock::new(),
         }));
     }

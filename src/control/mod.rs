@@ -474,6 +474,7 @@ impl Control {
             if let Some(old) = live.env_by_name(&env.name) {
                 if let Some(env) = Arc::get_mut(env) {
                     env.in_flight = live.environments[old].in_flight.clone();
+                    env.retried = live.environments[old].retried.clone();
                 }
             }
         }

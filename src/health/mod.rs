@@ -64,6 +64,8 @@ pub struct NodeState {
     /// Active checks that passed and failed (`envgate_health_checks_total`).
     checks_passed: AtomicU64,
     checks_failed: AtomicU64,
+    /// Passive ejections started (`envgate_passive_ejections_total`).
+    ejections_total: AtomicU64,
     /// The last active check, for status (written by the node's checker, read by the
     /// control endpoint; never touched by requests).
     last_check: std::sync::Mutex<Option<LastCheck>>,
@@ -89,6 +91,7 @@ impl NodeState {
             ejections: AtomicU32::new(0),
             checks_passed: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
+            ejections_total: AtomicU64::new(0),
             last_check: std::sync::Mutex::new(None),
         }
     }
@@ -187,7 +190,13 @@ impl NodeState {
             .compare_exchange(current, until, Ordering::Relaxed, Ordering::Relaxed)
             .ok()?;
         self.ejections.fetch_add(1, Ordering::Relaxed);
+        self.ejections_total.fetch_add(1, Ordering::Relaxed);
         Some(cool)
+    }
+
+    /// Passive ejections started since the node was first seen.
+    pub fn ejections_total(&self) -> u64 {
+        self.ejections_total.load(Ordering::Relaxed)
     }
 
     pub fn health(&self) -> Health {

@@ -231,6 +231,25 @@ impl Metrics {
             out.sample(&[("node", &n.name), ("result", "failed")], failed as f64);
         }
         out.family(
+            "envgate_passive_ejections_total",
+            "Ejections of a node by passive detection (consecutive failures on live traffic).",
+            MetricType::COUNTER,
+        );
+        for n in &topo.nodes {
+            out.sample(&[("node", &n.name)], n.state.ejections_total() as f64);
+        }
+        out.family(
+            "envgate_retries_total",
+            "Attempts after the first, by environment.",
+            MetricType::COUNTER,
+        );
+        for e in &topo.environments {
+            out.sample(
+                &[("environment", &e.name)],
+                e.retried.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            );
+        }
+        out.family(
             "envgate_in_flight",
             "Requests being served, by environment.",
             MetricType::GAUGE,

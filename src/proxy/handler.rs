@@ -438,6 +438,11 @@ pub async fn exchange(
                 break;
             }
             free = false;
+            if attempt > 0 {
+                // A rare path: a shared counter is fine here.
+                env.retried
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             tried[attempt] = node;
             let pool = &snap.conns[node];
             let copy = (replayable && attempt + 1 < attempts).then(|| replay(&req));
