@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::Command;
 
 use bytes::Bytes;
 use http::{Method, Request};
@@ -14,39 +13,6 @@ use http_body_util::Full;
 use support::*;
 
 const TOKEN: &str = "attack-token";
-
-/// The page's DOM after its scripts ran (headless Chromium); `None` where Chromium is not
-/// installed (outside CI only).
-fn rendered(url: &str) -> Option<String> {
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--virtual-time-budget=4000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(url)
-        .output();
-    match out {
-        Ok(o) => {
-            assert!(
-                o.status.success(),
-                "chromium: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            Some(String::from_utf8_lossy(&o.stdout).into_owned())
-        }
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!("chromium not run ({e}); install Debian's chromium package");
-            None
-        }
-        Err(e) => panic!("chromium is needed in CI: {e}"),
-    }
-}
 
 /// Renders `url` until `ok` holds on the DOM (a bounded number of loads).
 async fn render_until(url: &str, what: &str, ok: impl Fn(&str) -> bool) -> Option<String> {

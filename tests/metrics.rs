@@ -38,15 +38,7 @@ fn samples(text: &str) -> HashMap<String, f64> {
 }
 
 async fn scrape(port: u16) -> (String, HashMap<String, f64>) {
-    let r = send(
-        port,
-        Request::builder()
-            .uri("/metrics")
-            .header("host", "localhost")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let r = get(port, "localhost", "/metrics").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let ct = r.headers["content-type"].to_str().unwrap().to_string();
     assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");

@@ -4,46 +4,9 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::Full;
 use support::*;
-
-/// The page's DOM after its scripts ran, as headless Chromium dumps it; `None` where
-/// Chromium is not installed (outside CI only).
-fn rendered(url: &str) -> Option<String> {
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--virtual-time-budget=4000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(url)
-        .output();
-    match out {
-        Ok(o) => {
-            assert!(
-                o.status.success(),
-                "chromium: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            Some(String::from_utf8_lossy(&o.stdout).into_owned())
-        }
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!("chromium not run ({e}); install Debian's chromium package");
-            None
-        }
-        Err(e) => panic!("chromium is needed in CI: {e}"),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_the_topology_and_a_node_going_down() {
@@ -64,15 +27,7 @@ async fn the_status_page_shows_the_topology_and_a_node_going_down() {
     let eg = Envgate::start_with(&yaml, 2);
 
     // The page itself: HTML, self-contained (nothing fetched from elsewhere).
-    let r = send(
-        api,
-        Request::builder()
-            .uri("/")
-            .header("host", "localhost")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let r = get(api, "localhost", "/").await;
     assert_eq!(r.status, 200);
     assert!(r.headers["content-type"]
         .to_str()
@@ -89,15 +44,7 @@ async fn the_status_page_shows_the_topology_and_a_node_going_down() {
     // Both nodes up first (the page shows what status says).
     let status = |want_b: &'static str| async move {
         for _ in 0..200 {
-            let r = send(
-                api,
-                Request::builder()
-                    .uri("/api/v1/status")
-                    .header("host", "localhost")
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await;
+            let r = get(api, "localhost", "/api/v1/status").await;
             let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
             let health = |n: &str| {
                 v["nodes"]

@@ -15,7 +15,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 
 use crate::control::{Control, Outcome, Source};
-use crate::health::Health;
+use crate::health::{Health, NodeState};
 
 /// Open client connections by listener (`envgate_connections_active`): one padded counter
 /// per accept loop (a worker's loop of one listener), written only by its worker, summed
@@ -189,37 +189,38 @@ impl Metrics {
         }
 
         let topo = self.control.topology();
-        out.family(
+        // One sample per node of the live topology.
+        let mut per_node = |name: &str, help: &str, kind, value: &dyn Fn(&NodeState) -> f64| {
+            out.family(name, help, kind);
+            for n in &topo.nodes {
+                out.sample(&[("node", &n.name)], value(&n.state));
+            }
+        };
+        let flag = |b: bool| f64::from(u8::from(b));
+        per_node(
             "envgate_node_up",
             "1 when the node's health checks say it is up, 0 when down or not checked yet.",
             MetricType::GAUGE,
+            &|s| flag(s.health() == Health::Up),
         );
-        for n in &topo.nodes {
-            let up = n.state.health() == Health::Up;
-            out.sample(&[("node", &n.name)], f64::from(u8::from(up)));
-        }
-        out.family(
+        per_node(
             "envgate_node_ejected",
             "1 while passive detection keeps the node out of rotation.",
             MetricType::GAUGE,
+            &|s| flag(s.is_ejected()),
         );
-        for n in &topo.nodes {
-            out.sample(
-                &[("node", &n.name)],
-                f64::from(u8::from(n.state.is_ejected())),
-            );
-        }
-        out.family(
+        per_node(
             "envgate_node_drained",
             "1 while the node is drained (no new requests).",
             MetricType::GAUGE,
+            &|s| flag(s.is_drained()),
         );
-        for n in &topo.nodes {
-            out.sample(
-                &[("node", &n.name)],
-                f64::from(u8::from(n.state.is_drained())),
-            );
-        }
+        per_node(
+            "envgate_passive_ejections_total",
+            "Ejections of a node by passive detection (consecutive failures on live traffic).",
+            MetricType::COUNTER,
+            &|s| s.ejections_total() as f64,
+        );
         out.family(
             "envgate_health_checks_total",
             "Active health checks, by node and result.",
@@ -229,14 +230,6 @@ impl Metrics {
             let (passed, failed) = n.state.checks();
             out.sample(&[("node", &n.name), ("result", "passed")], passed as f64);
             out.sample(&[("node", &n.name), ("result", "failed")], failed as f64);
-        }
-        out.family(
-            "envgate_passive_ejections_total",
-            "Ejections of a node by passive detection (consecutive failures on live traffic).",
-            MetricType::COUNTER,
-        );
-        for n in &topo.nodes {
-            out.sample(&[("node", &n.name)], n.state.ejections_total() as f64);
         }
         out.family(
             "envgate_retries_total",

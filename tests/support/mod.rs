@@ -831,3 +831,36 @@ impl Topo {
         y
     }
 }
+
+/// A page's DOM after its scripts ran, as headless Chromium (Debian's `chromium`) dumps
+/// it; `None` where Chromium is not installed (outside CI only: in CI that fails).
+pub fn rendered(url: &str) -> Option<String> {
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--virtual-time-budget=4000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output();
+    match out {
+        Ok(o) => {
+            assert!(
+                o.status.success(),
+                "chromium: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            Some(String::from_utf8_lossy(&o.stdout).into_owned())
+        }
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("chromium not run ({e}); install Debian's chromium package");
+            None
+        }
+        Err(e) => panic!("chromium is needed in CI: {e}"),
+    }
+}
