@@ -2,7 +2,9 @@
 //!
 //! The directory is watched, not the file: editors save by writing a new file and renaming
 //! it over the old one, and Kubernetes swaps a ConfigMap by re-pointing the `..data`
-//! symlink, so the file's own inode comes and goes. Events are debounced (quiet for
+//! symlink, so the file's own inode comes and goes. Only events that name the file or a
+//! `..`-prefixed entry count (other files of the directory, such as an access log, are
+//! ignored). Events are debounced (quiet for
 //! `DEBOUNCE`), then the file is read by its path (following symlinks). A file that is
 //! briefly missing or does not parse (half-written) is read again a few times before its
 //! problems are recorded as a refused document; either way the running topology stays.
@@ -54,10 +56,25 @@ pub fn spawn(control: Arc<Control>, path: &Path) -> notify::Result<FileWatch> {
     };
     let (tx, rx) = mpsc::channel();
     let events = tx.clone();
+    let name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
-        // Any event in the directory may concern the file (a rename onto it, a symlink
-        // swap of a parent): the debounced read decides.
-        if e.is_ok_and(|e| !e.kind.is_access()) {
+        // Events that may concern the file: its name (written, or renamed onto), a
+        // Kubernetes `..data` swap, or a lost event queue. Other files of the directory
+        // (an access log written beside the topology) do not delay the debounce.
+        let relevant = |e: &notify::Event| {
+            !e.kind.is_access()
+                && (e.paths.is_empty()
+                    || e.need_rescan()
+                    || e.paths.iter().any(|p| {
+                        p.file_name().is_some_and(|n| {
+                            n == name.as_os_str() || n.as_encoded_bytes().starts_with(b"..")
+                        })
+                    }))
+        };
+        if e.is_ok_and(|e| relevant(&e)) {
             let _ = events.send(Event::Changed);
         }
     })?;
