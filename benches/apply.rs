@@ -94,6 +94,7 @@ fn apply(c: &mut Criterion) {
             document: a.clone(),
             base_dir: ".".into(),
             file: None,
+            access_log: None,
         },
     )
     .unwrap();

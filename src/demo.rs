@@ -105,6 +105,7 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
             document: text.clone(),
             base_dir: ".".into(),
             file: None,
+            access_log: None,
         },
     )?;
     let h = port;

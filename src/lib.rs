@@ -13,6 +13,7 @@
 //! - `demo`      `envgate demo`: demo nodes and topology on loopback
 #![forbid(unsafe_code)]
 
+pub mod accesslog;
 pub mod balance;
 pub mod config;
 pub mod control;

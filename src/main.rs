@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+use envgate::accesslog::{self, AccessLog};
 use envgate::config::{self, LoadError};
 use envgate::control::{client, watch, Source};
 use envgate::health::NodeRegistry;
@@ -34,8 +35,13 @@ enum Command {
         /// Worker threads (default: one per CPU; the WORKERS variable also sets it).
         #[arg(long, env = "WORKERS")]
         workers: Option<usize>,
+        /// Format of the diagnostic log (stderr) and the access log.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// Where the access log goes: `-` for stdout, a file (reopened on SIGUSR1), or
+        /// `off`. The topology's `access_log` key turns it off or samples 2xx answers.
+        #[arg(long, default_value = "-")]
+        access_log: String,
     },
     /// Validate topology files without serving: exit 0 valid, 1 invalid, 2 unreadable.
     Check {
@@ -120,9 +126,19 @@ fn main() -> ExitCode {
             config,
             workers,
             log_format,
+            access_log,
         } => {
             init_logging(log_format);
-            match run(config, workers.unwrap_or(0)) {
+            let format = match log_format {
+                LogFormat::Text => accesslog::Format::Text,
+                LogFormat::Json => accesslog::Format::Json,
+            };
+            let target = match access_log.as_str() {
+                "off" => None,
+                "-" => Some(accesslog::Target::Stdout),
+                path => Some(accesslog::Target::File(path.into())),
+            };
+            match run(config, workers.unwrap_or(0), target.map(|t| (t, format))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("envgate: {e:#}");
@@ -260,7 +276,11 @@ fn check(files: &[PathBuf]) -> ExitCode {
     ExitCode::from(worst)
 }
 
-fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
+fn run(
+    path: PathBuf,
+    workers: usize,
+    access_log: Option<(accesslog::Target, accesslog::Format)>,
+) -> anyhow::Result<()> {
     // Signal handlers first: a SIGHUP or SIGTERM that arrives while the topology is read,
     // the listeners bound or the workers started must not meet the default action (which
     // ends the process). It waits in its stream until `wait_for_signals` takes it.
@@ -281,6 +301,13 @@ fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
         .to_path_buf();
     let topology = config::parse(&document, &base_dir)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let access_log = match access_log {
+        Some((target, format)) => Some(
+            AccessLog::start(target.clone(), format)
+                .with_context(|| format!("cannot open the access log {target:?}"))?,
+        ),
+        None => None,
+    };
     let mut listeners = Vec::new();
     for l in &topology.listeners {
         let sock = server::bind(l.bind)
@@ -303,6 +330,7 @@ fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
             document,
             base_dir,
             file: Some(path.clone()),
+            access_log: access_log.as_ref().map(|l| l.sink()),
         },
     )?;
     // The file is watched; a watch that cannot start leaves SIGHUP.
@@ -313,9 +341,12 @@ fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
             None
         }
     };
-    wait_for_signals(&rt, signals, &server, &path)?;
+    wait_for_signals(&rt, signals, &server, &path, access_log.as_ref())?;
     tracing::info!("shutting down: draining connections");
     server.shutdown();
+    if let Some(log) = access_log {
+        log.close();
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -325,6 +356,7 @@ struct Signals {
     term: Signal,
     int: Signal,
     hup: Signal,
+    usr1: Signal,
 }
 
 impl Signals {
@@ -334,28 +366,35 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
         })
     }
 }
 
-/// Blocks until SIGTERM or SIGINT; SIGHUP reloads the topology file. A signal that arrived
-/// during start-up is acted on here (a SIGHUP then re-reads the file once).
+/// Blocks until SIGTERM or SIGINT; SIGHUP reloads the topology file, SIGUSR1 reopens the
+/// access log file. A signal that arrived during start-up is acted on here (a SIGHUP then
+/// re-reads the file once).
 fn wait_for_signals(
     rt: &tokio::runtime::Runtime,
     signals: Signals,
     server: &Server,
     path: &std::path::Path,
+    access_log: Option<&AccessLog>,
 ) -> anyhow::Result<()> {
     let Signals {
         mut term,
         mut int,
         mut hup,
+        mut usr1,
     } = signals;
     rt.block_on(async {
         loop {
             tokio::select! {
                 _ = term.recv() => return Ok(()),
                 _ = int.recv() => return Ok(()),
+                _ = usr1.recv() => if let Some(log) = access_log {
+                    log.reopen();
+                },
                 // `apply` logs what it applied or why it refused.
                 _ = hup.recv() => match std::fs::read_to_string(path) {
                     Ok(text) => {

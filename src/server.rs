@@ -38,6 +38,10 @@ pub struct Shared {
     pub ready: watch::Sender<bool>,
     /// Open client connections by listener, for the metrics.
     pub connections: crate::metrics::Connections,
+    /// Every worker's request counters, for the metrics and the status page.
+    pub stats: crate::metrics::tally::Stats,
+    /// Access log lines dropped because its writer fell behind (none without a log).
+    pub log_dropped: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Counts a worker's open connections so shutdown can wait for them.
@@ -129,6 +133,8 @@ pub struct Options {
     /// The topology file, where changes made through the control endpoint are written
     /// back (`None`: they live in memory only).
     pub file: Option<std::path::PathBuf>,
+    /// Where the workers write their access log lines (`None`: no access log).
+    pub access_log: Option<crate::accesslog::Sink>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +232,8 @@ pub fn start(
         changed,
         ready: watch::channel(false).0,
         connections: Default::default(),
+        stats: Default::default(),
+        log_dropped: options.access_log.as_ref().map(|s| s.dropped.clone()),
     });
     let (tx, rx) = watch::channel(false);
     let workers = match options.workers {
@@ -290,6 +298,7 @@ pub fn start(
         let shared = shared.clone();
         let rx = rx.clone();
         let cmds = receivers.remove(0);
+        let log = options.access_log.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -298,7 +307,7 @@ pub fn start(
                 .name(format!("envgate-worker-{i}"))
                 .spawn(move || {
                     let local = tokio::task::LocalSet::new();
-                    local.block_on(&rt, worker_main(shared, socks, rx, cmds, ready_bound));
+                    local.block_on(&rt, worker_main(shared, socks, rx, cmds, ready_bound, log));
                 })?,
         );
     }
@@ -316,6 +325,7 @@ async fn worker_main(
     mut shutdown: watch::Receiver<bool>,
     mut cmds: tokio::sync::mpsc::UnboundedReceiver<ListenerCmd>,
     ready_bound: Duration,
+    log: Option<crate::accesslog::Sink>,
 ) {
     let mut ready = shared.ready.subscribe();
     let _ = tokio::time::timeout(
@@ -324,7 +334,20 @@ async fn worker_main(
     )
     .await;
     let tracker = Rc::new(Tracker::default());
-    let worker = Rc::new(Worker::new(shared.clone(), tracker.clone()));
+    let worker = Rc::new(Worker::new(shared.clone(), tracker.clone(), log));
+    if worker.log.is_some() {
+        let worker = worker.clone();
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(crate::accesslog::FLUSH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Some(log) = &worker.log {
+                    log.flush();
+                }
+            }
+        });
+    }
     // A worker-local copy of the shutdown signal keeps per-connection clones off the
     // shared channel's counters.
     let (local_tx, local_rx) = watch::channel(false);
@@ -386,6 +409,9 @@ async fn worker_main(
             open = tracker.open.get(),
             "drain timed out; closing the remaining connections"
         );
+    }
+    if let Some(log) = &worker.log {
+        log.flush();
     }
 }
 

@@ -39,6 +39,27 @@ pub struct Topology {
     pub entries: EntryTable,
     /// Environments by name, for carrying per-environment state across topologies.
     pub env_index: rustc_hash::FxHashMap<Arc<str>, EnvId>,
+    /// Counter slots of all applications (see `Application::slot`).
+    pub slots: usize,
+    pub access_log: AccessLogSpec,
+}
+
+/// Which exchanges the access log writes (where and in which format is the command
+/// line's business).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AccessLogSpec {
+    pub enabled: bool,
+    /// Percent of 2xx answers written (others are always written).
+    pub sample_2xx: f64,
+}
+
+impl Default for AccessLogSpec {
+    fn default() -> Self {
+        AccessLogSpec {
+            enabled: true,
+            sample_2xx: 100.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -363,6 +384,10 @@ pub struct Application {
     /// Where reads (GET, HEAD, OPTIONS) go first, when the application has `read_nodes`;
     /// `pool` takes them when no read node can.
     pub read_pool: Option<PoolId>,
+    /// The first of this application's counter slots (`metrics::tally`): one per member
+    /// of `pool`, then one per member of `read_pool`, so the node a request went to
+    /// names its counters without a lookup.
+    pub slot: usize,
 }
 
 /// The candidate nodes of one application in one environment.

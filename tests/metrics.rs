@@ -291,8 +291,13 @@ async fn a_real_prometheus_scrapes_envgate() {
     }
     let _prometheus = Kill(child);
 
-    // Prometheus starts, scrapes (every second) and answers; bounded at 60 s.
-    let query = "/api/v1/query?query=envgate_node_up%7Bnode%3D%22a%22%7D";
+    // Three requests, then Prometheus starts, scrapes (every second) and answers a query
+    // for them; bounded at 60 s.
+    let port = eg.port("http");
+    for _ in 0..3 {
+        assert_eq!(get(port, "company.com", "/").await.status, 200);
+    }
+    let query = "/api/v1/query?query=envgate_requests_total%7Benvironment%3D%22blue%22%2Ccode%3D%22200%22%7D";
     let mut last = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
@@ -316,11 +321,14 @@ async fn a_real_prometheus_scrapes_envgate() {
                     let v: serde_json::Value =
                         serde_json::from_str(&last).unwrap_or(serde_json::Value::Null);
                     let result = &v["data"]["result"];
-                    if result.as_array().is_some_and(|r| !r.is_empty()) {
+                    // A scrape may come before the last request was recorded: wait for 3.
+                    if result.as_array().is_some_and(|r| !r.is_empty())
+                        && result[0]["value"][1] == "3"
+                    {
                         assert_eq!(v["status"], "success", "{last}");
                         assert_eq!(result[0]["metric"]["job"], "envgate", "{last}");
                         assert_eq!(result[0]["metric"]["node"], "a", "{last}");
-                        assert_eq!(result[0]["value"][1], "1", "{last}");
+                        assert_eq!(result[0]["value"][1], "3", "{last}");
                         eg.stop().await;
                         return;
                     }
@@ -393,12 +401,34 @@ async fn the_dashboard_and_the_rules_query_exported_metrics() {
 
     let api = free_port();
     let a = Upstream::start("a").await;
+    // A canary and a tenant rule, and a request through each, so that every request
+    // family has series.
     let yaml = Topo::new()
         .node("a", a.addr)
-        .env("blue", &["company.com"], "nodes: [a]")
+        .env(
+            "blue",
+            &["company.com"],
+            "nodes: [a], canary: { environment: green, weight: 50, header: X-Canary }, tenants: { key: { header: X-Tenant }, ranges: [ { from: 1, to: 1, environment: private } ] }",
+        )
+        .env("green", &[], "nodes: [a]")
+        .env("private", &[], "nodes: [a]")
         .yaml()
         + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
     let eg = Envgate::start(&yaml);
+    let port = eg.port("http");
+    for (name, value) in [("x-tenant", "1"), ("x-canary", "always")] {
+        let req = Request::builder()
+            .uri("/")
+            .header("host", "company.com")
+            .header(name, value)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(send(port, req).await.status, 200);
+    }
+    until(api, "two requests recorded", |s| {
+        sum(s, "envgate_requests_total", &[]) == 2.0
+    })
+    .await;
     let (text, _) = scrape(api).await;
     for e in &exprs {
         let names = metric_names(e);
@@ -512,5 +542,250 @@ async fn retries_and_ejections_count() {
     );
     assert_eq!(s["envgate_node_ejected{node=\"dead\"}"], 1.0, "{text}");
     assert_eq!(live.hits(), 20);
+    // The five failovers, by reason; every request counted against the node that answered.
+    let s = until(api, "20 requests recorded", |s| {
+        s.get("envgate_requests_total{code=\"200\",environment=\"blue\",node=\"live\"}")
+            == Some(&20.0)
+    })
+    .await;
+    let failovers = |reason: &str| {
+        s[&format!("envgate_failovers_total{{environment=\"blue\",reason=\"{reason}\"}}")]
+    };
+    assert_eq!(failovers("connect_failed"), 5.0);
+    assert_eq!(
+        failovers("timeout") + failovers("reset") + failovers("local_resources"),
+        0.0
+    );
+    assert!(!s
+        .keys()
+        .any(|k| k.starts_with("envgate_requests_total") && k.contains("node=\"dead\"")));
+    eg.stop().await;
+}
+
+/// The sum of the samples of `name` whose labels include every one of `labels`.
+fn sum(s: &HashMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
+    s.iter()
+        .filter(|(k, _)| {
+            k.split_once('{').is_some_and(|(n, l)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|want| l.trim_end_matches('}').split(',').any(|x| x == *want))
+            })
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Exact request counters with one worker and with two: by environment, node and status
+/// (envgate's own answers under an empty node, unrouted ones under an empty environment
+/// too), the latency histogram's count equal to the requests, response bytes equal to
+/// what the client read; after a reload that removes a node, its series vanish and the
+/// kept node's counters continue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_counted_exactly() {
+    for workers in [1, 2] {
+        requests_counted(workers).await;
+    }
+}
+
+async fn requests_counted(workers: usize) {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let api = free_port();
+    let control = format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
+    let topo = |with_b: bool| {
+        let t = Topo::new()
+            .defaults("health: { interval: 50ms, timeout: 50ms, rise: 1, fall: 1 }")
+            .node("a", a.addr)
+            .node("dead", dead)
+            .env("red", &["red.example"], "nodes: [dead]");
+        let t = if with_b {
+            t.node("b", b.addr)
+                .env("blue", &["company.com"], "nodes: [a, b]")
+        } else {
+            t.env("blue", &["company.com"], "nodes: [a]")
+        };
+        t.yaml() + &control
+    };
+    let eg = Envgate::start_with(&topo(true), workers);
+    let port = eg.port("http");
+    until(api, "a and b up", |s| {
+        s.get("envgate_node_up{node=\"a\"}") == Some(&1.0)
+            && s.get("envgate_node_up{node=\"b\"}") == Some(&1.0)
+    })
+    .await;
+
+    let mut bytes = 0;
+    for i in 0..20 {
+        let r = get(port, "company.com", &format!("/item/{i}")).await;
+        assert_eq!(r.status, 200);
+        bytes += r.body.len();
+    }
+    for _ in 0..3 {
+        assert_eq!(get(port, "nowhere.example", "/").await.status, 404);
+    }
+    for _ in 0..2 {
+        assert_eq!(get(port, "red.example", "/").await.status, 503);
+    }
+    let requests = "envgate_requests_total";
+    let s = until(api, "25 requests recorded", |s| {
+        sum(s, requests, &[]) == 25.0
+    })
+    .await;
+    let (text, _) = scrape(api).await;
+    let ok_a = sum(
+        &s,
+        requests,
+        &["environment=\"blue\"", "node=\"a\"", "code=\"200\""],
+    );
+    let ok_b = sum(
+        &s,
+        requests,
+        &["environment=\"blue\"", "node=\"b\"", "code=\"200\""],
+    );
+    assert_eq!(ok_a + ok_b, 20.0, "{text}");
+    if workers == 1 {
+        // One round-robin: exactly half each.
+        assert_eq!((ok_a, ok_b), (10.0, 10.0), "{text}");
+    }
+    assert_eq!(
+        s["envgate_requests_total{code=\"404\",environment=\"\",node=\"\"}"], 3.0,
+        "{text}"
+    );
+    assert_eq!(
+        s["envgate_requests_total{code=\"503\",environment=\"red\",node=\"\"}"], 2.0,
+        "{text}"
+    );
+    assert_eq!(
+        s["envgate_request_duration_seconds_count{environment=\"blue\"}"], 20.0,
+        "{text}"
+    );
+    assert_eq!(
+        s["envgate_request_duration_seconds_bucket{environment=\"blue\",le=\"+Inf\"}"], 20.0,
+        "{text}"
+    );
+    assert!(s["envgate_request_duration_seconds_sum{environment=\"blue\"}"] > 0.0);
+    assert_eq!(
+        s["envgate_response_bytes_total{environment=\"blue\"}"], bytes as f64,
+        "{text}"
+    );
+    assert_eq!(s["envgate_request_bytes_total{environment=\"blue\"}"], 0.0);
+    // Connections opened to the nodes were timed (at least one per node per worker).
+    assert!(
+        s["envgate_upstream_connect_seconds_count{environment=\"blue\"}"] >= 2.0,
+        "{text}"
+    );
+    promtool_accepts(&text);
+
+    // b leaves: its series vanish; a's counter goes on from where it was.
+    eg.apply(&topo(false));
+    for i in 0..5 {
+        assert_eq!(
+            get(port, "company.com", &format!("/after/{i}"))
+                .await
+                .status,
+            200
+        );
+    }
+    let want = ok_a + 5.0;
+    let s = until(api, "a counts on", |s| {
+        sum(s, requests, &["node=\"a\"", "code=\"200\""]) == want
+    })
+    .await;
+    let (text, _) = scrape(api).await;
+    assert!(!text.contains("node=\"b\""), "{text}");
+    assert_eq!(
+        s["envgate_request_duration_seconds_count{environment=\"blue\"}"], 25.0,
+        "{text}"
+    );
+    eg.stop().await;
+}
+
+/// Canary and tenant decisions, counted for the environment whose rule decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_and_tenant_decisions_are_counted() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let api = free_port();
+    let yaml = Topo::new()
+        .defaults("health: { interval: 50ms, timeout: 50ms, rise: 1, fall: 1 }")
+        .node("a", a.addr)
+        .node("b", b.addr)
+        .env(
+            "main",
+            &["shop.example"],
+            "nodes: [a], canary: { environment: main-canary, weight: 50, header: X-Canary }",
+        )
+        .env("main-canary", &[], "nodes: [b]")
+        .env(
+            "shared",
+            &["t.example"],
+            "nodes: [a], tenants: { key: { header: X-Tenant }, ranges: [ { from: 1, to: 10, environment: private } ] }",
+        )
+        .env("private", &[], "nodes: [b]")
+        .yaml()
+        + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
+    let eg = Envgate::start_with(&yaml, 2);
+    let port = eg.port("http");
+    until(api, "a and b up", |s| {
+        s.get("envgate_node_up{node=\"a\"}") == Some(&1.0)
+            && s.get("envgate_node_up{node=\"b\"}") == Some(&1.0)
+    })
+    .await;
+    let req = |host: &str, name: &str, value: &str| {
+        Request::builder()
+            .uri("/")
+            .header("host", host)
+            .header(name, value)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    for i in 0..10 {
+        let arm = if i < 4 { "always" } else { "never" };
+        let r = send(port, req("shop.example", "x-canary", arm)).await;
+        assert_eq!(r.node(), if i < 4 { "b" } else { "a" });
+    }
+    for id in ["3", "3", "7", "42", "x"] {
+        assert_eq!(
+            send(port, req("t.example", "x-tenant", id)).await.status,
+            200
+        );
+    }
+    assert_eq!(get(port, "t.example", "/").await.status, 200);
+    let s = until(api, "16 requests recorded", |s| {
+        sum(s, "envgate_requests_total", &[]) == 16.0
+    })
+    .await;
+    let (text, _) = scrape(api).await;
+    let arm =
+        |a: &str| s[&format!("envgate_canary_requests_total{{arm=\"{a}\",environment=\"main\"}}")];
+    assert_eq!((arm("primary"), arm("canary")), (6.0, 4.0), "{text}");
+    assert_eq!(
+        s["envgate_tenant_routed_total{environment=\"shared\",target=\"private\"}"], 3.0,
+        "{text}"
+    );
+    let decision = |d: &str| {
+        s[&format!("envgate_tenant_decisions_total{{decision=\"{d}\",environment=\"shared\"}}")]
+    };
+    assert_eq!(
+        [
+            decision("routed"),
+            decision("outside"),
+            decision("missing"),
+            decision("malformed")
+        ],
+        [3.0, 1.0, 1.0, 1.0],
+        "{text}"
+    );
+    // Requests are counted where they were served.
+    assert_eq!(
+        s["envgate_requests_total{code=\"200\",environment=\"private\",node=\"b\"}"], 3.0,
+        "{text}"
+    );
+    assert_eq!(
+        s["envgate_requests_total{code=\"200\",environment=\"main-canary\",node=\"b\"}"], 4.0,
+        "{text}"
+    );
+    promtool_accepts(&text);
     eg.stop().await;
 }

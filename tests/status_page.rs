@@ -19,7 +19,7 @@ async fn the_status_page_shows_the_topology_and_a_node_going_down() {
         .env(
             "production",
             &["company.com"],
-            "nodes: [a, b], apps: [ { name: shop, version: \"1.4.2\", path: / } ], canary: { environment: preview, weight: 5, cookie: c }",
+            "nodes: [a, b], apps: [ { name: shop, version: \"1.4.2\", path: / } ], canary: { environment: preview, weight: 5, cookie: c, header: X-Canary }",
         )
         .env("preview", &["preview.company.com"], "nodes: [b]")
         .yaml()
@@ -62,6 +62,28 @@ async fn the_status_page_shows_the_topology_and_a_node_going_down() {
         panic!("node b never {want_b}");
     };
     status("up").await;
+    // Two requests the override sends to the canary, six it keeps: the page shows the
+    // canary's live share, 25%.
+    let port = eg.port("http");
+    for i in 0..8 {
+        let arm = if i < 2 { "always" } else { "never" };
+        let req = http::Request::builder()
+            .uri("/")
+            .header("host", "company.com")
+            .header("x-canary", arm)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        assert_eq!(send(port, req).await.status, 200);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let r = get(api, "localhost", "/api/v1/status").await;
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            let c = &v["environments"][0]["canary"]["requests"];
+            c["primary"] == 6 && c["canary"] == 2
+        })
+        .await
+    );
     let url = format!("http://127.0.0.1:{api}/");
     let Some(dom) = tokio::task::spawn_blocking({
         let url = url.clone();
@@ -75,7 +97,13 @@ async fn the_status_page_shows_the_topology_and_a_node_going_down() {
     assert!(dom.contains("data-environment=\"production\""), "{dom}");
     assert!(dom.contains("data-environment=\"preview\""), "{dom}");
     assert!(dom.contains("shop 1.4.2 at /"), "{dom}");
-    assert!(dom.contains("5% → preview"), "{dom}");
+    // The first refresh has no window yet (the share since start); later ones look at the
+    // last 30 s, which hold the same eight requests.
+    assert!(
+        dom.contains("5% → preview · live 25.0% since start (8 requests)")
+            || dom.contains("5% → preview · live 25.0% in the last 30 s (8 requests)"),
+        "{dom}"
+    );
     assert!(dom.contains("data-node=\"a\" data-health=\"up\""), "{dom}");
     assert!(dom.contains("data-node=\"b\" data-health=\"up\""), "{dom}");
     assert!(dom.contains("generation 1 (start)"), "{dom}");

@@ -24,6 +24,15 @@ pub struct RawTopology {
     pub nodes: IndexMap<String, RawNode>,
     #[serde(default)]
     pub environments: IndexMap<String, RawEnvironment>,
+    pub access_log: Option<RawAccessLog>,
+}
+
+/// `access_log: { enabled: true, sample_2xx: 100 }`
+#[derive(Debug, Deserialize)]
+pub struct RawAccessLog {
+    pub enabled: Option<bool>,
+    /// Percent of 2xx answers written.
+    pub sample_2xx: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -78,6 +78,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
     let mut entries = EntryTable::default();
     let mut environments = Vec::new();
     let mut pools = Pools::default();
+    let mut slots = 0;
 
     for (env_id, (name, env)) in raw.environments.iter().enumerate() {
         let at = format!("environments.{name}");
@@ -240,6 +241,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
                 prefix: prefix.to_string(),
                 pool,
                 read_pool,
+                slot: 0,
             });
         }
         if env.apps.is_empty() {
@@ -249,9 +251,15 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
                 prefix: "/".into(),
                 pool: pools.intern(&members),
                 read_pool: None,
+                slot: 0,
             });
         }
         apps.sort_by_key(|a| std::cmp::Reverse(a.prefix.len()));
+        for a in &mut apps {
+            a.slot = slots;
+            slots += pools.list[a.pool].members.len()
+                + a.read_pool.map_or(0, |r| pools.list[r].members.len());
+        }
 
         let canary = env
             .canary
@@ -317,6 +325,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
     }
 
     redirect_cycles(&raw, &mut errs);
+    let access_log = access_log(raw.access_log.as_ref(), &mut errs);
 
     if errs.0.is_empty() {
         Ok(Topology {
@@ -328,6 +337,8 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
             nodes,
             pools: pools.list,
             entries,
+            slots,
+            access_log,
             env_index: environments
                 .iter()
                 .enumerate()
@@ -338,6 +349,21 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
     } else {
         Err(errs.0)
     }
+}
+
+fn access_log(raw: Option<&RawAccessLog>, errs: &mut Errors) -> AccessLogSpec {
+    let mut spec = AccessLogSpec::default();
+    let Some(raw) = raw else { return spec };
+    spec.enabled = raw.enabled.unwrap_or(true);
+    match raw.sample_2xx {
+        Some(p) if !(p.is_finite() && (0.0..=100.0).contains(&p)) => errs.value(
+            "access_log.sample_2xx".to_string(),
+            format!("sample_2xx {p} must be a percent from 0 to 100"),
+        ),
+        Some(p) => spec.sample_2xx = p,
+        None => {}
+    }
+    spec
 }
 
 /// An application's path prefix as routing compares it: `/` when none is given, without

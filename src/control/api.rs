@@ -836,6 +836,8 @@ fn status(api: &Api) -> Response<Full<Bytes>> {
             })
         })
         .collect();
+    // Canary decisions so far, for the live share of each arm.
+    let totals = api.control.request_totals();
     let envs: Vec<Value> = t
         .environments
         .iter()
@@ -844,7 +846,14 @@ fn status(api: &Api) -> Response<Full<Bytes>> {
                 "name": &*e.name,
                 "entries": e.entries,
                 "applications": e.apps.iter().filter(|a| !a.name.is_empty()).map(|a| json!({ "name": a.name, "version": a.version, "path": a.prefix })).collect::<Vec<_>>(),
-                "canary": e.canary.as_ref().map(|c| json!({ "environment": &*t.environments[c.environment].name, "weight": c.threshold as f64 / 100.0 })),
+                "canary": e.canary.as_ref().map(|c| {
+                    let arms = totals.envs.get(&e.name).map_or([0; 2], |t| t.arms);
+                    json!({
+                        "environment": &*t.environments[c.environment].name,
+                        "weight": c.threshold as f64 / 100.0,
+                        "requests": { "primary": arms[0], "canary": arms[1] },
+                    })
+                }),
                 "tenants": e.tenants.as_ref().map(|r| json!({
                     "key": match &r.key {
                         TenantKey::Header(h) => format!("header {h}"),

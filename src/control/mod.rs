@@ -247,6 +247,20 @@ impl Control {
         self.shared.connections.by_listener()
     }
 
+    /// Every worker's request counters, by name, for the live topology's environments
+    /// and nodes.
+    pub fn request_totals(&self) -> crate::metrics::tally::Totals {
+        self.shared.stats.totals(&self.topology())
+    }
+
+    /// Access log lines dropped so far.
+    pub fn log_dropped(&self) -> u64 {
+        self.shared
+            .log_dropped
+            .as_ref()
+            .map_or(0, |d| d.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Every apply since start, by source and result.
     pub fn reload_counts(&self) -> ReloadCounts {
         self.lock().counts

@@ -8,6 +8,7 @@
 //! only checks the families and writes the text format.
 
 mod process;
+pub mod tally;
 
 use std::sync::Arc;
 
@@ -123,6 +124,38 @@ impl Families {
                 m.set_gauge(g);
             }
         }
+        f.mut_metric().push(m);
+        self
+    }
+
+    /// One histogram of the last family (seconds, from nanosecond bins).
+    fn histogram(&mut self, labels: &[(&str, &str)], h: &tally::HistogramTotals) -> &mut Self {
+        let f = self.0.last_mut().expect("a family comes first");
+        let mut m = proto::Metric::from_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut l = LabelPair::default();
+                    l.set_name(k.to_string());
+                    l.set_value(v.to_string());
+                    l
+                })
+                .collect(),
+        );
+        let mut p = proto::Histogram::default();
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(tally::BUCKETS.len());
+        for (bound, n) in tally::BUCKETS.iter().zip(&h.bins) {
+            cumulative += n;
+            let mut b = proto::Bucket::default();
+            b.set_cumulative_count(cumulative);
+            b.set_upper_bound(*bound as f64 / 1e9);
+            buckets.push(b);
+        }
+        p.set_bucket(buckets);
+        p.set_sample_count(h.count());
+        p.set_sample_sum(h.sum_ns as f64 / 1e9);
+        m.set_histogram(p);
         f.mut_metric().push(m);
         self
     }
@@ -275,8 +308,130 @@ impl Metrics {
             }
         }
 
+        self.requests(&mut out, &topo);
+        out.family(
+            "envgate_access_log_dropped_total",
+            "Access log lines dropped because the log writer fell behind.",
+            MetricType::COUNTER,
+        )
+        .sample(&[], self.control.log_dropped() as f64);
+
         process::collect(&mut out);
         out
+    }
+
+    /// The request families, from every worker's counters.
+    fn requests(&self, out: &mut Families, topo: &crate::topology::Topology) {
+        let totals = self.control.request_totals();
+        let mut requests: Vec<_> = totals.requests.iter().collect();
+        requests.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        out.family(
+            "envgate_requests_total",
+            "Exchanges completed, by environment that served, node that answered (empty when envgate answered itself) and status.",
+            MetricType::COUNTER,
+        );
+        let mut code = itoa::Buffer::new();
+        for ((env, node, status), n) in requests {
+            out.sample(
+                &[
+                    ("environment", env.as_deref().unwrap_or("")),
+                    ("node", node.as_deref().unwrap_or("")),
+                    ("code", code.format(*status)),
+                ],
+                *n as f64,
+            );
+        }
+        // Environments in topology order; those that served nothing yet have no series.
+        let envs: Vec<(&str, &tally::EnvTotals)> = topo
+            .environments
+            .iter()
+            .filter_map(|e| totals.envs.get(&e.name).map(|t| (&*e.name, t)))
+            .collect();
+        out.family(
+            "envgate_request_duration_seconds",
+            "Time from a request's arrival to the end of its response, by environment.",
+            MetricType::HISTOGRAM,
+        );
+        for (e, t) in &envs {
+            out.histogram(&[("environment", e)], &t.duration);
+        }
+        out.family(
+            "envgate_upstream_connect_seconds",
+            "Time to open a connection to a node, by environment.",
+            MetricType::HISTOGRAM,
+        );
+        for (e, t) in &envs {
+            if t.connect.count() > 0 {
+                out.histogram(&[("environment", e)], &t.connect);
+            }
+        }
+        out.family(
+            "envgate_request_bytes_total",
+            "Request body bytes received from clients, by environment.",
+            MetricType::COUNTER,
+        );
+        for (e, t) in &envs {
+            out.sample(&[("environment", e)], t.bytes_in as f64);
+        }
+        out.family(
+            "envgate_response_bytes_total",
+            "Response body bytes sent to clients, by environment.",
+            MetricType::COUNTER,
+        );
+        for (e, t) in &envs {
+            out.sample(&[("environment", e)], t.bytes_out as f64);
+        }
+        out.family(
+            "envgate_failovers_total",
+            "Attempts that failed and sent the request on to another node, by environment and reason.",
+            MetricType::COUNTER,
+        );
+        for (e, t) in &envs {
+            for (reason, n) in tally::Failover::ALL.iter().zip(t.failovers) {
+                out.sample(&[("environment", e), ("reason", reason.as_str())], n as f64);
+            }
+        }
+        // Decisions are counted for the environment whose rule decided.
+        out.family(
+            "envgate_canary_requests_total",
+            "Requests an environment's canary split decided, by arm (primary or canary).",
+            MetricType::COUNTER,
+        );
+        for e in topo.environments.iter().filter(|e| e.canary.is_some()) {
+            let arms = totals.envs.get(&e.name).map_or([0; 2], |t| t.arms);
+            for (arm, n) in ["primary", "canary"].iter().zip(arms) {
+                out.sample(&[("environment", &e.name), ("arm", arm)], n as f64);
+            }
+        }
+        out.family(
+            "envgate_tenant_decisions_total",
+            "Verdicts of an environment's tenant rule: routed to a range, outside every range, id missing or malformed.",
+            MetricType::COUNTER,
+        );
+        for e in topo.environments.iter().filter(|e| e.tenants.is_some()) {
+            let d = totals.envs.get(&e.name).map_or([0; 4], |t| t.tenant);
+            for (decision, n) in tally::TENANT_DECISIONS.iter().zip(d) {
+                out.sample(
+                    &[("environment", &e.name), ("decision", decision)],
+                    n as f64,
+                );
+            }
+        }
+        out.family(
+            "envgate_tenant_routed_total",
+            "Requests a tenant range sent to its environment, by the environment whose rule decided and the target.",
+            MetricType::COUNTER,
+        );
+        for e in topo.environments.iter().filter(|e| e.tenants.is_some()) {
+            let Some(t) = totals.envs.get(&e.name) else {
+                continue;
+            };
+            let mut to: Vec<_> = t.tenant_to.iter().collect();
+            to.sort_unstable();
+            for (target, n) in to {
+                out.sample(&[("environment", &e.name), ("target", target)], *n as f64);
+            }
+        }
     }
 }
 

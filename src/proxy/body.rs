@@ -32,6 +32,7 @@ use super::error::{BodyError, ClientFault};
 use super::handler::StreamGuard;
 use super::io::IdleTimer;
 use super::pool::ConnPool;
+use super::record::Record;
 use super::worker::LocalSnap;
 use crate::routing::Candidates;
 use crate::topology::{InFlight, NodeId};
@@ -40,6 +41,20 @@ pub struct ProxyBody {
     kind: Kind,
     /// The HTTP/2 stream this answers, counted open until the body is dropped.
     stream: Option<StreamGuard>,
+    /// The exchange's record, completed when this body is dropped.
+    record: Option<Record>,
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(r) = self.record.take() {
+            let complete = match &self.kind {
+                Kind::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
+                Kind::Upstream(u) => u.finished || u.body.is_end_stream(),
+            };
+            r.finish(complete);
+        }
+    }
 }
 
 // The upstream variant is the common one; boxing it would cost an allocation per response.
@@ -123,6 +138,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Full(Some(bytes)),
             stream: None,
+            record: None,
         }
     }
 
@@ -130,6 +146,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Full(None),
             stream: None,
+            record: None,
         }
     }
 
@@ -153,12 +170,19 @@ impl ProxyBody {
                 finished: false,
             }),
             stream: None,
+            record: None,
         }
     }
 
     /// Keeps an HTTP/2 stream counted open until this body is done with.
     pub fn hold(&mut self, stream: StreamGuard) {
         self.stream = Some(stream);
+    }
+
+    /// Completes `record` when this body is done with.
+    #[inline]
+    pub fn attach(&mut self, record: Record) {
+        self.record = Some(record);
     }
 }
 
@@ -173,6 +197,11 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let r = poll_kind(&mut this.kind, cx);
+        if let (Poll::Ready(Some(Ok(f))), Some(rec)) = (&r, &mut this.record) {
+            if let Some(d) = f.data_ref() {
+                rec.add_out(d.len() as u64);
+            }
+        }
         if let Some(s) = &this.stream {
             // Waiting on the node is the node's timer's business; a body that yielded
             // data and is not asked again waits on the client.
@@ -263,6 +292,8 @@ pub struct BodyWatch {
     state: Cell<Upload>,
     /// When the body last handed a frame on.
     last_frame: Cell<Instant>,
+    /// Bytes of the body handed on so far.
+    bytes: Cell<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,6 +312,7 @@ impl BodyWatch {
         Rc::new(BodyWatch {
             state: Cell::new(Upload::Sending),
             last_frame: Cell::new(Instant::now()),
+            bytes: Cell::new(0),
         })
     }
 
@@ -297,6 +329,10 @@ impl BodyWatch {
 
     pub fn last_frame(&self) -> Instant {
         self.last_frame.get()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.get()
     }
 
     pub fn is_done(&self) -> bool {
@@ -359,6 +395,7 @@ impl Body for ClientBody {
                         return this.fail(ClientFault::TooLarge);
                     }
                     this.left -= n;
+                    this.watch.bytes.set(this.watch.bytes.get() + n);
                 }
                 let now = Instant::now();
                 this.stall.progress();

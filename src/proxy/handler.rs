@@ -36,7 +36,9 @@ use super::body::{Blame, BodyWatch, ClientBody, ProxyBody, UpBody, Upload};
 use super::error::{io_kind, is_local_resource_error, own, ClientFault, Refusal};
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::pool::{ConnPool, ConnectError};
+use super::record::Record;
 use super::worker::{Worker, MAX_HEADERS};
+use crate::metrics::tally::Failover;
 use crate::routing::host::valid_authority;
 use crate::routing::{self, canary, path, Candidates, RequestView, RouteError};
 use crate::server::TrackerGuard;
@@ -272,13 +274,14 @@ pub async fn exchange(
     let h1 = conn.h2.is_none();
     let snap = worker.snapshot();
     let topo = &*snap.topo;
+    let mut rec = Record::new(&worker, &snap, &conn, &req);
 
     let target = match target(&req, &worker) {
         Ok(t) => t,
-        Err(r) => return Ok(r.response(h1)),
+        Err(r) => return Ok(seal(rec, r.response(h1))),
     };
     if !h1 && req.headers().len() > MAX_HEADERS {
-        return Ok(Refusal::TooManyFields.response(h1));
+        return Ok(seal(rec, Refusal::TooManyFields.response(h1)));
     }
     // Only a body without a known length can be chunked: other requests skip the lookup.
     if h1 && req.body().size_hint().exact().is_none() {
@@ -293,7 +296,7 @@ pub async fn exchange(
                     .count()
                     > 1
             {
-                return Ok(Refusal::BadTransferEncoding.response(h1));
+                return Ok(seal(rec, Refusal::BadTransferEncoding.response(h1)));
             }
         }
     }
@@ -303,7 +306,7 @@ pub async fn exchange(
     } else {
         match path::normalize(req.uri().path(), topo.defaults.allow_encoded_slash) {
             Ok(p) => p,
-            Err(e) => return Ok(Refusal::BadPath(e).response(h1)),
+            Err(e) => return Ok(seal(rec, Refusal::BadPath(e).response(h1))),
         }
     };
 
@@ -320,13 +323,13 @@ pub async fn exchange(
     };
     let route = match routing::route(topo, &view) {
         Ok(r) => r,
-        Err(RouteError::NoRoute) => return Ok(no_route()),
-        Err(RouteError::TenantRequired) => return Ok(Refusal::TenantRequired.response(h1)),
-        Err(RouteError::BadTenant) => return Ok(Refusal::BadTenant.response(h1)),
+        Err(RouteError::NoRoute) => return Ok(seal(rec, no_route())),
+        Err(RouteError::TenantRequired) => {
+            return Ok(seal(rec, Refusal::TenantRequired.response(h1)))
+        }
+        Err(RouteError::BadTenant) => return Ok(seal(rec, Refusal::BadTenant.response(h1))),
     };
-    // Metrics, once the metrics module exists: envgate_tenant_routed_total{environment,
-    // target} and envgate_canary_requests_total{environment,arm} count `route.tenant` and
-    // `route.canary` here, through handles resolved when the topology is compiled.
+    rec.route(&route);
     let cookie = route.canary.and_then(|c| c.set_cookie).and_then(|bucket| {
         let name = topo.environments[route.origin()]
             .canary
@@ -393,6 +396,7 @@ pub async fn exchange(
         prepare(
             &mut req, &conn, &worker, target, new_path, upgrade, connect, keep,
         );
+        rec.sent(req.headers().get(&X_REQUEST_ID), watch.as_ref());
         // A request without a body and with an idempotent method can be sent again after it
         // reached a node that failed; any other only when it surely never left envgate.
         let replayable =
@@ -415,10 +419,13 @@ pub async fn exchange(
         // The first attempt costs no retry token; neither does one after an attempt that never
         // reached a node.
         let mut free = true;
+        // Why the attempt before failed, for the next one.
+        let mut after = None;
+        let times = AttemptTimes::default();
         snap.earn_retry(env_id);
         for attempt in 0..attempts {
             let tried_so_far = &tried[..attempt];
-            let Some(node) = route.candidates.iter().find_map(|p| {
+            let Some((p, i, node)) = route.candidates.iter().find_map(|p| {
                 let members = &topo.pools[p].members;
                 let wrr = &snap.wrr[p];
                 let i = if panic_mode && p == app.pool {
@@ -430,7 +437,7 @@ pub async fn exchange(
                         topo.nodes[n].state.usable() && !tried_so_far.contains(&n)
                     })
                 }?;
-                Some(members[i].node)
+                Some((p, i, members[i].node))
             }) else {
                 break;
             };
@@ -444,10 +451,19 @@ pub async fn exchange(
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             tried[attempt] = node;
+            // The application's counter slots: its nodes, then its read nodes.
+            let counters = app.slot
+                + if p == app.pool {
+                    i
+                } else {
+                    topo.pools[app.pool].members.len() + i
+                };
+            rec.attempt(counters, node, after.take());
             let pool = &snap.conns[node];
             let copy = (replayable && attempt + 1 < attempts).then(|| replay(&req));
-            match forward(pool, req, timeouts, &overall).await {
+            match forward(pool, req, timeouts, &overall, &times).await {
                 Ok((mut resp, sender)) => {
+                    rec.answered(times.start.get(), times.connect_ns.get());
                     let blame = Blame {
                         snap: snap.clone(),
                         scope: route.candidates,
@@ -475,16 +491,22 @@ pub async fn exchange(
                             s.answered = true;
                             s
                         });
+                        rec.status(status.as_u16());
                         tokio::task::spawn_local(tunnel(
                             down,
                             up,
                             slot,
                             timeouts.tunnel_idle,
                             (worker.tracker.enter(), stream),
+                            rec,
                         ));
                         headers::strip_hop_by_hop(resp.headers_mut(), upgrade);
                         let (parts, _) = resp.into_parts();
-                        break 'serve Response::from_parts(parts, ProxyBody::empty());
+                        let mut resp = Response::from_parts(parts, ProxyBody::empty());
+                        if let Some(c) = cookie {
+                            resp.headers_mut().append(header::SET_COOKIE, c);
+                        }
+                        return Ok(resp);
                     }
                     headers::strip_hop_by_hop(resp.headers_mut(), false);
                     let (parts, body) = resp.into_parts();
@@ -504,12 +526,14 @@ pub async fn exchange(
                     let next = match failure {
                         Failure::Client(fault) => break 'serve fault.refusal().response(h1),
                         Failure::NotSent(back, Cause::Local) => {
+                            after = Some(Failover::Local);
                             tracing::warn!(node = %topo.nodes[node].name, "connect failed for lack of local resources (file descriptors, ports or buffers); not counted against the node");
                             last = Last::Local;
                             free = true;
                             Some(back)
                         }
                         Failure::NotSent(back, Cause::Node) => {
+                            after = Some(Failover::Connect);
                             passive_failure(topo, route.candidates, node);
                             last = Last::BadGateway;
                             // The request reached no node: trying the next one adds no load
@@ -519,6 +543,7 @@ pub async fn exchange(
                             Some(back)
                         }
                         Failure::Timeout => {
+                            after = Some(Failover::Timeout);
                             passive_failure(topo, route.candidates, node);
                             last = Last::Timeout;
                             copy
@@ -533,6 +558,7 @@ pub async fn exchange(
                             None
                         }
                         Failure::Failed => {
+                            after = Some(Failover::Reset);
                             passive_failure(topo, route.candidates, node);
                             last = Last::BadGateway;
                             copy
@@ -571,7 +597,23 @@ pub async fn exchange(
     if let Some(c) = cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
-    Ok(resp)
+    Ok(seal(rec, resp))
+}
+
+/// Hands the exchange's record to the response body, which completes it.
+#[inline]
+fn seal(mut rec: Record, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    rec.status(resp.status().as_u16());
+    resp.body_mut().attach(rec);
+    resp
+}
+
+/// When the last attempt began, and how long its new connection took to open (none when
+/// it found a pooled one).
+#[derive(Default)]
+struct AttemptTimes {
+    start: Cell<Option<Instant>>,
+    connect_ns: Cell<Option<u64>>,
 }
 
 #[cold]
@@ -758,9 +800,12 @@ async fn forward(
     mut req: Request<UpBody>,
     t: &Timeouts,
     deadline: &Cell<Option<Instant>>,
+    times: &AttemptTimes,
 ) -> Result<(Response<Incoming>, SendRequest<UpBody>), Failure> {
     loop {
         let start = Instant::now();
+        times.start.set(Some(start));
+        times.connect_ns.set(None);
         let overall = deadline.get().unwrap_or(start + t.request);
         deadline.set(Some(overall));
         let (mut sender, reused) = match pool.take(t.upstream_idle) {
@@ -786,7 +831,15 @@ async fn forward(
             }
         };
         let watch = req.body().watch().cloned();
-        let sent_at = if reused { start } else { Instant::now() };
+        let sent_at = if reused {
+            start
+        } else {
+            let now = Instant::now();
+            times
+                .connect_ns
+                .set(Some(now.saturating_duration_since(start).as_nanos() as u64));
+            now
+        };
         if let Some(w) = &watch {
             // Time spent finding a node is not the node's idleness.
             w.restart(sent_at);
@@ -884,40 +937,47 @@ async fn tunnel(
     slot: InFlight,
     idle: std::time::Duration,
     held: (TrackerGuard, Option<StreamGuard>),
+    mut rec: Record,
 ) {
     let (down, up) = match tokio::try_join!(down, up) {
         Ok(pair) => pair,
         Err(e) => {
             tracing::debug!(error = %e, "upgrade failed");
+            rec.finish(false);
             return;
         }
     };
     let activity = Cell::new(Instant::now());
+    let (from_client, to_client) = (Cell::new(0), Cell::new(0));
     let mut down = Active {
         io: hyper_util::rt::TokioIo::new(down),
         last: &activity,
+        read: &from_client,
     };
     let mut up = Active {
         io: hyper_util::rt::TokioIo::new(up),
         last: &activity,
+        read: &to_client,
     };
     let copy = copy_bidirectional(&mut down, &mut up);
     tokio::pin!(copy);
     let sleep = tokio::time::sleep(idle);
     tokio::pin!(sleep);
-    loop {
+    let closed = loop {
         tokio::select! {
-            _ = &mut copy => break,
+            r = &mut copy => break r.is_ok(),
             () = &mut sleep => {
                 let due = activity.get() + idle;
                 if due <= Instant::now() {
                     tracing::debug!("tunnel closed after its idle timeout");
-                    break;
+                    break false;
                 }
                 sleep.as_mut().reset(due);
             }
         }
-    }
+    };
+    rec.tunnelled(from_client.get(), to_client.get());
+    rec.finish(closed);
     drop(slot);
     drop(held);
 }
@@ -926,6 +986,8 @@ async fn tunnel(
 struct Active<'a, T> {
     io: T,
     last: &'a Cell<Instant>,
+    /// Bytes read from `io`.
+    read: &'a Cell<u64>,
 }
 
 impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Active<'_, T> {
@@ -938,6 +1000,8 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Active<'_, T> {
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
         if buf.filled().len() > before {
+            this.read
+                .set(this.read.get() + (buf.filled().len() - before) as u64);
             this.last.set(Instant::now());
         }
         r

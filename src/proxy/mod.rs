@@ -12,4 +12,5 @@ pub mod headers;
 pub mod io;
 pub mod listener;
 pub mod pool;
+pub mod record;
 pub mod worker;

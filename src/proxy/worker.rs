@@ -18,7 +18,9 @@ use rustc_hash::FxHashMap;
 
 use super::headers::{RequestIds, ValueArena};
 use super::pool::ConnPool;
+use crate::accesslog::{LogBuf, Sink};
 use crate::balance::Wrr;
+use crate::metrics::tally::{GenTally, WorkerStats};
 use crate::server::{Shared, Tracker};
 use crate::topology::{EnvId, Topology};
 
@@ -43,6 +45,8 @@ pub struct LocalSnap {
     pub conns: Vec<Rc<ConnPool>>,
     /// This worker's retry budget per environment (indexed by `EnvId`), in retries.
     pub retry_tokens: Vec<Cell<f64>>,
+    /// This worker's request counters for this generation.
+    pub tally: Arc<GenTally>,
 }
 
 impl LocalSnap {
@@ -78,6 +82,10 @@ pub struct Worker {
     pub tracker: Rc<Tracker>,
     /// xorshift64 state: canary buckets that nothing else decides (never zero).
     rng: Cell<u64>,
+    /// This worker's request counters, as the collector sees them.
+    pub stats: Arc<WorkerStats>,
+    /// This worker's access log buffer, when the log is on.
+    pub log: Option<LogBuf>,
 }
 
 /// A different non-zero seed per worker and per process.
@@ -103,7 +111,7 @@ impl Worker {
     /// The HTTP builders take the timeouts of the topology at start: hyper's header-read
     /// timer runs from the moment a connection waits for a request head, so it bounds both
     /// a slow head and an idle keep-alive connection: min(client_header, idle).
-    pub fn new(shared: Arc<Shared>, tracker: Rc<Tracker>) -> Self {
+    pub fn new(shared: Arc<Shared>, tracker: Rc<Tracker>, log: Option<Sink>) -> Self {
         let timeouts = shared.topology.load().defaults.timeouts.clone();
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
@@ -122,7 +130,6 @@ impl Worker {
             .max_pending_accept_reset_streams(20)
             .max_local_error_reset_streams(Some(256));
         Worker {
-            shared,
             current: RefCell::new(None),
             request_ids: RequestIds::default(),
             values: ValueArena::default(),
@@ -130,7 +137,20 @@ impl Worker {
             http2: h2,
             tracker,
             rng: Cell::new(seed()),
+            stats: shared.stats.worker(),
+            log: log.map(LogBuf::new),
+            shared,
         }
+    }
+
+    /// Whether `snap` holds the tables this worker serves now (an exchange that began
+    /// before the topology changed holds older ones).
+    #[inline]
+    pub fn is_current(&self, snap: &Rc<LocalSnap>) -> bool {
+        self.current
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| Rc::ptr_eq(c, snap))
     }
 
     /// A pseudo-random number (xorshift64: cheap, and good enough to spread canary buckets).
@@ -216,11 +236,15 @@ impl Worker {
                 )
             })
             .collect();
+        drop(old);
+        let tally = Arc::new(GenTally::new(topo.clone()));
+        self.stats.advance(tally.clone());
         LocalSnap {
             topo,
             wrr,
             conns,
             retry_tokens,
+            tally,
         }
     }
 }

@@ -363,6 +363,8 @@ impl Body for Zeros {
 /// envgate running in-process on listeners bound here.
 pub struct Envgate {
     server: Option<Server>,
+    /// The access log, written to `access.log` in `dir`.
+    log: Option<envgate::accesslog::AccessLog>,
     ports: HashMap<String, u16>,
     pub dir: tempfile::TempDir,
     pub registry: Arc<NodeRegistry>,
@@ -377,6 +379,22 @@ impl Envgate {
 
     /// Starts envgate with `workers` worker threads (production runs one per core).
     pub fn start_with(yaml: &str, workers: usize) -> Envgate {
+        Self::start_logged(yaml, workers, envgate::accesslog::Format::Text)
+    }
+
+    /// Starts envgate with its access log in `format` (`access_log()` reads it).
+    pub fn start_logged(yaml: &str, workers: usize, format: envgate::accesslog::Format) -> Envgate {
+        Self::start_log_to(yaml, workers, format, None)
+    }
+
+    /// Starts envgate with its access log in `format`, written to `file` (by default
+    /// `access.log` in `dir`).
+    pub fn start_log_to(
+        yaml: &str,
+        workers: usize,
+        format: envgate::accesslog::Format,
+        file: Option<std::path::PathBuf>,
+    ) -> Envgate {
         let mut ports = HashMap::new();
         let mut socks = Vec::new();
         let mut text = yaml.to_string();
@@ -395,6 +413,11 @@ impl Envgate {
         let path = dir.path().join("envgate.yaml");
         std::fs::write(&path, &text).unwrap();
         let registry = Arc::new(NodeRegistry::default());
+        let log = envgate::accesslog::AccessLog::start(
+            envgate::accesslog::Target::File(file.unwrap_or_else(|| dir.path().join("access.log"))),
+            format,
+        )
+        .unwrap();
         let topology = envgate::config::load_file(&path).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let server = envgate::server::start(
             topology,
@@ -405,11 +428,13 @@ impl Envgate {
                 document: text.clone(),
                 base_dir: dir.path().to_path_buf(),
                 file: Some(path.clone()),
+                access_log: Some(log.sink()),
             },
         )
         .unwrap();
         Envgate {
             server: Some(server),
+            log: Some(log),
             ports,
             dir,
             registry,
@@ -422,6 +447,15 @@ impl Envgate {
 
     pub fn server(&self) -> &Server {
         self.server.as_ref().unwrap()
+    }
+
+    /// The access log's lines so far (workers hand theirs on at least every 100 ms).
+    pub fn access_log(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     /// Applies `yaml` (with the same `{port:NAME}` ports) through the apply path, as the
@@ -444,12 +478,29 @@ impl Envgate {
         text
     }
 
+    /// Graceful shutdown, then the whole access log.
+    pub async fn stop_with_log(mut self) -> Vec<String> {
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        self.stop().await;
+        std::fs::read_to_string(dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Graceful shutdown; returns once envgate has stopped.
     pub async fn stop(mut self) {
         let server = self.server.take().unwrap();
-        tokio::task::spawn_blocking(move || server.shutdown())
-            .await
-            .unwrap();
+        let log = self.log.take();
+        tokio::task::spawn_blocking(move || {
+            server.shutdown();
+            if let Some(log) = log {
+                log.close();
+            }
+        })
+        .await
+        .unwrap();
     }
 }
 
@@ -457,6 +508,9 @@ impl Drop for Envgate {
     fn drop(&mut self) {
         if let Some(server) = self.server.take() {
             server.shutdown();
+        }
+        if let Some(log) = self.log.take() {
+            log.close();
         }
     }
 }

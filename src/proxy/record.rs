@@ -1,0 +1,243 @@
+//! One record per exchange (STYLE.md "Seams"): made when the request arrives, filled by
+//! the handler as it decides (route, node, attempts), carried by the response body, and
+//! completed exactly once, when that body ends or is dropped (for a tunnel, when it
+//! closes). The metrics and the access log are both fed from here, envgate's own answers
+//! included.
+
+use std::rc::Rc;
+use std::time::SystemTime;
+
+use http::{HeaderValue, Method, Uri, Version};
+use tokio::time::Instant;
+
+use super::body::BodyWatch;
+use super::handler::ConnInfo;
+use super::worker::{LocalSnap, Worker};
+use crate::accesslog::Line;
+use crate::metrics::tally::{Facts, Failover};
+use crate::routing::canary::Arm;
+use crate::routing::tenant::TenantDecision;
+use crate::routing::Route;
+
+/// What the access log needs beyond the counters (kept only while the log is on).
+struct Logged {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    host: Option<HeaderValue>,
+    request_id: Option<HeaderValue>,
+    /// Position of the application in its environment's list.
+    app: Option<usize>,
+    upstream_us: Option<u64>,
+}
+
+pub struct Record {
+    worker: Rc<Worker>,
+    snap: Rc<LocalSnap>,
+    conn: Rc<ConnInfo>,
+    start: Instant,
+    facts: Facts,
+    attempts: u8,
+    upload: Option<Rc<BodyWatch>>,
+    logged: Option<Box<Logged>>,
+}
+
+impl Record {
+    #[inline]
+    pub fn new<B>(
+        worker: &Rc<Worker>,
+        snap: &Rc<LocalSnap>,
+        conn: &Rc<ConnInfo>,
+        req: &http::Request<B>,
+    ) -> Record {
+        let logged = (worker.log.is_some() && snap.topo.access_log.enabled).then(|| {
+            Box::new(Logged {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                version: req.version(),
+                host: req.headers().get(http::header::HOST).cloned(),
+                request_id: None,
+                app: None,
+                upstream_us: None,
+            })
+        });
+        Record {
+            worker: worker.clone(),
+            snap: snap.clone(),
+            conn: conn.clone(),
+            start: Instant::now(),
+            facts: Facts::default(),
+            attempts: 0,
+            upload: None,
+            logged,
+        }
+    }
+
+    /// The routing decision.
+    #[inline]
+    pub fn route(&mut self, route: &Route<'_>) {
+        let f = &mut self.facts;
+        f.env = Some(route.env);
+        if let Some(c) = route.canary {
+            f.canary = Some((route.origin(), u8::from(c.arm == Arm::Canary)));
+        }
+        if let Some(d) = route.tenant {
+            let (decision, target) = match d {
+                TenantDecision::Routed { range, .. } => (0, Some(range.environment)),
+                TenantDecision::Outside { .. } => (1, None),
+                TenantDecision::Missing => (2, None),
+                TenantDecision::Malformed => (3, None),
+            };
+            f.tenant = Some((route.origin(), decision, target));
+        }
+        if let Some(l) = &mut self.logged {
+            l.app = route
+                .environment
+                .apps
+                .iter()
+                .position(|a| std::ptr::eq(a, route.app));
+        }
+    }
+
+    /// The request as sent to nodes: its id and its body's watch.
+    #[inline]
+    pub fn sent(&mut self, request_id: Option<&HeaderValue>, upload: Option<&Rc<BodyWatch>>) {
+        self.upload = upload.cloned();
+        if let Some(l) = &mut self.logged {
+            l.request_id = request_id.cloned();
+        }
+    }
+
+    /// An attempt begins on the node at `slot`; `after` is why the one before failed.
+    #[inline]
+    pub fn attempt(&mut self, slot: usize, node: usize, after: Option<Failover>) {
+        self.attempts = self.attempts.saturating_add(1);
+        self.facts.slot = Some((slot, node));
+        if let Some(r) = after {
+            let n = &mut self.facts.failovers[r as usize];
+            *n = n.saturating_add(1);
+        }
+    }
+
+    /// No node answered (envgate answers instead).
+    #[inline]
+    pub fn no_node(&mut self) {
+        self.facts.slot = None;
+    }
+
+    /// The node's response head arrived; the attempt began at `began` and its new
+    /// connection (if one was made) took `connect_ns`.
+    #[inline]
+    pub fn answered(&mut self, began: Option<Instant>, connect_ns: Option<u64>) {
+        self.facts.connect_ns = connect_ns;
+        if let (Some(l), Some(b)) = (&mut self.logged, began) {
+            l.upstream_us = Some(b.elapsed().as_micros() as u64);
+        }
+    }
+
+    #[inline]
+    pub fn status(&mut self, code: u16) {
+        self.facts.code = code;
+    }
+
+    #[inline]
+    pub fn add_out(&mut self, n: u64) {
+        self.facts.bytes_out += n;
+    }
+
+    /// Bytes of a tunnel, both ways.
+    pub fn tunnelled(&mut self, from_client: u64, to_client: u64) {
+        self.facts.bytes_in = from_client;
+        self.facts.bytes_out = to_client;
+    }
+
+    /// The exchange is over: `complete` when the response went out whole.
+    pub fn finish(mut self, complete: bool) {
+        let elapsed = self.start.elapsed();
+        self.facts.duration_ns = elapsed.as_nanos() as u64;
+        if let Some(w) = &self.upload {
+            self.facts.bytes_in = w.bytes();
+        }
+        let current = self.worker.is_current(&self.snap);
+        self.worker
+            .stats
+            .record(&self.snap.tally, current, &self.facts);
+        if let Some(l) = &self.logged {
+            let spec = self.snap.topo.access_log;
+            let sampled = !(200..300).contains(&self.facts.code)
+                || spec.sample_2xx >= 100.0
+                || ((self.worker.random() % 10_000) as f64) < spec.sample_2xx * 100.0;
+            if sampled {
+                self.log(l, elapsed.as_micros() as u64, complete);
+            }
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn log(&self, l: &Logged, duration_us: u64, complete: bool) {
+        let Some(out) = &self.worker.log else { return };
+        let topo = &self.snap.topo;
+        let env = self.facts.env.map(|e| &topo.environments[e]);
+        let app = env
+            .zip(l.app)
+            .and_then(|(e, i)| e.apps.get(i))
+            .map_or("", |a| a.name.as_str());
+        let target = l
+            .uri
+            .path_and_query()
+            .map_or_else(|| l.uri.path(), |pq| pq.as_str());
+        let target = if l.method == Method::CONNECT {
+            l.uri.authority().map_or("", |a| a.as_str())
+        } else {
+            target
+        };
+        let host = l
+            .host
+            .as_ref()
+            .map(|h| h.as_bytes())
+            .or_else(|| l.uri.authority().map(|a| a.as_str().as_bytes()))
+            .unwrap_or(b"");
+        out.write(&Line {
+            time: SystemTime::now(),
+            client: self.conn.peer_value.as_bytes(),
+            client_port: self.conn.peer.port(),
+            method: l.method.as_str(),
+            host,
+            target,
+            version: version(l.version),
+            status: self.facts.code,
+            environment: env.map_or("", |e| &e.name),
+            application: app,
+            node: self.facts.slot.map_or("", |(_, n)| &topo.nodes[n].name),
+            attempts: self.attempts,
+            canary: self.facts.canary.map_or("", |(_, arm)| {
+                if arm == 1 {
+                    Arm::Canary.as_str()
+                } else {
+                    Arm::Primary.as_str()
+                }
+            }),
+            tenant: match self.facts.tenant {
+                Some((_, _, Some(to))) => &topo.environments[to].name,
+                _ => "",
+            },
+            bytes_in: self.facts.bytes_in,
+            bytes_out: self.facts.bytes_out,
+            duration_us,
+            upstream_us: l.upstream_us,
+            request_id: l.request_id.as_ref().map_or(&b""[..], |v| v.as_bytes()),
+            complete,
+        });
+    }
+}
+
+fn version(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}
