@@ -24,6 +24,8 @@ const BUF_BYTES: usize = 32 * 1024;
 /// Buffers waiting for the writer, across all workers: 16 x 32 KiB (about 3,000 lines)
 /// bound the memory.
 const QUEUE: usize = 16;
+/// The longest `close` waits for the writer.
+const CLOSE_BOUND: Duration = Duration::from_secs(5);
 /// The longest a line waits in a worker's buffer.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
@@ -75,17 +77,18 @@ impl AccessLog {
         let out = Output::open(&target)?;
         let (tx, rx) = sync_channel(QUEUE);
         let reopen = Arc::new(AtomicBool::new(false));
+        let dropped: Arc<AtomicU64> = Arc::default();
         let thread = std::thread::Builder::new()
             .name("envgate-access-log".into())
             .spawn({
-                let reopen = reopen.clone();
-                move || write_loop(rx, out, target, reopen)
+                let (reopen, dropped) = (reopen.clone(), dropped.clone());
+                move || write_loop(rx, out, target, reopen, dropped)
             })?;
         Ok(AccessLog {
             sink: Some(Sink {
                 tx,
                 format,
-                dropped: Arc::default(),
+                dropped,
             }),
             thread: Some(thread),
             reopen,
@@ -105,11 +108,25 @@ impl AccessLog {
         }
     }
 
-    /// Writes what is queued and stops the writer (once every worker has ended).
+    /// Writes what is queued and stops the writer (once every worker has ended). A writer
+    /// stuck on its output (a full pipe nobody reads) is given `CLOSE_BOUND`, then left
+    /// behind: shutdown never hangs on the log.
     pub fn close(mut self) {
         self.sink = None;
-        if let Some(t) = self.thread.take() {
+        let Some(t) = self.thread.take() else { return };
+        let (done, wait) = std::sync::mpsc::channel();
+        let joiner = std::thread::spawn(move || {
             let _ = t.join();
+            let _ = done.send(());
+        });
+        match wait.recv_timeout(CLOSE_BOUND) {
+            Ok(()) => {
+                let _ = joiner.join();
+            }
+            Err(_) => tracing::warn!(
+                bound = ?CLOSE_BOUND,
+                "the access log writer is stuck on its output; its last lines are lost"
+            ),
         }
     }
 }
@@ -144,7 +161,13 @@ impl Output {
     }
 }
 
-fn write_loop(rx: Receiver<Msg>, mut out: Output, target: Target, reopen: Arc<AtomicBool>) {
+fn write_loop(
+    rx: Receiver<Msg>,
+    mut out: Output,
+    target: Target,
+    reopen: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+) {
     let mut failing = false;
     for msg in rx {
         if reopen.swap(false, Relaxed) {
@@ -165,11 +188,15 @@ fn write_loop(rx: Receiver<Msg>, mut out: Output, target: Target, reopen: Arc<At
             Msg::Reopen => {}
             Msg::Lines(buf) => match out.write_all(&buf) {
                 Ok(()) => failing = false,
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::error!(error = %e, "cannot write the access log");
+                Err(e) => {
+                    // Counted as dropped (a full disk), reported once per failing spell.
+                    let lines = buf.iter().filter(|&&b| b == b'\n').count();
+                    dropped.fetch_add(lines as u64, Relaxed);
+                    if !failing {
+                        failing = true;
+                        tracing::error!(error = %e, "cannot write the access log");
+                    }
                 }
-                Err(_) => {}
             },
         }
     }
@@ -249,6 +276,13 @@ impl LogBuf {
         out[22] = b'0' + (ms % 10) as u8;
         out[23] = b'Z';
         out
+    }
+}
+
+impl Drop for LogBuf {
+    /// Lines of exchanges that ended after the worker's last flush (cut by shutdown).
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -351,15 +385,17 @@ fn hex_escape(buf: &mut Vec<u8>, prefix: &[u8], b: u8) {
     buf.push(HEX[usize::from(b & 15)]);
 }
 
-/// A JSON string (bytes past ASCII as `\u00XX`: the line stays valid UTF-8 whatever a
-/// client sent).
+/// A JSON string: UTF-8 as it is (controls escaped); bytes that are not UTF-8 as
+/// `\u00XX`, so the line stays valid UTF-8 whatever a client sent.
 fn json_str(buf: &mut Vec<u8>, v: &[u8]) {
     buf.push(b'"');
+    let utf8 = std::str::from_utf8(v).is_ok();
     for &b in v {
         match b {
             b'"' => buf.extend_from_slice(b"\\\""),
             b'\\' => buf.extend_from_slice(b"\\\\"),
             0x20..=0x7e => buf.push(b),
+            0x80.. if utf8 => buf.push(b),
             _ => hex_escape(buf, b"\\u00", b),
         }
     }
@@ -533,6 +569,12 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
         assert_eq!(v["path"], "/a b?x=\"1\"");
         assert_eq!(v["request_id"], "abc\u{ff}");
+        let mut utf8 = Vec::new();
+        json_str(&mut utf8, "/café\u{7f}\n".as_bytes());
+        assert_eq!(
+            serde_json::from_slice::<String>(&utf8).unwrap(),
+            "/café\u{7f}\n"
+        );
         assert_eq!(v["duration"], 0.000321);
         assert_eq!(v["upstream_time"], 1.000002);
         assert_eq!(v["time"], "1970-01-01T00:00:01.500Z");

@@ -96,6 +96,11 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
             .with_context(|| format!("cannot bind {} (try `envgate demo --port N`)", l.bind))?;
         listeners.push((l.name.clone(), sock));
     }
+    // The access log goes to stdout, below the instructions, as `envgate run` does.
+    let log = crate::accesslog::AccessLog::start(
+        crate::accesslog::Target::Stdout,
+        crate::accesslog::Format::Text,
+    )?;
     let server = server::start(
         topology,
         registry,
@@ -105,7 +110,7 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
             document: text.clone(),
             base_dir: ".".into(),
             file: None,
-            access_log: None,
+            access_log: Some(log.sink()),
         },
     )?;
     let h = port;
@@ -153,14 +158,15 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
     );
     println!("  # the status page (open it in a browser), Prometheus metrics, status and explain");
     println!("  #   http://127.0.0.1:{control}/");
-    println!("  curl -s http://127.0.0.1:{control}/metrics | grep envgate_node_up");
+    println!("  curl -s http://127.0.0.1:{control}/metrics | grep -E 'envgate_(node_up|requests_total|canary_requests_total)'");
     println!("  curl -s http://127.0.0.1:{control}/api/v1/status");
     println!("  curl -s 'http://127.0.0.1:{control}/api/v1/explain?host=company.localhost&port={h}&path=/reports/q3'");
-    println!("\nCtrl-C stops the demo.");
+    println!("\nCtrl-C stops the demo. Each request's access log line follows.\n");
     rt.block_on(async {
         let _ = tokio::signal::ctrl_c().await;
     });
     server.shutdown();
+    log.close();
     Ok(())
 }
 

@@ -397,3 +397,51 @@ async fn stdout_is_the_default() {
     assert_eq!(v["request_id"], "on-stdout", "{line}");
     assert_eq!(v["path"], "/stdout", "{line}");
 }
+
+/// A client that gives up while envgate waits on the node: its exchange is counted and
+/// logged as 499 (the node's request is abandoned with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_exchange_is_a_499() {
+    use tokio::io::AsyncWriteExt;
+    let a = Upstream::start("a").await;
+    let api = free_port();
+    let yaml = Topo::new()
+        .defaults("health: { interval: 1m, timeout: 1s, trust_unknown: true }")
+        .node("a", a.addr)
+        .env("blue", &["company.com"], "nodes: [a]")
+        .yaml()
+        + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
+    let eg = Envgate::start_with(&yaml, 2);
+    let port = eg.port("http");
+    a.set_hanging(true);
+    let mut s = raw_conn(port).await;
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: company.com\r\nX-Request-Id: gone-1\r\n\r\n")
+        .await
+        .unwrap();
+    // The request is at the node (in flight); then the client goes away.
+    assert!(
+        eventually(BOUND, || async {
+            get(api, "localhost", "/metrics")
+                .await
+                .text()
+                .contains("envgate_in_flight{environment=\"blue\"} 1")
+        })
+        .await
+    );
+    drop(s);
+    let line = &lines(&eg, 1).await[0];
+    assert!(
+        line.contains("\"GET company.com /slow HTTP/1.1\" 499 env=blue app=- node=a attempts=1"),
+        "{line}"
+    );
+    assert!(line.ends_with("id=gone-1 cut"), "{line}");
+    let key = "envgate_requests_total{environment=\"blue\",node=\"a\",code=\"499\"} 1";
+    assert!(
+        eventually(BOUND, || async {
+            get(api, "localhost", "/metrics").await.text().contains(key)
+        })
+        .await
+    );
+    a.set_hanging(false);
+    eg.stop().await;
+}

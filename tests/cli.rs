@@ -313,6 +313,13 @@ fn demo_serves_its_topology() {
         answer.contains("envgate_node_up{node=\"app-1\"}"),
         "{answer}"
     );
+    // The requests above were counted (the tenant's went to private-acme on acme-1).
+    assert!(
+        answer.contains(
+            "envgate_requests_total{environment=\"private-acme\",node=\"acme-1\",code=\"200\"} 1"
+        ),
+        "{answer}"
+    );
 }
 
 fn kill(sig: &str, pid: u32) {

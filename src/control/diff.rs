@@ -45,6 +45,14 @@ impl fmt::Display for Diff {
 /// The changes from `old` to `new`.
 pub fn diff(old: &Topology, new: &Topology) -> Diff {
     let mut out = Vec::new();
+    if old.access_log != new.access_log {
+        let a = new.access_log;
+        out.push(if a.enabled {
+            format!("access log on, {}% of 2xx", a.sample_2xx)
+        } else {
+            "access log off".to_string()
+        });
+    }
     if old.defaults != new.defaults {
         out.push("defaults changed".to_string());
     }

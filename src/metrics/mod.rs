@@ -327,16 +327,20 @@ impl Metrics {
         requests.sort_unstable_by(|a, b| a.0.cmp(b.0));
         out.family(
             "envgate_requests_total",
-            "Exchanges completed, by environment that served, node that answered (empty when envgate answered itself) and status.",
+            "Exchanges, by environment that served, the last node tried (empty when none was, or when the client was at fault) and status (499: the client went away first; other: outside 100-599).",
             MetricType::COUNTER,
         );
         let mut code = itoa::Buffer::new();
         for ((env, node, status), n) in requests {
+            let status = match *status {
+                tally::OTHER_CODE => "other",
+                s => code.format(s),
+            };
             out.sample(
                 &[
                     ("environment", env.as_deref().unwrap_or("")),
                     ("node", node.as_deref().unwrap_or("")),
-                    ("code", code.format(*status)),
+                    ("code", status),
                 ],
                 *n as f64,
             );

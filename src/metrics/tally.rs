@@ -76,6 +76,10 @@ impl Failover {
     }
 }
 
+/// The status counted for codes outside 100-599 (label `other`). Never 0: a row key of
+/// 0 means an empty row.
+pub const OTHER_CODE: u16 = 1;
+
 /// The tenant rule's verdicts, as counted (`envgate_tenant_decisions_total{decision}`).
 pub const TENANT_DECISIONS: [&str; 4] = ["routed", "outside", "missing", "malformed"];
 
@@ -526,9 +530,30 @@ impl WorkerStats {
         }
     }
 
+    /// An exchange of an older generation, by name; dropped when its environment or node
+    /// left the generation the worker serves now (a later reload bringing back the name
+    /// must not bring back its count).
     #[cold]
     fn late(&self, tally: &GenTally, f: &Facts) {
-        self.lock().carried.add_all(&tally.topo, f);
+        let mut inner = self.lock();
+        if let Some(cur) = &inner.current {
+            let (old, now) = (&*tally.topo, &*cur.topo);
+            let env_kept = |e: EnvId| now.env_by_name(&old.environments[e].name).is_some();
+            let node_kept = |n: NodeId| {
+                let name = &old.nodes[n].name;
+                now.nodes.get(n).is_some_and(|x| x.name == *name)
+                    || now.nodes.iter().any(|x| x.name == *name)
+            };
+            if f.env.is_some_and(|e| !env_kept(e))
+                || f.slot.is_some_and(|(_, n)| !node_kept(n))
+                || f.canary.is_some_and(|(e, _)| !env_kept(e))
+                || f.tenant
+                    .is_some_and(|(e, _, to)| !env_kept(e) || to.is_some_and(|t| !env_kept(t)))
+            {
+                return;
+            }
+        }
+        inner.carried.add_all(&tally.topo, f);
     }
 
     #[cold]

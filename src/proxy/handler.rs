@@ -324,10 +324,9 @@ pub async fn exchange(
     let route = match routing::route(topo, &view) {
         Ok(r) => r,
         Err(RouteError::NoRoute) => return Ok(seal(rec, no_route())),
-        Err(RouteError::TenantRequired) => {
-            return Ok(seal(rec, Refusal::TenantRequired.response(h1)))
+        Err(e @ (RouteError::TenantRequired | RouteError::BadTenant)) => {
+            return Ok(tenant_refused(rec, topo, &view, e, h1))
         }
-        Err(RouteError::BadTenant) => return Ok(seal(rec, Refusal::BadTenant.response(h1))),
     };
     rec.route(&route);
     let cookie = route.canary.and_then(|c| c.set_cookie).and_then(|bucket| {
@@ -524,7 +523,11 @@ pub async fn exchange(
                 }
                 Err(failure) => {
                     let next = match failure {
-                        Failure::Client(fault) => break 'serve fault.refusal().response(h1),
+                        Failure::Client(fault) => {
+                            // The client's fault: not counted under the node.
+                            rec.no_node();
+                            break 'serve fault.refusal().response(h1);
+                        }
                         Failure::NotSent(back, Cause::Local) => {
                             after = Some(Failover::Local);
                             tracing::warn!(node = %topo.nodes[node].name, "connect failed for lack of local resources (file descriptors, ports or buffers); not counted against the node");
@@ -598,6 +601,28 @@ pub async fn exchange(
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
     Ok(seal(rec, resp))
+}
+
+/// A required tenant rule refused the request: counted as that rule's decision, in the
+/// environment the entry matched.
+#[cold]
+fn tenant_refused(
+    mut rec: Record,
+    topo: &Topology,
+    view: &RequestView<'_>,
+    e: RouteError,
+    h1: bool,
+) -> Response<ProxyBody> {
+    let missing = e == RouteError::TenantRequired;
+    if let Some(entry) = topo.entries.lookup(view.host, view.port) {
+        rec.tenant_refused(entry.env, missing);
+    }
+    let refusal = if missing {
+        Refusal::TenantRequired
+    } else {
+        Refusal::BadTenant
+    };
+    seal(rec, refusal.response(h1))
 }
 
 /// Hands the exchange's record to the response body, which completes it.

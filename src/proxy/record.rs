@@ -14,10 +14,12 @@ use super::body::BodyWatch;
 use super::handler::ConnInfo;
 use super::worker::{LocalSnap, Worker};
 use crate::accesslog::Line;
+use crate::metrics::tally::GenTally;
 use crate::metrics::tally::{Facts, Failover};
 use crate::routing::canary::Arm;
 use crate::routing::tenant::TenantDecision;
 use crate::routing::Route;
+use std::sync::Arc;
 
 /// What the access log needs beyond the counters (kept only while the log is on).
 struct Logged {
@@ -33,13 +35,38 @@ struct Logged {
 
 pub struct Record {
     worker: Rc<Worker>,
-    snap: Rc<LocalSnap>,
+    /// The counters of the generation the exchange began in (not the whole generation's
+    /// tables: a long tunnel must not keep its connection pools open).
+    tally: Arc<GenTally>,
     conn: Rc<ConnInfo>,
     start: Instant,
     facts: Facts,
     attempts: u8,
     upload: Option<Rc<BodyWatch>>,
     logged: Option<Box<Logged>>,
+    /// A HEAD request: its answer has no body to send, so it is never cut.
+    head: bool,
+    /// The status as sent (0 until there is one).
+    code: u16,
+    done: bool,
+}
+
+/// The status of an exchange the client abandoned before envgate answered (nginx's).
+pub const CLIENT_CLOSED: u16 = 499;
+pub use crate::metrics::tally::OTHER_CODE;
+
+impl Drop for Record {
+    /// A record dropped before it was completed belongs to an exchange the client
+    /// abandoned while envgate was still working on it (hyper drops the handler when the
+    /// connection closes or the HTTP/2 stream is reset): it is counted and logged as 499.
+    fn drop(&mut self) {
+        if !self.done {
+            if self.code == 0 {
+                self.status(CLIENT_CLOSED);
+            }
+            self.complete(false);
+        }
+    }
 }
 
 impl Record {
@@ -63,13 +90,16 @@ impl Record {
         });
         Record {
             worker: worker.clone(),
-            snap: snap.clone(),
+            tally: snap.tally.clone(),
             conn: conn.clone(),
             start: Instant::now(),
             facts: Facts::default(),
             attempts: 0,
             upload: None,
             logged,
+            head: req.method() == Method::HEAD,
+            code: 0,
+            done: false,
         }
     }
 
@@ -97,6 +127,14 @@ impl Record {
                 .iter()
                 .position(|a| std::ptr::eq(a, route.app));
         }
+    }
+
+    /// A required tenant rule of `origin` refused the request (its id `missing`, or
+    /// malformed).
+    #[cold]
+    pub fn tenant_refused(&mut self, origin: usize, missing: bool) {
+        self.facts.env = Some(origin);
+        self.facts.tenant = Some((origin, if missing { 2 } else { 3 }, None));
     }
 
     /// The request as sent to nodes: its id and its body's watch.
@@ -135,9 +173,17 @@ impl Record {
         }
     }
 
+    /// The answer's status. The counters take codes outside 100-599 (hyper passes any
+    /// three digits) as `OTHER_CODE`, so a node cannot mint hundreds of series; the log
+    /// keeps the code as sent.
     #[inline]
     pub fn status(&mut self, code: u16) {
-        self.facts.code = code;
+        self.code = code;
+        self.facts.code = if (100..=599).contains(&code) {
+            code
+        } else {
+            OTHER_CODE
+        };
     }
 
     #[inline]
@@ -153,18 +199,25 @@ impl Record {
 
     /// The exchange is over: `complete` when the response went out whole.
     pub fn finish(mut self, complete: bool) {
+        self.complete(complete);
+    }
+
+    fn complete(&mut self, complete: bool) {
+        self.done = true;
+        // Answers without a body (to HEAD, 204, 304) are whole once sent, whether or not
+        // hyper asked their body for anything.
+        let complete = complete
+            || (self.code != CLIENT_CLOSED && (self.head || matches!(self.code, 204 | 304)));
         let elapsed = self.start.elapsed();
         self.facts.duration_ns = elapsed.as_nanos() as u64;
         if let Some(w) = &self.upload {
             self.facts.bytes_in = w.bytes();
         }
-        let current = self.worker.is_current(&self.snap);
-        self.worker
-            .stats
-            .record(&self.snap.tally, current, &self.facts);
+        let current = self.worker.is_current(&self.tally);
+        self.worker.stats.record(&self.tally, current, &self.facts);
         if let Some(l) = &self.logged {
-            let spec = self.snap.topo.access_log;
-            let sampled = !(200..300).contains(&self.facts.code)
+            let spec = self.tally.topo.access_log;
+            let sampled = !(200..300).contains(&self.code)
                 || spec.sample_2xx >= 100.0
                 || ((self.worker.random() % 10_000) as f64) < spec.sample_2xx * 100.0;
             if sampled {
@@ -177,7 +230,7 @@ impl Record {
     #[inline(never)]
     fn log(&self, l: &Logged, duration_us: u64, complete: bool) {
         let Some(out) = &self.worker.log else { return };
-        let topo = &self.snap.topo;
+        let topo = &self.tally.topo;
         let env = self.facts.env.map(|e| &topo.environments[e]);
         let app = env
             .zip(l.app)
@@ -206,7 +259,7 @@ impl Record {
             host,
             target,
             version: version(l.version),
-            status: self.facts.code,
+            status: self.code,
             environment: env.map_or("", |e| &e.name),
             application: app,
             node: self.facts.slot.map_or("", |(_, n)| &topo.nodes[n].name),

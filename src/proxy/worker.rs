@@ -143,14 +143,14 @@ impl Worker {
         }
     }
 
-    /// Whether `snap` holds the tables this worker serves now (an exchange that began
-    /// before the topology changed holds older ones).
+    /// Whether `tally` holds the counters of the generation this worker serves now (an
+    /// exchange that began before the topology changed holds older ones).
     #[inline]
-    pub fn is_current(&self, snap: &Rc<LocalSnap>) -> bool {
+    pub fn is_current(&self, tally: &Arc<GenTally>) -> bool {
         self.current
             .borrow()
             .as_ref()
-            .is_some_and(|c| Rc::ptr_eq(c, snap))
+            .is_some_and(|c| Arc::ptr_eq(&c.tally, tally))
     }
 
     /// A pseudo-random number (xorshift64: cheap, and good enough to spread canary buckets).
