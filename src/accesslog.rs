@@ -323,7 +323,7 @@ pub struct Line<'a> {
     pub method: &'a str,
     pub host: &'a [u8],
     /// The path and query as the client sent them.
-    pub target: &'a str,
+    pub target: &'a [u8],
     pub version: &'a str,
     pub status: u16,
     pub environment: &'a str,
@@ -362,6 +362,21 @@ fn secs(buf: &mut Vec<u8>, us: u64) {
     buf.extend_from_slice(&digits);
 }
 
+/// Bytes written as they are: printable ASCII but quotes and backslashes (and, in text,
+/// spaces). One table lookup a byte.
+const fn plain_table(space: bool) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut b = 0x21;
+    while b < 0x7f {
+        t[b] = b != b'"' as usize && b != b'\\' as usize;
+        b += 1;
+    }
+    t[0x20] = space;
+    t
+}
+static TEXT_PLAIN: [bool; 256] = plain_table(false);
+static JSON_PLAIN: [bool; 256] = plain_table(true);
+
 /// A field of the text format: `-` when empty; bytes outside printable ASCII, spaces,
 /// quotes and backslashes as `\xHH`, so a line is always one line of fields.
 fn text_field(buf: &mut Vec<u8>, v: &[u8]) {
@@ -369,8 +384,13 @@ fn text_field(buf: &mut Vec<u8>, v: &[u8]) {
         buf.push(b'-');
         return;
     }
+    let plain = |b: u8| TEXT_PLAIN[usize::from(b)];
+    if v.iter().all(|&b| plain(b)) {
+        buf.extend_from_slice(v);
+        return;
+    }
     for &b in v {
-        if b.is_ascii_graphic() && b != b'"' && b != b'\\' {
+        if plain(b) {
             buf.push(b);
         } else {
             hex_escape(buf, b"\\x", b);
@@ -389,6 +409,11 @@ fn hex_escape(buf: &mut Vec<u8>, prefix: &[u8], b: u8) {
 /// `\u00XX`, so the line stays valid UTF-8 whatever a client sent.
 fn json_str(buf: &mut Vec<u8>, v: &[u8]) {
     buf.push(b'"');
+    if v.iter().all(|&b| JSON_PLAIN[usize::from(b)]) {
+        buf.extend_from_slice(v);
+        buf.push(b'"');
+        return;
+    }
     let utf8 = std::str::from_utf8(v).is_ok();
     for &b in v {
         match b {
@@ -403,7 +428,21 @@ fn json_str(buf: &mut Vec<u8>, v: &[u8]) {
 }
 
 impl Line<'_> {
+    /// Room for the line, so that the fields below never grow the buffer one by one.
+    fn reserve(&self, buf: &mut Vec<u8>) {
+        buf.reserve(
+            320 + self.host.len()
+                + self.target.len()
+                + self.request_id.len()
+                + self.environment.len()
+                + self.application.len()
+                + self.node.len()
+                + self.tenant.len(),
+        );
+    }
+
     fn text(&self, buf: &mut Vec<u8>, stamp: [u8; 24]) {
+        self.reserve(buf);
         buf.extend_from_slice(&stamp);
         buf.push(b' ');
         text_field(buf, self.client);
@@ -414,7 +453,7 @@ impl Line<'_> {
         buf.push(b' ');
         text_field(buf, self.host);
         buf.push(b' ');
-        text_field(buf, self.target.as_bytes());
+        text_field(buf, self.target);
         buf.push(b' ');
         buf.extend_from_slice(self.version.as_bytes());
         buf.extend_from_slice(b"\" ");
@@ -453,6 +492,7 @@ impl Line<'_> {
     }
 
     fn json(&self, buf: &mut Vec<u8>, stamp: [u8; 24]) {
+        self.reserve(buf);
         buf.extend_from_slice(b"{\"time\":\"");
         buf.extend_from_slice(&stamp);
         buf.extend_from_slice(b"\",\"client\":");
@@ -462,7 +502,7 @@ impl Line<'_> {
         for (k, v) in [
             (&b",\"method\":"[..], self.method.as_bytes()),
             (b",\"host\":", self.host),
-            (b",\"path\":", self.target.as_bytes()),
+            (b",\"path\":", self.target),
             (b",\"protocol\":", self.version.as_bytes()),
         ] {
             buf.extend_from_slice(k);
@@ -524,7 +564,7 @@ mod tests {
             client_port: 4242,
             method: "GET",
             host: b"shop.example",
-            target: "/a b?x=\"1\"",
+            target: b"/a b?x=\"1\"",
             version: "HTTP/1.1",
             status: 200,
             environment: "production",

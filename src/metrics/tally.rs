@@ -83,24 +83,101 @@ pub const OTHER_CODE: u16 = 1;
 /// The tenant rule's verdicts, as counted (`envgate_tenant_decisions_total{decision}`).
 pub const TENANT_DECISIONS: [&str; 4] = ["routed", "outside", "missing", "malformed"];
 
-/// What one exchange adds to the counters (filled by the exchange's record).
-#[derive(Debug, Clone, Default)]
+/// What one exchange adds to the counters (filled by the exchange's record). Compact (ids
+/// as `u32`, `NONE` for absent): it travels inside every response body.
+#[derive(Debug, Clone)]
 pub struct Facts {
-    /// The environment that served (after a redirect); `None`: no route.
-    pub env: Option<EnvId>,
-    /// The counter slot and node of the node that answered; `None`: envgate answered.
-    pub slot: Option<(usize, NodeId)>,
+    env: u32,
+    slot: u32,
+    node: u32,
+    canary_env: u32,
+    tenant_env: u32,
+    tenant_to: u32,
     pub code: u16,
+    canary_arm: u8,
+    tenant_decision: u8,
+    pub failovers: [u8; 4],
     pub duration_ns: u64,
-    pub connect_ns: Option<u64>,
+    connect_ns: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    /// The environment whose rules decided, and its canary arm (0 primary, 1 canary).
-    pub canary: Option<(EnvId, u8)>,
+}
+
+const NONE: u32 = u32::MAX;
+
+impl Default for Facts {
+    fn default() -> Self {
+        Facts {
+            env: NONE,
+            slot: NONE,
+            node: NONE,
+            canary_env: NONE,
+            tenant_env: NONE,
+            tenant_to: NONE,
+            code: 0,
+            canary_arm: 0,
+            tenant_decision: 0,
+            failovers: [0; 4],
+            duration_ns: 0,
+            connect_ns: u64::MAX,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+}
+
+fn some(v: u32) -> Option<usize> {
+    (v != NONE).then_some(v as usize)
+}
+
+impl Facts {
+    /// The environment that served (after a redirect); `None`: no route.
+    #[inline]
+    pub fn env(&self) -> Option<EnvId> {
+        some(self.env)
+    }
+    #[inline]
+    pub fn set_env(&mut self, e: EnvId) {
+        self.env = e as u32;
+    }
+    /// The counter slot and node of the last node tried; `None`: no node.
+    #[inline]
+    pub fn slot(&self) -> Option<(usize, NodeId)> {
+        some(self.slot).map(|s| (s, self.node as usize))
+    }
+    #[inline]
+    pub fn set_slot(&mut self, slot: Option<(usize, NodeId)>) {
+        (self.slot, self.node) = slot.map_or((NONE, NONE), |(s, n)| (s as u32, n as u32));
+    }
+    /// The environment whose canary split decided, and its arm (0 primary, 1 canary).
+    #[inline]
+    pub fn canary(&self) -> Option<(EnvId, u8)> {
+        some(self.canary_env).map(|e| (e, self.canary_arm))
+    }
+    #[inline]
+    pub fn set_canary(&mut self, e: EnvId, arm: u8) {
+        (self.canary_env, self.canary_arm) = (e as u32, arm);
+    }
     /// The environment whose tenant rule decided, the verdict (`TENANT_DECISIONS`), and
     /// for a redirect the environment it went to.
-    pub tenant: Option<(EnvId, u8, Option<EnvId>)>,
-    pub failovers: [u8; 4],
+    #[inline]
+    pub fn tenant(&self) -> Option<(EnvId, u8, Option<EnvId>)> {
+        some(self.tenant_env).map(|e| (e, self.tenant_decision, some(self.tenant_to)))
+    }
+    #[inline]
+    pub fn set_tenant(&mut self, e: EnvId, decision: u8, to: Option<EnvId>) {
+        self.tenant_env = e as u32;
+        self.tenant_decision = decision;
+        self.tenant_to = to.map_or(NONE, |t| t as u32);
+    }
+    #[inline]
+    pub fn connect_ns(&self) -> Option<u64> {
+        (self.connect_ns != u64::MAX).then_some(self.connect_ns)
+    }
+    #[inline]
+    pub fn set_connect_ns(&mut self, ns: Option<u64>) {
+        self.connect_ns = ns.unwrap_or(u64::MAX);
+    }
 }
 
 /// A counter with one writer.
@@ -226,17 +303,17 @@ impl GenTally {
     #[inline]
     fn add(&self, f: &Facts, spill: &WorkerStats) {
         let code = u32::from(f.code);
-        let fits = match (f.env, f.slot) {
+        let fits = match (f.env(), f.slot()) {
             (Some(_), Some((slot, _))) => {
                 self.slots[slot].get_or_init(Default::default).add(code, 1)
             }
             (Some(e), None) => self.env(e).own.add(code, 1),
             (None, _) => self.unrouted.add(code, 1),
         };
-        if let Some(e) = f.env {
+        if let Some(e) = f.env() {
             let t = self.env(e);
             t.duration.observe(f.duration_ns);
-            if let Some(c) = f.connect_ns {
+            if let Some(c) = f.connect_ns() {
                 t.connect.observe(c);
             }
             t.bytes_in.add(f.bytes_in);
@@ -247,11 +324,11 @@ impl GenTally {
                 }
             }
         }
-        if let Some((e, arm)) = f.canary {
+        if let Some((e, arm)) = f.canary() {
             self.env(e).arms[usize::from(arm & 1)].add(1);
         }
         let mut redirect_fits = true;
-        if let Some((e, decision, target)) = f.tenant {
+        if let Some((e, decision, target)) = f.tenant() {
             let t = self.env(e);
             t.tenant[usize::from(decision & 3)].add(1);
             if let Some(to) = target {
@@ -445,8 +522,8 @@ impl Totals {
         let env_name = |e: EnvId| topo.environments[e].name.clone();
         if requests {
             let key = (
-                f.env.map(env_name),
-                f.slot.map(|(_, n)| topo.nodes[n].name.clone()),
+                f.env().map(env_name),
+                f.slot().map(|(_, n)| topo.nodes[n].name.clone()),
                 f.code,
             );
             *self.requests.entry(key).or_default() += 1;
@@ -454,7 +531,7 @@ impl Totals {
         if !redirects {
             return;
         }
-        if let Some((e, _, Some(to))) = f.tenant {
+        if let Some((e, _, Some(to))) = f.tenant() {
             *self
                 .envs
                 .entry(env_name(e))
@@ -468,10 +545,10 @@ impl Totals {
     fn add_all(&mut self, topo: &Topology, f: &Facts) {
         self.add(topo, f, true, false);
         let env_name = |e: EnvId| topo.environments[e].name.clone();
-        if let Some(e) = f.env {
+        if let Some(e) = f.env() {
             let t = self.envs.entry(env_name(e)).or_default();
             t.duration.observe(f.duration_ns);
-            if let Some(c) = f.connect_ns {
+            if let Some(c) = f.connect_ns() {
                 t.connect.observe(c);
             }
             t.bytes_in += f.bytes_in;
@@ -480,10 +557,10 @@ impl Totals {
                 *c += u64::from(n);
             }
         }
-        if let Some((e, arm)) = f.canary {
+        if let Some((e, arm)) = f.canary() {
             self.envs.entry(env_name(e)).or_default().arms[usize::from(arm & 1)] += 1;
         }
-        if let Some((e, decision, _)) = f.tenant {
+        if let Some((e, decision, _)) = f.tenant() {
             self.envs.entry(env_name(e)).or_default().tenant[usize::from(decision & 3)] += 1;
         }
         self.add(topo, f, false, true);
@@ -544,10 +621,10 @@ impl WorkerStats {
                 now.nodes.get(n).is_some_and(|x| x.name == *name)
                     || now.nodes.iter().any(|x| x.name == *name)
             };
-            if f.env.is_some_and(|e| !env_kept(e))
-                || f.slot.is_some_and(|(_, n)| !node_kept(n))
-                || f.canary.is_some_and(|(e, _)| !env_kept(e))
-                || f.tenant
+            if f.env().is_some_and(|e| !env_kept(e))
+                || f.slot().is_some_and(|(_, n)| !node_kept(n))
+                || f.canary().is_some_and(|(e, _)| !env_kept(e))
+                || f.tenant()
                     .is_some_and(|(e, _, to)| !env_kept(e) || to.is_some_and(|t| !env_kept(t)))
             {
                 return;

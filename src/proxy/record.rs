@@ -7,7 +7,7 @@
 use std::rc::Rc;
 use std::time::SystemTime;
 
-use http::{HeaderValue, Method, Uri, Version};
+use http::{HeaderValue, Method, Version};
 use tokio::time::Instant;
 
 use super::body::BodyWatch;
@@ -21,16 +21,61 @@ use crate::routing::tenant::TenantDecision;
 use crate::routing::Route;
 use std::sync::Arc;
 
-/// What the access log needs beyond the counters (kept only while the log is on).
+/// What the access log needs beyond the counters (kept only while the log is on). The
+/// request's fields are copied, not shared: a clone of hyper's `Bytes` would keep its read
+/// buffer from being reused in place.
 struct Logged {
     method: Method,
-    uri: Uri,
     version: Version,
-    host: Option<HeaderValue>,
-    request_id: Option<HeaderValue>,
+    /// Host, request target and request id, one after the other.
+    text: Copied,
+    host: std::ops::Range<usize>,
+    target: std::ops::Range<usize>,
+    request_id: std::ops::Range<usize>,
     /// Position of the application in its environment's list.
     app: Option<usize>,
     upstream_us: Option<u64>,
+}
+
+/// Bytes kept inline up to `INLINE`, on the heap past it.
+struct Copied {
+    inline: [u8; INLINE],
+    len: usize,
+    heap: Vec<u8>,
+}
+
+const INLINE: usize = 192;
+
+impl Copied {
+    fn new() -> Self {
+        Copied {
+            inline: [0; INLINE],
+            len: 0,
+            heap: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, v: &[u8]) -> std::ops::Range<usize> {
+        let start = self.len;
+        if self.heap.is_empty() && start + v.len() <= INLINE {
+            self.inline[start..start + v.len()].copy_from_slice(v);
+        } else {
+            if self.heap.is_empty() {
+                self.heap.extend_from_slice(&self.inline[..start]);
+            }
+            self.heap.extend_from_slice(v);
+        }
+        self.len += v.len();
+        start..self.len
+    }
+
+    fn get(&self, r: std::ops::Range<usize>) -> &[u8] {
+        if self.heap.is_empty() {
+            &self.inline[r]
+        } else {
+            &self.heap[r]
+        }
+    }
 }
 
 pub struct Record {
@@ -78,12 +123,30 @@ impl Record {
         req: &http::Request<B>,
     ) -> Record {
         let logged = (worker.log.is_some() && snap.topo.access_log.enabled).then(|| {
+            let uri = req.uri();
+            let mut text = Copied::new();
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .map(|h| h.as_bytes())
+                .or_else(|| uri.authority().map(|a| a.as_str().as_bytes()))
+                .unwrap_or(b"");
+            let host = text.push(host);
+            let target = if req.method() == Method::CONNECT {
+                uri.authority().map_or("", |a| a.as_str())
+            } else {
+                uri.path_and_query()
+                    .map_or_else(|| uri.path(), |pq| pq.as_str())
+            };
+            let target = text.push(target.as_bytes());
+            let request_id = target.end..target.end;
             Box::new(Logged {
                 method: req.method().clone(),
-                uri: req.uri().clone(),
                 version: req.version(),
-                host: req.headers().get(http::header::HOST).cloned(),
-                request_id: None,
+                text,
+                host,
+                target,
+                request_id,
                 app: None,
                 upstream_us: None,
             })
@@ -107,9 +170,9 @@ impl Record {
     #[inline]
     pub fn route(&mut self, route: &Route<'_>) {
         let f = &mut self.facts;
-        f.env = Some(route.env);
+        f.set_env(route.env);
         if let Some(c) = route.canary {
-            f.canary = Some((route.origin(), u8::from(c.arm == Arm::Canary)));
+            f.set_canary(route.origin(), u8::from(c.arm == Arm::Canary));
         }
         if let Some(d) = route.tenant {
             let (decision, target) = match d {
@@ -118,7 +181,7 @@ impl Record {
                 TenantDecision::Missing => (2, None),
                 TenantDecision::Malformed => (3, None),
             };
-            f.tenant = Some((route.origin(), decision, target));
+            f.set_tenant(route.origin(), decision, target);
         }
         if let Some(l) = &mut self.logged {
             l.app = route
@@ -133,16 +196,17 @@ impl Record {
     /// malformed).
     #[cold]
     pub fn tenant_refused(&mut self, origin: usize, missing: bool) {
-        self.facts.env = Some(origin);
-        self.facts.tenant = Some((origin, if missing { 2 } else { 3 }, None));
+        self.facts.set_env(origin);
+        self.facts
+            .set_tenant(origin, if missing { 2 } else { 3 }, None);
     }
 
     /// The request as sent to nodes: its id and its body's watch.
     #[inline]
     pub fn sent(&mut self, request_id: Option<&HeaderValue>, upload: Option<&Rc<BodyWatch>>) {
         self.upload = upload.cloned();
-        if let Some(l) = &mut self.logged {
-            l.request_id = request_id.cloned();
+        if let (Some(l), Some(id)) = (&mut self.logged, request_id) {
+            l.request_id = l.text.push(id.as_bytes());
         }
     }
 
@@ -150,7 +214,7 @@ impl Record {
     #[inline]
     pub fn attempt(&mut self, slot: usize, node: usize, after: Option<Failover>) {
         self.attempts = self.attempts.saturating_add(1);
-        self.facts.slot = Some((slot, node));
+        self.facts.set_slot(Some((slot, node)));
         if let Some(r) = after {
             let n = &mut self.facts.failovers[r as usize];
             *n = n.saturating_add(1);
@@ -160,14 +224,14 @@ impl Record {
     /// No node answered (envgate answers instead).
     #[inline]
     pub fn no_node(&mut self) {
-        self.facts.slot = None;
+        self.facts.set_slot(None);
     }
 
     /// The node's response head arrived; the attempt began at `began` and its new
     /// connection (if one was made) took `connect_ns`.
     #[inline]
     pub fn answered(&mut self, began: Option<Instant>, connect_ns: Option<u64>) {
-        self.facts.connect_ns = connect_ns;
+        self.facts.set_connect_ns(connect_ns);
         if let (Some(l), Some(b)) = (&mut self.logged, began) {
             l.upstream_us = Some(b.elapsed().as_micros() as u64);
         }
@@ -231,47 +295,32 @@ impl Record {
     fn log(&self, l: &Logged, duration_us: u64, complete: bool) {
         let Some(out) = &self.worker.log else { return };
         let topo = &self.tally.topo;
-        let env = self.facts.env.map(|e| &topo.environments[e]);
+        let env = self.facts.env().map(|e| &topo.environments[e]);
         let app = env
             .zip(l.app)
             .and_then(|(e, i)| e.apps.get(i))
             .map_or("", |a| a.name.as_str());
-        let target = l
-            .uri
-            .path_and_query()
-            .map_or_else(|| l.uri.path(), |pq| pq.as_str());
-        let target = if l.method == Method::CONNECT {
-            l.uri.authority().map_or("", |a| a.as_str())
-        } else {
-            target
-        };
-        let host = l
-            .host
-            .as_ref()
-            .map(|h| h.as_bytes())
-            .or_else(|| l.uri.authority().map(|a| a.as_str().as_bytes()))
-            .unwrap_or(b"");
         out.write(&Line {
             time: SystemTime::now(),
             client: self.conn.peer_value.as_bytes(),
             client_port: self.conn.peer.port(),
             method: l.method.as_str(),
-            host,
-            target,
+            host: l.text.get(l.host.clone()),
+            target: l.text.get(l.target.clone()),
             version: version(l.version),
             status: self.code,
             environment: env.map_or("", |e| &e.name),
             application: app,
-            node: self.facts.slot.map_or("", |(_, n)| &topo.nodes[n].name),
+            node: self.facts.slot().map_or("", |(_, n)| &topo.nodes[n].name),
             attempts: self.attempts,
-            canary: self.facts.canary.map_or("", |(_, arm)| {
+            canary: self.facts.canary().map_or("", |(_, arm)| {
                 if arm == 1 {
                     Arm::Canary.as_str()
                 } else {
                     Arm::Primary.as_str()
                 }
             }),
-            tenant: match self.facts.tenant {
+            tenant: match self.facts.tenant() {
                 Some((_, _, Some(to))) => &topo.environments[to].name,
                 _ => "",
             },
@@ -279,7 +328,7 @@ impl Record {
             bytes_out: self.facts.bytes_out,
             duration_us,
             upstream_us: l.upstream_us,
-            request_id: l.request_id.as_ref().map_or(&b""[..], |v| v.as_bytes()),
+            request_id: l.text.get(l.request_id.clone()),
             complete,
         });
     }
