@@ -10,7 +10,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use envgate::accesslog::{self, AccessLog};
 use envgate::config::{self, LoadError};
-use envgate::control::{client, watch, Source};
+use envgate::control::{client, fleet, watch, Source};
 use envgate::health::NodeRegistry;
 use envgate::server::{self, Options, Server};
 
@@ -42,6 +42,17 @@ enum Command {
         /// `off`. The topology's `access_log` key turns it off or samples 2xx answers.
         #[arg(long, default_value = "-")]
         access_log: String,
+        /// Fleet mode: follow the topology at URL (another instance's
+        /// `http://HOST:PORT/api/v1/topology`); the config file gives this instance's
+        /// `listeners` and `control`, and the topology to serve until the source answers.
+        #[arg(long)]
+        topology_url: Option<String>,
+        /// How often the source is polled (with If-None-Match).
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        poll: std::time::Duration,
+        /// A file holding a bearer token for the source.
+        #[arg(long)]
+        topology_token_file: Option<PathBuf>,
     },
     /// Validate topology files without serving: exit 0 valid, 1 invalid, 2 unreadable.
     Check {
@@ -127,6 +138,9 @@ fn main() -> ExitCode {
             workers,
             log_format,
             access_log,
+            topology_url,
+            poll,
+            topology_token_file,
         } => {
             init_logging(log_format);
             let format = match log_format {
@@ -138,7 +152,22 @@ fn main() -> ExitCode {
                 "-" => Some(accesslog::Target::Stdout),
                 path => Some(accesslog::Target::File(path.into())),
             };
-            match run(config, workers.unwrap_or(0), target.map(|t| (t, format))) {
+            let follow = match topology_url
+                .map(|u| fleet::Follow::new(&u, poll, topology_token_file))
+                .transpose()
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("envgate: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match run(
+                config,
+                workers.unwrap_or(0),
+                target.map(|t| (t, format)),
+                follow,
+            ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("envgate: {e:#}");
@@ -280,6 +309,7 @@ fn run(
     path: PathBuf,
     workers: usize,
     access_log: Option<(accesslog::Target, accesslog::Format)>,
+    follow: Option<fleet::Follow>,
 ) -> anyhow::Result<()> {
     // Signal handlers first: a SIGHUP or SIGTERM that arrives while the topology is read,
     // the listeners bound or the workers started must not meet the default action (which
@@ -292,8 +322,23 @@ fn run(
         Signals::register().context("cannot install signal handlers")?
     };
     let registry = Arc::new(NodeRegistry::default());
-    let document = std::fs::read_to_string(&path)
+    let local = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
+    // Fleet mode starts from the source's topology when it answers, else from the file's.
+    let mut fetched_hash = None;
+    let document = match &follow {
+        Some(f) => match fleet::fetch_once(f, &local) {
+            Ok((merged, hash)) => {
+                fetched_hash = Some(hash);
+                merged
+            }
+            Err(e) => {
+                tracing::warn!(source = %f.url, error = %e, "fleet: the source did not answer; starting from the file's topology");
+                local.clone()
+            }
+        },
+        None => local.clone(),
+    };
     let base_dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -333,13 +378,26 @@ fn run(
             access_log: access_log.as_ref().map(|l| l.sink()),
         },
     )?;
-    // The file is watched; a watch that cannot start leaves SIGHUP.
-    let _watch = match watch::spawn(server.control().clone(), &path) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot watch the topology file; reload it with SIGHUP");
-            None
+    // The file is watched (not in fleet mode, where the source is); a watch that cannot
+    // start leaves SIGHUP.
+    let (_watch, _fleet) = match follow {
+        Some(f) => {
+            if let Some(h) = fetched_hash {
+                let control = server.control();
+                control.set_fleet_hash(control.current().generation, h);
+            }
+            tracing::info!(source = %f.url, poll = ?f.poll, "fleet: following the source's topology");
+            let fleet = fleet::spawn(server.control().clone(), local, f, None)
+                .context("cannot start following the topology URL")?;
+            (None, Some(fleet))
         }
+        None => match watch::spawn(server.control().clone(), &path) {
+            Ok(w) => (Some(w), None),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot watch the topology file; reload it with SIGHUP");
+                (None, None)
+            }
+        },
     };
     wait_for_signals(&rt, signals, &server, &path, access_log.as_ref())?;
     tracing::info!("shutting down: draining connections");
@@ -397,6 +455,9 @@ fn wait_for_signals(
                 },
                 // `apply` logs what it applied or why it refused.
                 _ = hup.recv() => match std::fs::read_to_string(path) {
+                    _ if server.control().following().is_some() => {
+                        tracing::info!("fleet: SIGHUP ignored; the topology comes from the source");
+                    }
                     Ok(text) => {
                         let _ = server.control().apply(Source::Signal, &text, false);
                     }

@@ -338,6 +338,11 @@ async fn write_topology(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<
         Err(resp) => return resp,
     };
     let dry_run = query_param(&req, "dry_run").is_some_and(|v| v == "true" || v == "1");
+    if !dry_run {
+        if let Some(refused) = followed(&api) {
+            return refused;
+        }
+    }
     let patch = req.method() == Method::PATCH;
     let body = match read_body(req).await {
         Ok(b) => b,
@@ -563,6 +568,17 @@ fn write_back(file: &std::path::Path, text: &str, replaced: &str) -> std::io::Re
     Ok(())
 }
 
+/// 409 for a write to an instance that follows another one's topology (fleet mode).
+fn followed(api: &Api) -> Option<Response<Full<Bytes>>> {
+    api.control.following().map(|url| {
+        error(
+            StatusCode::CONFLICT,
+            "follows_source",
+            format!("this instance follows the topology at {url}: change it there"),
+        )
+    })
+}
+
 async fn rollback(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if let Err(resp) = authorise(&api, &req) {
         return resp;
@@ -571,6 +587,9 @@ async fn rollback(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>
         Ok(b) => b,
         Err(resp) => return resp,
     };
+    if let Some(refused) = followed(&api) {
+        return refused;
+    }
     let Some(to) = query_param(&req, "to").and_then(|v| v.parse::<u64>().ok()) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -883,7 +902,15 @@ fn status(api: &Api) -> Response<Full<Bytes>> {
         .collect();
     respond(
         StatusCode::OK,
-        json!({ "generation": t.generation, "source": source, "environments": envs, "nodes": nodes, "recent": recent }),
+        json!({
+            "generation": t.generation,
+            "source": source,
+            "hash": api.control.topology_hash(),
+            "follows": api.control.following(),
+            "environments": envs,
+            "nodes": nodes,
+            "recent": recent,
+        }),
     )
 }
 

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod client;
 pub mod diff;
+pub mod fleet;
 pub mod watch;
 
 use std::collections::VecDeque;
@@ -191,6 +192,10 @@ pub struct Control {
     /// record, never during the parse or validation (which may take a while), and never
     /// by requests.
     inner: Mutex<Inner>,
+    /// The URL this instance follows (fleet mode): local writes are refused.
+    follows: std::sync::OnceLock<String>,
+    /// The generation the last document from the source became, and that document's hash.
+    fleet_hash: Mutex<Option<(u64, u64)>>,
 }
 
 impl Control {
@@ -223,7 +228,37 @@ impl Control {
                 retired: Vec::new(),
                 counts: ReloadCounts::default(),
             }),
+            follows: std::sync::OnceLock::new(),
+            fleet_hash: Mutex::new(None),
         }
+    }
+
+    /// Fleet mode: this instance follows `url`; local writes are refused from now on.
+    pub fn follow(&self, url: String) {
+        let _ = self.follows.set(url);
+    }
+
+    /// The URL this instance follows, in fleet mode.
+    pub fn following(&self) -> Option<&str> {
+        self.follows.get().map(String::as_str)
+    }
+
+    /// The source's document (of hash `hash`) became generation `generation`.
+    pub fn set_fleet_hash(&self, generation: u64, hash: u64) {
+        *self.fleet_hash.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, hash));
+    }
+
+    /// The hash instances compare to see that they converged: of the document as the
+    /// source serves it (a follower's own document differs by its local keys), or of
+    /// this instance's document when it follows nobody.
+    pub fn topology_hash(&self) -> String {
+        let now = self.current();
+        let fleet = *self.fleet_hash.lock().unwrap_or_else(|e| e.into_inner());
+        let h = match fleet {
+            Some((generation, h)) if generation == now.generation => h,
+            _ => fleet::hash(&now.document),
+        };
+        format!("{h:016x}")
     }
 
     /// The live topology.

@@ -206,6 +206,13 @@ impl Metrics {
         )
         .sample(&[], current.generation as f64);
 
+        out.family(
+            "envgate_topology_info",
+            "The hash of the live topology document (as the source serves it, in fleet mode); equal on instances that converged.",
+            MetricType::GAUGE,
+        )
+        .sample(&[("hash", &self.control.topology_hash())], 1.0);
+
         let reloads = self.control.reload_counts();
         out.family(
             "envgate_topology_reloads_total",

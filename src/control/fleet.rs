@@ -1,0 +1,291 @@
+//! Fleet mode: an instance that follows another one's topology (`envgate run
+//! --topology-url URL`), so that many stateless instances behind an L4 balancer converge on
+//! one document.
+//!
+//! A thread polls the URL every `poll` with `If-None-Match` (the source answers 304 while
+//! nothing changed). A new document is applied through the same apply path as every other
+//! source (`Source::Fleet`), with the instance's own `listeners` and `control` put in place
+//! of the source's: they are instance-local (DESIGN.md). A source that cannot be reached
+//! or serves garbage changes nothing: the last good topology keeps serving, a document
+//! that does not validate is recorded as refused (once per version the source serves).
+//! Local writes through the control endpoint are refused with 409 naming the source.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+
+use super::{Control, Source};
+
+/// Largest document accepted from a source.
+const MAX_DOCUMENT: usize = 64 * 1024 * 1024;
+/// Bound on one poll (connect, request, body).
+const POLL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What to follow.
+#[derive(Debug, Clone)]
+pub struct Follow {
+    /// `http://host:port/api/v1/topology` of the source (or any HTTP server serving a
+    /// topology document).
+    pub url: Uri,
+    pub poll: Duration,
+    /// A file holding a bearer token for the source, read at each poll.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Follow {
+    /// Checks the URL: `http://`, a host, a port (80 when none).
+    pub fn new(url: &str, poll: Duration, token_file: Option<PathBuf>) -> Result<Follow, String> {
+        let url: Uri = url
+            .parse()
+            .map_err(|e| format!("topology URL {url:?}: {e}"))?;
+        if url.scheme_str() != Some("http") || url.host().is_none() {
+            return Err(format!(
+                "topology URL {url}: only http://host[:port]/path is supported"
+            ));
+        }
+        if poll < Duration::from_millis(100) {
+            return Err(format!("poll interval {poll:?} is below 100ms"));
+        }
+        Ok(Follow {
+            url,
+            poll,
+            token_file,
+        })
+    }
+}
+
+/// A running follower; dropping it stops the polls.
+pub struct Fleet {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.stop = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One answer of the source.
+enum Fetched {
+    NotModified,
+    Document { text: String, etag: Option<String> },
+}
+
+/// Fetches the source's document once (bounded by `POLL_TIMEOUT`), for the start: the
+/// document with this instance's `local` keys, or why not.
+pub fn fetch_once(follow: &Follow, local: &str) -> Result<(String, u64), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    match rt.block_on(fetch(follow, None))? {
+        Fetched::Document { text, .. } => Ok((merge(&text, local)?, hash(&text))),
+        Fetched::NotModified => Err("the source answered 304 to a first request".into()),
+    }
+}
+
+/// Starts following `follow` for `control`; `local` is this instance's own document, whose
+/// `listeners` and `control` replace the source's. `etag` is the version already applied
+/// at start, if any.
+pub fn spawn(
+    control: Arc<Control>,
+    local: String,
+    follow: Follow,
+    etag: Option<String>,
+) -> std::io::Result<Fleet> {
+    control.follow(follow.url.to_string());
+    let (stop, stopped) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("envgate-fleet".into())
+        .spawn(move || run(control, local, follow, etag, stopped))?;
+    Ok(Fleet {
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+fn run(
+    control: Arc<Control>,
+    local: String,
+    follow: Follow,
+    mut etag: Option<String>,
+    stopped: mpsc::Receiver<()>,
+) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        tracing::error!("fleet: cannot start a runtime; not following");
+        return;
+    };
+    let mut failing = false;
+    // The last document fetched: a source without entity tags is not applied again (nor
+    // a refusal recorded again) while it serves the same text.
+    let mut last: Option<u64> = None;
+    loop {
+        match rt.block_on(fetch(&follow, etag.as_deref())) {
+            Ok(Fetched::NotModified) => failing = false,
+            Ok(Fetched::Document { text, etag: tag }) => {
+                failing = false;
+                // The version is taken whether it applies or not: a refused document is
+                // recorded once, not at every poll until the source changes.
+                etag = tag;
+                let h = hash(&text);
+                if last.replace(h) != Some(h) {
+                    let applied = match merge(&text, &local) {
+                        Ok(merged) => control.apply(Source::Fleet, &merged, false),
+                        // Not a YAML mapping: the apply path records why.
+                        Err(_) => control.apply(Source::Fleet, &text, false),
+                    };
+                    match applied {
+                        Ok(a) => control.set_fleet_hash(a.generation, h),
+                        Err(e) => {
+                            tracing::warn!(source = %follow.url, error = ?e, "fleet: the source's topology was refused; the running one stays")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(source = %follow.url, error = %e, "fleet: cannot fetch the topology; the running one stays");
+                }
+                failing = true;
+            }
+        }
+        match stopped.recv_timeout(follow.poll) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+    }
+}
+
+/// The source's document, by the hash followers and source compare (the hash of the
+/// document as the source serves it).
+pub fn hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    text.hash(&mut h);
+    h.finish()
+}
+
+/// `fetched` with the `listeners` and `control` of `local` (absent there: absent here).
+pub fn merge(fetched: &str, local: &str) -> Result<String, String> {
+    use serde_norway::Value;
+    let mut doc: Value = serde_norway::from_str(fetched).map_err(|e| e.to_string())?;
+    let local: Value = serde_norway::from_str(local).map_err(|e| e.to_string())?;
+    let map = doc
+        .as_mapping_mut()
+        .ok_or_else(|| "the source's document is not a mapping".to_string())?;
+    for key in ["listeners", "control"] {
+        match local.get(key) {
+            Some(v) => {
+                map.insert(Value::from(key), v.clone());
+            }
+            None => {
+                map.remove(key);
+            }
+        }
+    }
+    serde_norway::to_string(&doc).map_err(|e| e.to_string())
+}
+
+async fn fetch(follow: &Follow, etag: Option<&str>) -> Result<Fetched, String> {
+    tokio::time::timeout(POLL_TIMEOUT, fetch_unbounded(follow, etag))
+        .await
+        .map_err(|_| format!("no answer within {POLL_TIMEOUT:?}"))?
+}
+
+async fn fetch_unbounded(follow: &Follow, etag: Option<&str>) -> Result<Fetched, String> {
+    let url = &follow.url;
+    let host = url.host().unwrap_or_default();
+    let port = url.port_u16().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = Request::get(url.path_and_query().map_or("/", |p| p.as_str())).header(
+        http::header::HOST,
+        url.authority().map_or(host, |a| a.as_str()),
+    );
+    if let Some(tag) = etag {
+        req = req.header(http::header::IF_NONE_MATCH, tag);
+    }
+    if let Some(f) = &follow.token_file {
+        let token = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        req = req.header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", token.trim()),
+        );
+    }
+    let req = req
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    match resp.status() {
+        StatusCode::NOT_MODIFIED => Ok(Fetched::NotModified),
+        StatusCode::OK => {
+            let etag = resp
+                .headers()
+                .get(http::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = Limited::new(resp.into_body(), MAX_DOCUMENT)
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?
+                .to_bytes();
+            let text = String::from_utf8(body.to_vec())
+                .map_err(|_| "the document is not UTF-8".to_string())?;
+            Ok(Fetched::Document { text, etag })
+        }
+        s => Err(format!("the source answered {s}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_keeps_the_local_keys() {
+        let fetched = "version: 1\nlisteners: [ { name: a, bind: \"0.0.0.0:1\" } ]\ncontrol: { bind: \"127.0.0.1:9\" }\nnodes: { n: { address: \"127.0.0.1:5\" } }\n";
+        let local = "version: 1\nlisteners: [ { name: b, bind: \"127.0.0.1:2\" } ]\n";
+        let merged: serde_norway::Value =
+            serde_norway::from_str(&merge(fetched, local).unwrap()).unwrap();
+        assert_eq!(
+            merged["listeners"][0]["name"],
+            serde_norway::Value::from("b")
+        );
+        assert!(merged.get("control").is_none());
+        assert_eq!(
+            merged["nodes"]["n"]["address"],
+            serde_norway::Value::from("127.0.0.1:5")
+        );
+        assert!(merge("- a list", local).is_err());
+    }
+
+    #[test]
+    fn urls() {
+        assert!(Follow::new(
+            "http://10.0.0.1:9090/api/v1/topology",
+            Duration::from_secs(3),
+            None
+        )
+        .is_ok());
+        assert!(Follow::new("https://x/api", Duration::from_secs(3), None).is_err());
+        assert!(Follow::new("http://x/api", Duration::from_millis(1), None).is_err());
+    }
+}
