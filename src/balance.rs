@@ -22,6 +22,17 @@ impl Wrr {
         }
     }
 
+    /// A balancer `skip` picks into its cycle, so that workers do not all start on the
+    /// same member (worker `i` of a process skips `i`): after a reload, the first requests
+    /// of every worker spread instead of all going to the first node.
+    pub fn starting_at(members: &[Member], skip: usize) -> Self {
+        let wrr = Wrr::new(members.len());
+        for _ in 0..skip {
+            wrr.pick(members, |_| true);
+        }
+        wrr
+    }
+
     /// Picks a member index. `usable(node)` says whether a node may take the request.
     #[inline]
     pub fn pick(&self, members: &[Member], usable: impl Fn(NodeId) -> bool) -> Option<usize> {
@@ -105,6 +116,22 @@ mod tests {
             counts[wrr.pick(&m, |_| true).unwrap()] += 1;
         }
         assert_eq!(counts, [30, 20, 70, 10]);
+    }
+
+    #[test]
+    fn a_start_point_shifts_the_cycle() {
+        let m = members(&[(1, false), (1, false), (1, false)]);
+        let firsts: Vec<usize> = (0..3)
+            .map(|k| Wrr::starting_at(&m, k).pick(&m, |_| true).unwrap())
+            .collect();
+        assert_eq!(firsts, [0, 1, 2]);
+        // The shares over a cycle stay exact.
+        let wrr = Wrr::starting_at(&m, 2);
+        let mut counts = [0; 3];
+        for _ in 0..30 {
+            counts[wrr.pick(&m, |_| true).unwrap()] += 1;
+        }
+        assert_eq!(counts, [10, 10, 10]);
     }
 
     #[test]

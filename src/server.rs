@@ -307,7 +307,7 @@ pub fn start(
                 .name(format!("envgate-worker-{i}"))
                 .spawn(move || {
                     let local = tokio::task::LocalSet::new();
-                    local.block_on(&rt, worker_main(shared, socks, rx, cmds, ready_bound, log));
+                    local.block_on(&rt, worker_main(shared, socks, rx, cmds, ready_bound, log, i));
                 })?,
         );
     }
@@ -326,6 +326,7 @@ async fn worker_main(
     mut cmds: tokio::sync::mpsc::UnboundedReceiver<ListenerCmd>,
     ready_bound: Duration,
     log: Option<crate::accesslog::Sink>,
+    index: usize,
 ) {
     let mut ready = shared.ready.subscribe();
     let _ = tokio::time::timeout(
@@ -334,7 +335,7 @@ async fn worker_main(
     )
     .await;
     let tracker = Rc::new(Tracker::default());
-    let worker = Rc::new(Worker::new(shared.clone(), tracker.clone(), log));
+    let worker = Rc::new(Worker::new(shared.clone(), tracker.clone(), log, index));
     if worker.log.is_some() {
         let worker = worker.clone();
         tokio::task::spawn_local(async move {

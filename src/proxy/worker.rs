@@ -86,6 +86,8 @@ pub struct Worker {
     pub stats: Arc<WorkerStats>,
     /// This worker's access log buffer, when the log is on.
     pub log: Option<LogBuf>,
+    /// This worker's position among the process's workers.
+    index: usize,
 }
 
 /// A different non-zero seed per worker and per process.
@@ -111,7 +113,12 @@ impl Worker {
     /// The HTTP builders take the timeouts of the topology at start: hyper's header-read
     /// timer runs from the moment a connection waits for a request head, so it bounds both
     /// a slow head and an idle keep-alive connection: min(client_header, idle).
-    pub fn new(shared: Arc<Shared>, tracker: Rc<Tracker>, log: Option<Sink>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        tracker: Rc<Tracker>,
+        log: Option<Sink>,
+        index: usize,
+    ) -> Self {
         let timeouts = shared.topology.load().defaults.timeouts.clone();
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
@@ -139,6 +146,7 @@ impl Worker {
             rng: Cell::new(seed()),
             stats: shared.stats.worker(),
             log: log.map(LogBuf::new),
+            index,
             shared,
         }
     }
@@ -204,10 +212,18 @@ impl Worker {
                     .unwrap_or_else(|| Rc::new(ConnPool::new(n.addr)))
             })
             .collect();
+        // Worker i starts i picks into each pool's cycle (bounded, so that a rebuild of
+        // large pools stays cheap).
         let wrr = topo
             .pools
             .iter()
-            .map(|p| Wrr::new(p.members.len()))
+            .map(|p| {
+                let n = p.members.len();
+                match self.index % n.clamp(1, 64) {
+                    0 => Wrr::new(n),
+                    skip => Wrr::starting_at(&p.members, skip),
+                }
+            })
             .collect();
         // Balances carry over by environment name; a new environment starts at the floor.
         let budget = topo.defaults.retry_budget;
