@@ -399,7 +399,10 @@ fn run(
             }
         },
     };
+    // Under systemd (`Type=notify`): ready once every worker serves.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     wait_for_signals(&rt, signals, &server, &path, access_log.as_ref())?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: draining connections");
     server.shutdown();
     if let Some(log) = access_log {
@@ -445,9 +448,18 @@ fn wait_for_signals(
         mut hup,
         mut usr1,
     } = signals;
+    // systemd's watchdog, when the unit sets `WatchdogSec`: pinged at half the period from
+    // this loop, which also serves the signals (a stuck loop stops the pings).
+    let mut watchdog_usec = 0;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec)
+        .then(|| std::time::Duration::from_micros(watchdog_usec / 2));
     rt.block_on(async {
+        let mut ping = tokio::time::interval(watchdog.unwrap_or(std::time::Duration::from_secs(3600)));
         loop {
             tokio::select! {
+                _ = ping.tick(), if watchdog.is_some() => {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
                 _ = term.recv() => return Ok(()),
                 _ = int.recv() => return Ok(()),
                 _ = usr1.recv() => if let Some(log) = access_log {
@@ -459,7 +471,9 @@ fn wait_for_signals(
                         tracing::info!("fleet: SIGHUP ignored; the topology comes from the source");
                     }
                     Ok(text) => {
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
                         let _ = server.control().apply(Source::Signal, &text, false);
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
                     }
                     Err(e) => tracing::error!(source = "signal", file = %path.display(), error = %e, "topology file unreadable; the running topology stays"),
                 },

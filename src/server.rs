@@ -307,7 +307,10 @@ pub fn start(
                 .name(format!("envgate-worker-{i}"))
                 .spawn(move || {
                     let local = tokio::task::LocalSet::new();
-                    local.block_on(&rt, worker_main(shared, socks, rx, cmds, ready_bound, log, i));
+                    local.block_on(
+                        &rt,
+                        worker_main(shared, socks, rx, cmds, ready_bound, log, i),
+                    );
                 })?,
         );
     }

@@ -113,12 +113,7 @@ impl Worker {
     /// The HTTP builders take the timeouts of the topology at start: hyper's header-read
     /// timer runs from the moment a connection waits for a request head, so it bounds both
     /// a slow head and an idle keep-alive connection: min(client_header, idle).
-    pub fn new(
-        shared: Arc<Shared>,
-        tracker: Rc<Tracker>,
-        log: Option<Sink>,
-        index: usize,
-    ) -> Self {
+    pub fn new(shared: Arc<Shared>, tracker: Rc<Tracker>, log: Option<Sink>, index: usize) -> Self {
         let timeouts = shared.topology.load().defaults.timeouts.clone();
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
