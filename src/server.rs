@@ -1,8 +1,9 @@
 //! `start()`: the worker threads, the live topology, shutdown and the apply path.
 //!
 //! Each worker is a thread with a current-thread runtime and a `LocalSet`, serving every
-//! listener through its own clone of the listening socket (the kernel spreads accepted
-//! connections over the workers, like nginx's workers). The live topology is one
+//! listener through a listening socket of its own (SO_REUSEPORT: the kernel spreads new
+//! connections over the workers' sockets and wakes one worker per connection, like nginx's
+//! `reuseport`). The live topology is one
 //! `ArcSwap` in `Shared`; `control::Control::apply` is the one way to change it. Shutdown: stop
 //! accepting, ask every connection to finish (HTTP/1 closes after the response in flight,
 //! HTTP/2 sends GOAWAY), wait for them up to the drain timeout, then return.
@@ -84,6 +85,20 @@ pub enum ListenerCmd {
     Stop(String),
 }
 
+/// The listening socket worker `worker` serves `l`'s address with: `l` itself for the
+/// first, a socket of its own (SO_REUSEPORT) for the others, so that the kernel spreads
+/// new connections over the workers and wakes one worker per connection instead of all.
+/// A socket bound without SO_REUSEPORT (by an embedder) is shared instead.
+fn worker_socket(l: &StdListener, worker: usize) -> std::io::Result<StdListener> {
+    if worker > 0 {
+        if let Ok(own) = l.local_addr().and_then(bind) {
+            own.set_nonblocking(true)?;
+            return Ok(own);
+        }
+    }
+    l.try_clone()
+}
+
 /// How the apply path reaches the workers' listeners.
 pub struct ListenerControl {
     pub workers: Vec<tokio::sync::mpsc::UnboundedSender<ListenerCmd>>,
@@ -100,9 +115,9 @@ impl ListenerControl {
     /// Starts serving `sock` on every worker.
     pub fn start(&self, name: &str, sock: &StdListener) -> std::io::Result<()> {
         let port = sock.local_addr()?.port();
-        for w in &self.workers {
+        for (i, w) in self.workers.iter().enumerate() {
             let _ = w.send(ListenerCmd::Start(
-                sock.try_clone()?,
+                worker_socket(sock, i)?,
                 ListenerMeta {
                     name: name.to_string(),
                     port,
@@ -156,11 +171,13 @@ pub struct Server {
     workers: Vec<JoinHandle<()>>,
 }
 
-/// Binds a listener the way envgate serves it: address reuse and a deep accept queue.
+/// Binds a listener the way envgate serves it: address reuse, SO_REUSEPORT (so that each
+/// worker can have a socket of its own on the address) and a deep accept queue.
 pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<StdListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -288,7 +305,7 @@ pub fn start(
         let mut socks = Vec::new();
         for ((name, l), (_, port)) in listeners.iter().zip(&ports) {
             socks.push((
-                l.try_clone()?,
+                worker_socket(l, i)?,
                 ListenerMeta {
                     name: name.clone(),
                     port: *port,

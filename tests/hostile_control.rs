@@ -640,7 +640,16 @@ async fn refusals_touch_nothing() {
         s.doc(),
         std::fs::read_to_string(s.path()).unwrap(),
     );
-    let bad_listener = s.doc().replace("name: http", "name: other");
+    // A listener on a port another program holds (bound without SO_REUSEPORT).
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bad_listener = s.doc().replacen(
+        "listeners: [ ",
+        &format!(
+            "listeners: [ {{ name: other, bind: \"{}\" }}, ",
+            held.local_addr().unwrap()
+        ),
+        1,
+    );
     let untrusting = s
         .weight(5)
         .replace("rise: 1, fall: 1", "rise: 1, fall: 1, trust_unknown: true")

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -402,7 +402,8 @@ impl Envgate {
             let end = i + text[i..].find('}').unwrap();
             let name = text[i + 6..end].to_string();
             let port = *ports.entry(name.clone()).or_insert_with(|| {
-                let l = StdListener::bind("127.0.0.1:0").unwrap();
+                // As `envgate run` binds (SO_REUSEPORT: each worker gets a socket of its own).
+                let l = envgate::server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
                 let port = l.local_addr().unwrap().port();
                 socks.push((name.clone(), l));
                 port
