@@ -328,9 +328,14 @@ fn run(
     let mut fetched_hash = None;
     let document = match &follow {
         Some(f) => match fleet::fetch_once(f, &local) {
-            Ok((merged, hash)) => {
+            // A document this instance refuses does not stop it: it starts from its file.
+            Ok((merged, hash)) if config::parse(&merged, &base_dir_of(&path)).is_ok() => {
                 fetched_hash = Some(hash);
                 merged
+            }
+            Ok(_) => {
+                tracing::warn!(source = %f.url, "fleet: the source's topology is refused here; starting from the file's");
+                local.clone()
             }
             Err(e) => {
                 tracing::warn!(source = %f.url, error = %e, "fleet: the source did not answer; starting from the file's topology");
@@ -339,11 +344,7 @@ fn run(
         },
         None => local.clone(),
     };
-    let base_dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."))
-        .to_path_buf();
+    let base_dir = base_dir_of(&path);
     let topology = config::parse(&document, &base_dir)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let access_log = match access_log {
@@ -403,6 +404,9 @@ fn run(
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     wait_for_signals(&rt, signals, &server, &path, access_log.as_ref())?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    // No topology change while draining.
+    drop(_fleet);
+    drop(_watch);
     tracing::info!("shutting down: draining connections");
     server.shutdown();
     if let Some(log) = access_log {
@@ -410,6 +414,14 @@ fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Where relative paths in the topology file point.
+fn base_dir_of(path: &std::path::Path) -> PathBuf {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf()
 }
 
 /// The signals `run` acts on, caught from the start.
@@ -452,7 +464,8 @@ fn wait_for_signals(
     // this loop, which also serves the signals (a stuck loop stops the pings).
     let mut watchdog_usec = 0;
     let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec)
-        .then(|| std::time::Duration::from_micros(watchdog_usec / 2));
+        .then(|| std::time::Duration::from_micros(watchdog_usec / 2))
+        .filter(|d| !d.is_zero());
     rt.block_on(async {
         let mut ping = tokio::time::interval(watchdog.unwrap_or(std::time::Duration::from_secs(3600)));
         loop {

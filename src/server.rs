@@ -112,6 +112,12 @@ impl ListenerControl {
         Ok(l)
     }
 
+    /// Whether `spec`'s address can be bound, without joining any socket's reuse group
+    /// (for a dry run).
+    pub fn probe(&self, spec: &crate::topology::ListenerSpec) -> std::io::Result<StdListener> {
+        bind_with(spec.bind, false)
+    }
+
     /// Starts serving `sock` on every worker.
     pub fn start(&self, name: &str, sock: &StdListener) -> std::io::Result<()> {
         let port = sock.local_addr()?.port();
@@ -174,10 +180,16 @@ pub struct Server {
 /// Binds a listener the way envgate serves it: address reuse, SO_REUSEPORT (so that each
 /// worker can have a socket of its own on the address) and a deep accept queue.
 pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<StdListener> {
+    bind_with(addr, true)
+}
+
+/// `bind`, with or without SO_REUSEPORT (the control endpoint goes without: a second
+/// instance on the same control address fails to start instead of sharing it).
+fn bind_with(addr: std::net::SocketAddr, reuse_port: bool) -> std::io::Result<StdListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    socket.set_reuse_port(reuse_port)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -235,7 +247,7 @@ pub fn start(
     // bound fails the start with the OS error.
     let control_listener = match &topology.control {
         Some(c) => {
-            let l = bind(c.bind).map_err(|e| {
+            let l = bind_with(c.bind, false).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("control endpoint {}: {e}", c.bind))
             })?;
             l.set_nonblocking(true)?;

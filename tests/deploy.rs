@@ -259,7 +259,7 @@ fn the_systemd_unit_is_notify_and_hardened() {
         ("NoNewPrivileges", "yes"),
         ("ProtectHome", "yes"),
         ("PrivateTmp", "yes"),
-        ("DynamicUser", "yes"),
+        ("User", "envgate"),
     ] {
         assert_eq!(keys.get(k), Some(&v), "{k}");
     }

@@ -24,6 +24,8 @@ use super::{Control, Source};
 
 /// Largest document accepted from a source.
 const MAX_DOCUMENT: usize = 64 * 1024 * 1024;
+/// Polls after which a refused document is fetched and tried again.
+const RETRY_REFUSED: u32 = 20;
 /// Bound on one poll (connect, request, body).
 const POLL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -67,11 +69,11 @@ pub struct Fleet {
 }
 
 impl Drop for Fleet {
+    /// Stops the polls. A poll in flight (bounded by `POLL_TIMEOUT`) is not waited for:
+    /// shutdown does not wait on a slow source.
     fn drop(&mut self) {
         self.stop = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread = None;
     }
 }
 
@@ -132,7 +134,16 @@ fn run(
     // The last document fetched: a source without entity tags is not applied again (nor
     // a refusal recorded again) while it serves the same text.
     let mut last: Option<u64> = None;
+    // Polls since the source's document was refused: it is tried again every
+    // `RETRY_REFUSED` polls (what it refers to may reach this instance later).
+    let mut refused: Option<u32> = None;
     loop {
+        if let Some(n) = refused.as_mut() {
+            *n += 1;
+            if *n >= RETRY_REFUSED {
+                (etag, last, refused) = (None, None, None);
+            }
+        }
         match rt.block_on(fetch(&follow, etag.as_deref())) {
             Ok(Fetched::NotModified) => failing = false,
             Ok(Fetched::Document { text, etag: tag }) => {
@@ -142,14 +153,25 @@ fn run(
                 etag = tag;
                 let h = hash(&text);
                 if last.replace(h) != Some(h) {
+                    // The source's text is never applied as it is: only with this
+                    // instance's listeners and control in place of the source's.
                     let applied = match merge(&text, &local) {
                         Ok(merged) => control.apply(Source::Fleet, &merged, false),
-                        // Not a YAML mapping: the apply path records why.
-                        Err(_) => control.apply(Source::Fleet, &text, false),
+                        Err(e) => control.apply_parsed(
+                            Source::Fleet,
+                            &text,
+                            Err(crate::config::LoadError::Parse(format!(
+                                "cannot put this instance's listeners and control in the source's document: {e}"
+                            ))),
+                        ),
                     };
                     match applied {
-                        Ok(a) => control.set_fleet_hash(a.generation, h),
+                        Ok(a) => {
+                            refused = None;
+                            control.set_fleet_hash(a.generation, h);
+                        }
                         Err(e) => {
+                            refused = Some(0);
                             tracing::warn!(source = %follow.url, error = ?e, "fleet: the source's topology was refused; the running one stays")
                         }
                     }
@@ -216,10 +238,12 @@ async fn fetch_unbounded(follow: &Follow, etag: Option<&str>) -> Result<Fetched,
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let mut req = Request::get(url.path_and_query().map_or("/", |p| p.as_str())).header(
-        http::header::HOST,
-        url.authority().map_or(host, |a| a.as_str()),
-    );
+    let authority = match url.port_u16() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    };
+    let mut req = Request::get(url.path_and_query().map_or("/", |p| p.as_str()))
+        .header(http::header::HOST, authority);
     if let Some(tag) = etag {
         req = req.header(http::header::IF_NONE_MATCH, tag);
     }

@@ -411,7 +411,37 @@ impl Control {
             if let Some(lc) = &self.listeners {
                 for i in added {
                     let spec = &topology.listeners[i];
-                    match lc.bind(spec) {
+                    // Sockets share an address only within one listener's workers
+                    // (SO_REUSEPORT): an address another listener or the control endpoint
+                    // holds is refused, as the kernel would without it.
+                    let taken = live
+                        .listeners
+                        .iter()
+                        .find(|l| l.bind == spec.bind)
+                        .map(|l| format!("listener {:?}", l.name))
+                        .or_else(|| {
+                            live.control
+                                .as_ref()
+                                .filter(|c| c.bind == spec.bind)
+                                .map(|_| "the control endpoint".to_string())
+                        });
+                    if let Some(holder) = taken {
+                        return Err(ApplyError::Refused(
+                            "listeners",
+                            format!(
+                                "cannot bind listener {:?} on {}: {holder} is bound there (remove it in one change, add the new one in the next)",
+                                spec.name, spec.bind
+                            ),
+                        ));
+                    }
+                    // A dry run only checks that the address is free (a socket of the
+                    // reuse group would take a share of new connections meanwhile).
+                    let sock = if dry_run {
+                        lc.probe(spec)
+                    } else {
+                        lc.bind(spec)
+                    };
+                    match sock {
                         Ok(sock) => bound.push((spec.name.clone(), sock)),
                         Err(e) => {
                             return Err(ApplyError::Refused(
