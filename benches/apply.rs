@@ -95,6 +95,7 @@ fn apply(c: &mut Criterion) {
             base_dir: ".".into(),
             file: None,
             access_log: None,
+            inherited: Vec::new(),
         },
     )
     .unwrap();

@@ -111,6 +111,7 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
             base_dir: ".".into(),
             file: None,
             access_log: Some(log.sink()),
+            inherited: Vec::new(),
         },
     )?;
     let h = port;

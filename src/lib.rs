@@ -24,3 +24,4 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod topology;
+pub mod upgrade;

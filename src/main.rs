@@ -53,6 +53,14 @@ enum Command {
         /// A file holding a bearer token for the source.
         #[arg(long)]
         topology_token_file: Option<PathBuf>,
+        /// Serve handoffs on this Unix socket: a new instance started with `--takeover`
+        /// on it receives the listening sockets, and this one then drains and exits.
+        #[arg(long)]
+        upgrade_socket: Option<PathBuf>,
+        /// Take the listening sockets of the instance serving `--upgrade-socket` PATH,
+        /// then tell it to drain: a restart or upgrade that refuses no connection.
+        #[arg(long)]
+        takeover: Option<PathBuf>,
     },
     /// Validate topology files without serving: exit 0 valid, 1 invalid, 2 unreadable.
     Check {
@@ -141,6 +149,8 @@ fn main() -> ExitCode {
             topology_url,
             poll,
             topology_token_file,
+            upgrade_socket,
+            takeover,
         } => {
             init_logging(log_format);
             let format = match log_format {
@@ -167,6 +177,10 @@ fn main() -> ExitCode {
                 workers.unwrap_or(0),
                 target.map(|t| (t, format)),
                 follow,
+                Upgrade {
+                    serve: upgrade_socket,
+                    takeover,
+                },
             ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -305,11 +319,18 @@ fn check(files: &[PathBuf]) -> ExitCode {
     ExitCode::from(worst)
 }
 
+/// `--upgrade-socket` and `--takeover`.
+struct Upgrade {
+    serve: Option<PathBuf>,
+    takeover: Option<PathBuf>,
+}
+
 fn run(
     path: PathBuf,
     workers: usize,
     access_log: Option<(accesslog::Target, accesslog::Format)>,
     follow: Option<fleet::Follow>,
+    upgrade: Upgrade,
 ) -> anyhow::Result<()> {
     // Signal handlers first: a SIGHUP or SIGTERM that arrives while the topology is read,
     // the listeners bound or the workers started must not meet the default action (which
@@ -354,11 +375,52 @@ fn run(
         ),
         None => None,
     };
+    // Taking over: the running instance's sockets serve instead of new ones.
+    // No instance there to take over from (its socket is missing or nobody listens):
+    // start by binding, so one command line serves both a first start and an upgrade.
+    let mut inherited = match &upgrade.takeover {
+        Some(p) => match envgate::upgrade::take_over(p) {
+            Ok(i) => Some(i),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                tracing::info!(socket = %p.display(), "upgrade: no running instance to take over from; binding the listeners");
+                None
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot take the listening sockets over from {}",
+                    p.display()
+                )))
+            }
+        },
+        None => None,
+    };
     let mut listeners = Vec::new();
+    let mut handed = Vec::new();
     for l in &topology.listeners {
-        let sock = server::bind(l.bind)
-            .with_context(|| format!("cannot bind listener {:?} on {}", l.name, l.bind))?;
+        let mut got = inherited
+            .as_mut()
+            .map(|i| i.take(&l.name))
+            .unwrap_or_default();
+        let sock = if got.is_empty() {
+            server::bind(l.bind)
+                .with_context(|| format!("cannot bind listener {:?} on {}", l.name, l.bind))?
+        } else {
+            got.remove(0)
+        };
         listeners.push((l.name.clone(), sock));
+        handed.extend(got.into_iter().map(|s| (l.name.clone(), s)));
+    }
+    if let Some(i) = inherited.as_mut() {
+        handed.extend(
+            i.take(envgate::upgrade::CONTROL)
+                .into_iter()
+                .map(|s| (envgate::upgrade::CONTROL.to_string(), s)),
+        );
     }
     tracing::info!(
         config = %path.display(),
@@ -377,8 +439,22 @@ fn run(
             base_dir,
             file: Some(path.clone()),
             access_log: access_log.as_ref().map(|l| l.sink()),
+            inherited: handed,
         },
     )?;
+    // The instance this one replaces stops accepting and drains.
+    if let Some(i) = inherited {
+        i.ready()
+            .context("cannot tell the replaced instance to drain")?;
+        tracing::info!("upgrade: took the listening sockets over");
+    }
+    let (handed_over, handoff) = tokio::sync::mpsc::unbounded_channel::<()>();
+    if let Some(p) = &upgrade.serve {
+        envgate::upgrade::serve(p.clone(), server.shared().sockets.clone(), move || {
+            let _ = handed_over.send(());
+        })
+        .with_context(|| format!("cannot serve handoffs on {}", p.display()))?;
+    }
     // The file is watched (not in fleet mode, where the source is); a watch that cannot
     // start leaves SIGHUP.
     let (_watch, _fleet) = match follow {
@@ -402,7 +478,7 @@ fn run(
     };
     // Under systemd (`Type=notify`): ready once every worker serves.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    wait_for_signals(&rt, signals, &server, &path, access_log.as_ref())?;
+    wait_for_signals(&rt, signals, &server, &path, access_log.as_ref(), handoff)?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     // No topology change while draining.
     drop(_fleet);
@@ -453,6 +529,7 @@ fn wait_for_signals(
     server: &Server,
     path: &std::path::Path,
     access_log: Option<&AccessLog>,
+    mut handoff: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> anyhow::Result<()> {
     let Signals {
         mut term,
@@ -475,6 +552,8 @@ fn wait_for_signals(
                 }
                 _ = term.recv() => return Ok(()),
                 _ = int.recv() => return Ok(()),
+                // A new instance took the listening sockets over: drain as on SIGTERM.
+                Some(()) = handoff.recv() => return Ok(()),
                 _ = usr1.recv() => if let Some(log) = access_log {
                     log.reopen();
                 },

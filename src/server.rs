@@ -39,6 +39,8 @@ pub struct Shared {
     pub ready: watch::Sender<bool>,
     /// Open client connections by listener, for the metrics.
     pub connections: crate::metrics::Connections,
+    /// Every listening socket, for a handoff to a new instance (`upgrade`).
+    pub sockets: Arc<crate::upgrade::Sockets>,
     /// Every worker's request counters, for the metrics and the status page.
     pub stats: crate::metrics::tally::Stats,
     /// Access log lines dropped because its writer fell behind (none without a log).
@@ -102,6 +104,8 @@ fn worker_socket(l: &StdListener, worker: usize) -> std::io::Result<StdListener>
 /// How the apply path reaches the workers' listeners.
 pub struct ListenerControl {
     pub workers: Vec<tokio::sync::mpsc::UnboundedSender<ListenerCmd>>,
+    /// Every listening socket, for a handoff to a new instance.
+    pub sockets: Arc<crate::upgrade::Sockets>,
 }
 
 impl ListenerControl {
@@ -122,8 +126,10 @@ impl ListenerControl {
     pub fn start(&self, name: &str, sock: &StdListener) -> std::io::Result<()> {
         let port = sock.local_addr()?.port();
         for (i, w) in self.workers.iter().enumerate() {
+            let own = worker_socket(sock, i)?;
+            self.sockets.add(name, &own);
             let _ = w.send(ListenerCmd::Start(
-                worker_socket(sock, i)?,
+                own,
                 ListenerMeta {
                     name: name.to_string(),
                     port,
@@ -135,6 +141,7 @@ impl ListenerControl {
 
     /// Stops accepting on listener `name` in every worker.
     pub fn stop(&self, name: &str) {
+        self.sockets.remove(name);
         for w in &self.workers {
             let _ = w.send(ListenerCmd::Stop(name.to_string()));
         }
@@ -142,7 +149,7 @@ impl ListenerControl {
 }
 
 /// How to run.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Options {
     /// Worker threads; 0 means one per CPU.
     pub workers: usize,
@@ -156,6 +163,9 @@ pub struct Options {
     pub file: Option<std::path::PathBuf>,
     /// Where the workers write their access log lines (`None`: no access log).
     pub access_log: Option<crate::accesslog::Sink>,
+    /// Listening sockets received from the instance this one replaces, by listener name
+    /// (`upgrade::CONTROL` for the control endpoint's): served instead of binding.
+    pub inherited: Vec<(String, StdListener)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,8 +214,18 @@ pub fn start(
     mut topology: Topology,
     registry: Arc<NodeRegistry>,
     listeners: Vec<(String, StdListener)>,
-    options: Options,
+    mut options: Options,
 ) -> std::io::Result<Server> {
+    // Inherited sockets besides the listeners' own (`listeners` holds one of each
+    // listener's): given to the other workers, and any left over to the first worker as
+    // extra accept loops, so that every socket the old instance had is accepted on.
+    let mut inherited: std::collections::HashMap<String, Vec<StdListener>> = Default::default();
+    for (name, sock) in std::mem::take(&mut options.inherited) {
+        inherited.entry(name).or_default().push(sock);
+    }
+    let inherited_control = inherited
+        .remove(crate::upgrade::CONTROL)
+        .and_then(|mut v| v.pop());
     for spec in &topology.listeners {
         if !listeners.iter().any(|(n, _)| *n == spec.name) {
             return Err(std::io::Error::other(format!(
@@ -246,6 +266,11 @@ pub fn start(
     // The control endpoint is bound before anything starts: an address that cannot be
     // bound fails the start with the OS error.
     let control_listener = match &topology.control {
+        Some(_) if inherited_control.is_some() => {
+            let l = inherited_control.expect("checked");
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
         Some(c) => {
             let l = bind_with(c.bind, false).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("control endpoint {}: {e}", c.bind))
@@ -263,7 +288,11 @@ pub fn start(
         connections: Default::default(),
         stats: Default::default(),
         log_dropped: options.access_log.as_ref().map(|s| s.dropped.clone()),
+        sockets: Default::default(),
     });
+    if let Some(l) = &control_listener {
+        shared.sockets.add(crate::upgrade::CONTROL, l);
+    }
     let (tx, rx) = watch::channel(false);
     let workers = match options.workers {
         0 => std::thread::available_parallelism()
@@ -279,7 +308,10 @@ pub fn start(
         shared.clone(),
         &options.document,
         &options.base_dir,
-        Some(ListenerControl { workers: senders }),
+        Some(ListenerControl {
+            workers: senders,
+            sockets: shared.sockets.clone(),
+        }),
     ));
     let mut handles = Vec::new();
     {
@@ -313,17 +345,45 @@ pub fn start(
                 })?,
         );
     }
+    // Each worker's sockets: its own for every listener (an inherited one first), and the
+    // first worker also serves the inherited sockets no worker took.
+    let mut per_worker: Vec<Vec<(StdListener, ListenerMeta)>> = Vec::new();
     for i in 0..workers {
         let mut socks = Vec::new();
         for ((name, l), (_, port)) in listeners.iter().zip(&ports) {
-            socks.push((
-                worker_socket(l, i)?,
-                ListenerMeta {
-                    name: name.clone(),
-                    port: *port,
-                },
-            ));
+            let own = match inherited.get_mut(name).filter(|v| i > 0 && !v.is_empty()) {
+                Some(v) => {
+                    let s = v.remove(0);
+                    s.set_nonblocking(true)?;
+                    s
+                }
+                None => worker_socket(l, i)?,
+            };
+            shared.sockets.add(name, &own);
+            let meta = ListenerMeta {
+                name: name.clone(),
+                port: *port,
+            };
+            socks.push((own, meta));
         }
+        per_worker.push(socks);
+    }
+    for ((name, left), (_, port)) in listeners
+        .iter()
+        .map(|(n, _)| (n.clone(), inherited.remove(n).unwrap_or_default()))
+        .zip(&ports)
+    {
+        for s in left {
+            s.set_nonblocking(true)?;
+            shared.sockets.add(&name, &s);
+            let meta = ListenerMeta {
+                name: name.clone(),
+                port: *port,
+            };
+            per_worker[0].push((s, meta));
+        }
+    }
+    for (i, socks) in per_worker.into_iter().enumerate() {
         let shared = shared.clone();
         let rx = rx.clone();
         let cmds = receivers.remove(0);
@@ -386,32 +446,32 @@ async fn worker_main(
     let (local_tx, local_rx) = watch::channel(false);
     // The accept loop of each listener, by name: an apply may stop one (its connections
     // go on) or start a new one.
-    let mut loops: std::collections::HashMap<String, tokio::task::JoinHandle<()>> =
+    let mut loops: std::collections::HashMap<String, Vec<tokio::task::JoinHandle<()>>> =
         Default::default();
-    let start = |loops: &mut std::collections::HashMap<String, tokio::task::JoinHandle<()>>,
-                 sock: StdListener,
-                 meta: ListenerMeta| {
-        match tokio::net::TcpListener::from_std(sock) {
-            Ok(listener) => {
-                let name = meta.name.clone();
-                let active = shared.connections.slot(&name);
-                let task = tokio::task::spawn_local(accept_loop(
-                    worker.clone(),
-                    listener,
-                    Rc::new(meta),
-                    local_rx.clone(),
-                    tracker.clone(),
-                    active,
-                ));
-                if let Some(old) = loops.insert(name, task) {
-                    old.abort();
+    let start =
+        |loops: &mut std::collections::HashMap<String, Vec<tokio::task::JoinHandle<()>>>,
+         sock: StdListener,
+         meta: ListenerMeta| {
+            match tokio::net::TcpListener::from_std(sock) {
+                Ok(listener) => {
+                    let name = meta.name.clone();
+                    let active = shared.connections.slot(&name);
+                    let task = tokio::task::spawn_local(accept_loop(
+                        worker.clone(),
+                        listener,
+                        Rc::new(meta),
+                        local_rx.clone(),
+                        tracker.clone(),
+                        active,
+                    ));
+                    // A listener may have several sockets in one worker (inherited ones).
+                    loops.entry(name).or_default().push(task);
+                }
+                Err(e) => {
+                    tracing::error!(listener = %meta.name, error = %e, "cannot serve listener")
                 }
             }
-            Err(e) => {
-                tracing::error!(listener = %meta.name, error = %e, "cannot serve listener")
-            }
-        }
-    };
+        };
     for (sock, meta) in socks {
         start(&mut loops, sock, meta);
     }
@@ -424,7 +484,7 @@ async fn worker_main(
             cmd = cmds.recv() => match cmd {
                 Some(ListenerCmd::Start(sock, meta)) => start(&mut loops, sock, meta),
                 Some(ListenerCmd::Stop(name)) => {
-                    if let Some(task) = loops.remove(&name) {
+                    for task in loops.remove(&name).unwrap_or_default() {
                         task.abort();
                     }
                 }

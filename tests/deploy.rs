@@ -244,8 +244,19 @@ async fn the_configmap_topology_answers_the_probes_and_follows_a_swap() {
 }
 
 #[test]
-fn the_systemd_unit_is_notify_and_hardened() {
-    let unit = deploy("envgate.service");
+fn the_systemd_units_are_notify_and_hardened() {
+    for name in ["envgate.service", "envgate@.service"] {
+        unit_is_notify_and_hardened(&deploy(name));
+    }
+    // The template takes over from its sibling through the socket both use.
+    let template = deploy("envgate@.service");
+    assert!(template.contains(
+        "--upgrade-socket /run/envgate/upgrade.sock --takeover /run/envgate/upgrade.sock"
+    ));
+    assert!(template.contains("RuntimeDirectoryPreserve=yes"));
+}
+
+fn unit_is_notify_and_hardened(unit: &str) {
     let keys: HashMap<&str, &str> = unit
         .lines()
         .filter(|l| !l.starts_with('#'))

@@ -57,6 +57,7 @@ fn follower(port: u16, node: SocketAddr, token: &std::path::Path) -> Follower {
             base_dir: dir.path().to_path_buf(),
             file: None,
             access_log: None,
+            inherited: Vec::new(),
         },
     )
     .unwrap();

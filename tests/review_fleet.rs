@@ -81,6 +81,7 @@ async fn a_follower_never_takes_the_sources_listeners() {
             base_dir: dir.path().to_path_buf(),
             file: None,
             access_log: None,
+            inherited: Vec::new(),
         },
     )
     .unwrap();

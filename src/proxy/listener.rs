@@ -44,6 +44,10 @@ pub struct ListenerMeta {
     pub port: u16,
 }
 
+/// How long a connection accepted before shutdown, that has not sent its first request
+/// yet, is given to send it.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 pub async fn accept_loop(
     worker: Rc<Worker>,
     listener: TcpListener,
@@ -194,6 +198,31 @@ async fn serve(
         };
         let conn = worker.http1.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);
+        // On shutdown, HTTP/1 closes after the response in flight. A connection whose first
+        // request has not begun yet (its bytes may be here or on the way: the listening
+        // socket was handed to a new instance, or the client just connected) gets a short
+        // grace to send it, so that it is answered rather than reset.
+        macro_rules! finish {
+            () => {{
+                if info.requests.get() == 0 {
+                    let grace = tokio::time::sleep(FIRST_REQUEST_GRACE);
+                    tokio::pin!(grace);
+                    loop {
+                        tokio::select! {
+                            _ = conn.as_mut() => return,
+                            () = &mut grace => break,
+                            () = tokio::time::sleep(Duration::from_millis(5)) => {
+                                if info.requests.get() > 0 {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }};
+        }
         // A first byte that came late: what is left of `client_header` bounds the head.
         // A wait of up to a tenth of the bound (most new connections wait a little for
         // their first bytes) is left to hyper's own timer, which then ends at most 10% late:
@@ -203,8 +232,7 @@ async fn serve(
             tokio::select! {
                 _ = conn.as_mut() => return,
                 _ = shutdown.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    finish!();
                     return;
                 }
                 () = tokio::time::sleep_until(since + timeouts.client_header) => {
@@ -216,10 +244,7 @@ async fn serve(
         }
         tokio::select! {
             _ = conn.as_mut() => {}
-            _ = shutdown.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
+            _ = shutdown.changed() => finish!(),
         }
     }
 }

@@ -430,6 +430,7 @@ impl Envgate {
                 base_dir: dir.path().to_path_buf(),
                 file: Some(path.clone()),
                 access_log: Some(log.sink()),
+                inherited: Vec::new(),
             },
         )
         .unwrap();
