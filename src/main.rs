@@ -404,7 +404,7 @@ fn run(
     for l in &topology.listeners {
         let mut got = inherited
             .as_mut()
-            .map(|i| i.take(&l.name))
+            .map(|i| i.take(&l.name, l.bind))
             .unwrap_or_default();
         let sock = if got.is_empty() {
             server::bind(l.bind)
@@ -415,9 +415,9 @@ fn run(
         listeners.push((l.name.clone(), sock));
         handed.extend(got.into_iter().map(|s| (l.name.clone(), s)));
     }
-    if let Some(i) = inherited.as_mut() {
+    if let (Some(i), Some(c)) = (inherited.as_mut(), &topology.control) {
         handed.extend(
-            i.take(envgate::upgrade::CONTROL)
+            i.take(envgate::upgrade::CONTROL, c.bind)
                 .into_iter()
                 .map(|s| (envgate::upgrade::CONTROL.to_string(), s)),
         );
@@ -442,12 +442,6 @@ fn run(
             inherited: handed,
         },
     )?;
-    // The instance this one replaces stops accepting and drains.
-    if let Some(i) = inherited {
-        i.ready()
-            .context("cannot tell the replaced instance to drain")?;
-        tracing::info!("upgrade: took the listening sockets over");
-    }
     let (handed_over, handoff) = tokio::sync::mpsc::unbounded_channel::<()>();
     if let Some(p) = &upgrade.serve {
         envgate::upgrade::serve(p.clone(), server.shared().sockets.clone(), move || {
@@ -476,6 +470,13 @@ fn run(
             }
         },
     };
+    // The instance this one replaces stops accepting and drains: the last step, once
+    // nothing else here can fail.
+    if let Some(i) = inherited {
+        i.ready()
+            .context("cannot tell the replaced instance to drain")?;
+        tracing::info!("upgrade: took the listening sockets over");
+    }
     // Under systemd (`Type=notify`): ready once every worker serves.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     wait_for_signals(&rt, signals, &server, &path, access_log.as_ref(), handoff)?;

@@ -60,31 +60,43 @@ impl Sockets {
 pub fn serve(
     path: PathBuf,
     sockets: Arc<Sockets>,
-    handed_over: impl Fn() + Send + 'static,
+    handed_over: impl Fn() + Send + Sync + 'static,
 ) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
+    // Whoever connects gets every listening socket: the owner only.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let handed_over = Arc::new(handed_over);
     std::thread::Builder::new()
         .name("envgate-upgrade".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
-                match hand_over(&mut conn, &sockets) {
-                    Ok(()) => {
-                        // The path is left alone: the new instance may serve handoffs on
-                        // it already.
-                        tracing::info!("upgrade: the new instance serves the listeners; draining");
-                        handed_over();
-                        return;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "upgrade: handoff failed; still serving"),
-                }
+                // One thread per peer: a peer that says nothing does not hold the next.
+                let (sockets, handed_over) = (sockets.clone(), handed_over.clone());
+                let _ = std::thread::Builder::new()
+                    .name("envgate-handoff".into())
+                    .spawn(move || match hand_over(&mut conn, &sockets) {
+                        Ok(()) => {
+                            // The path is left alone: the new instance may serve handoffs
+                            // on it already.
+                            tracing::info!(
+                                "upgrade: the new instance serves the listeners; draining"
+                            );
+                            handed_over();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "upgrade: handoff failed; still serving")
+                        }
+                    });
             }
         })?;
     Ok(())
 }
 
 fn hand_over(conn: &mut UnixStream, sockets: &Sockets) -> std::io::Result<()> {
+    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
     let all: Vec<(String, StdListener)> = sockets
         .lock()
         .iter()
@@ -127,12 +139,17 @@ pub struct Inherited {
 }
 
 impl Inherited {
-    /// Takes the sockets listener `name` was served with (none when the old instance
-    /// had no such listener).
-    pub fn take(&mut self, name: &str) -> Vec<StdListener> {
+    /// Takes the sockets listener `name` was served with, if they are bound to `addr`
+    /// (port 0: any port of its IP); none when the old instance had no such listener or
+    /// had it elsewhere (the new instance binds it where its topology says).
+    pub fn take(&mut self, name: &str, addr: std::net::SocketAddr) -> Vec<StdListener> {
+        let at = |s: &StdListener| {
+            s.local_addr()
+                .is_ok_and(|a| a == addr || (addr.port() == 0 && a.ip() == addr.ip()))
+        };
         let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sockets)
             .into_iter()
-            .partition(|(n, _)| n == name);
+            .partition(|(n, s)| n == name && at(s));
         self.sockets = rest;
         mine.into_iter().map(|(_, s)| s).collect()
     }
