@@ -346,28 +346,30 @@ fn run(
     let local = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
     // Fleet mode starts from the source's topology when it answers, else from the file's.
+    let base_dir = base_dir_of(&path);
+    let parse_local =
+        || config::parse(&local, &base_dir).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
     let mut fetched_hash = None;
-    let document = match &follow {
+    let (document, topology) = match &follow {
         Some(f) => match fleet::fetch_once(f, &local) {
             // A document this instance refuses does not stop it: it starts from its file.
-            Ok((merged, hash)) if config::parse(&merged, &base_dir_of(&path)).is_ok() => {
-                fetched_hash = Some(hash);
-                merged
-            }
-            Ok(_) => {
-                tracing::warn!(source = %f.url, "fleet: the source's topology is refused here; starting from the file's");
-                local.clone()
-            }
+            Ok((merged, hash)) => match config::parse(&merged, &base_dir) {
+                Ok(t) => {
+                    fetched_hash = Some(hash);
+                    (merged, t)
+                }
+                Err(e) => {
+                    tracing::warn!(source = %f.url, error = %e, "fleet: the source's topology is refused here; starting from the file's");
+                    (local.clone(), parse_local()?)
+                }
+            },
             Err(e) => {
                 tracing::warn!(source = %f.url, error = %e, "fleet: the source did not answer; starting from the file's topology");
-                local.clone()
+                (local.clone(), parse_local()?)
             }
         },
-        None => local.clone(),
+        None => (local.clone(), parse_local()?),
     };
-    let base_dir = base_dir_of(&path);
-    let topology = config::parse(&document, &base_dir)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let access_log = match access_log {
         Some((target, format)) => Some(
             AccessLog::start(target.clone(), format)

@@ -274,14 +274,6 @@ fn write_conf(dir: &std::path::Path, port: u16, node: std::net::SocketAddr) -> s
     conf
 }
 
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn signal(child: &Child, sig: &str) {
     assert!(Command::new("kill")
         .args([sig, &child.0.id().to_string()])

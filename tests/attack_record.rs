@@ -28,65 +28,6 @@ fn control(api: u16) -> String {
     format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n")
 }
 
-/// Samples by `name{labels}`, the labels sorted by name.
-fn samples(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (k, v) = l.rsplit_once(' ').unwrap();
-            let k = match k.split_once('{') {
-                Some((name, labels)) => {
-                    let mut labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
-                    labels.sort_unstable();
-                    format!("{name}{{{}}}", labels.join(","))
-                }
-                None => k.to_string(),
-            };
-            (k, v.parse().unwrap())
-        })
-        .collect()
-}
-
-async fn scrape(api: u16) -> (String, HashMap<String, f64>) {
-    let r = get(api, "localhost", "/metrics").await;
-    assert_eq!(r.status, 200);
-    let text = r.text().to_string();
-    let s = samples(&text);
-    (text, s)
-}
-
-/// Polls the scrape until `ok` holds (bounded); the last scrape.
-async fn until(
-    api: u16,
-    what: &str,
-    ok: impl Fn(&HashMap<String, f64>) -> bool,
-) -> HashMap<String, f64> {
-    for _ in 0..400 {
-        let (_, s) = scrape(api).await;
-        if ok(&s) {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let (text, _) = scrape(api).await;
-    panic!("never: {what}\n{text}");
-}
-
-/// The sum of the samples of `name` whose labels include every one of `labels`.
-fn sum(s: &HashMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
-    s.iter()
-        .filter(|(k, _)| {
-            k.split_once('{').is_some_and(|(n, l)| {
-                n == name
-                    && labels
-                        .iter()
-                        .all(|want| l.trim_end_matches('}').split(',').any(|x| x == *want))
-            })
-        })
-        .map(|(_, v)| v)
-        .sum()
-}
-
 fn requests(env: &str, node: &str, code: u16) -> String {
     format!("envgate_requests_total{{code=\"{code}\",environment=\"{env}\",node=\"{node}\"}}")
 }

@@ -157,14 +157,6 @@ fn the_manifests_agree_with_the_topology_they_ship() {
     );
 }
 
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The ConfigMap's topology, on local ports and nodes, in the layout the kubelet gives a
 /// mounted ConfigMap (`envgate.yaml -> ..data/envgate.yaml`, `..data -> ..<version>`):
 /// envgate answers the probes, serves, and follows the swap of `..data`.

@@ -264,13 +264,6 @@ async fn the_command_line_follows_a_source() {
     )
     .unwrap();
     assert_eq!(node_at("127.0.0.2", port).await, None, "nothing there yet");
-    struct Child(std::process::Child);
-    impl Drop for Child {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let _child = Child(
         std::process::Command::new(env!("CARGO_BIN_EXE_envgate"))
             .args([

@@ -8,14 +8,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn envgate(args: &[&str], conf: &std::path::Path) -> Child {
     Child(
         Command::new(env!("CARGO_BIN_EXE_envgate"))

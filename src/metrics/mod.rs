@@ -83,6 +83,21 @@ impl Connections {
     }
 }
 
+/// A sample with `labels` and no value yet.
+fn labelled(labels: &[(&str, &str)]) -> proto::Metric {
+    proto::Metric::from_label(
+        labels
+            .iter()
+            .map(|(k, v)| {
+                let mut l = LabelPair::default();
+                l.set_name(k.to_string());
+                l.set_value(v.to_string());
+                l
+            })
+            .collect(),
+    )
+}
+
 /// Families, built one scrape at a time.
 #[derive(Default)]
 struct Families(Vec<MetricFamily>);
@@ -101,17 +116,7 @@ impl Families {
     /// One sample of the last family.
     fn sample(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
         let f = self.0.last_mut().expect("a family comes first");
-        let mut m = proto::Metric::from_label(
-            labels
-                .iter()
-                .map(|(k, v)| {
-                    let mut l = LabelPair::default();
-                    l.set_name(k.to_string());
-                    l.set_value(v.to_string());
-                    l
-                })
-                .collect(),
-        );
+        let mut m = labelled(labels);
         match f.get_field_type() {
             MetricType::COUNTER => {
                 let mut c = proto::Counter::default();
@@ -131,17 +136,7 @@ impl Families {
     /// One histogram of the last family (seconds, from nanosecond bins).
     fn histogram(&mut self, labels: &[(&str, &str)], h: &tally::HistogramTotals) -> &mut Self {
         let f = self.0.last_mut().expect("a family comes first");
-        let mut m = proto::Metric::from_label(
-            labels
-                .iter()
-                .map(|(k, v)| {
-                    let mut l = LabelPair::default();
-                    l.set_name(k.to_string());
-                    l.set_value(v.to_string());
-                    l
-                })
-                .collect(),
-        );
+        let mut m = labelled(labels);
         let mut p = proto::Histogram::default();
         let mut cumulative = 0;
         let mut buckets = Vec::with_capacity(tally::BUCKETS.len());

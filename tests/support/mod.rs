@@ -920,3 +920,69 @@ pub fn rendered(url: &str) -> Option<String> {
         Err(e) => panic!("chromium is needed in CI: {e}"),
     }
 }
+
+// Metrics, as a scrape of the control endpoint's `/metrics` reads.
+
+/// Samples by `name{labels}`, the labels sorted by name (label values here hold no
+/// commas).
+pub fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {l:?}"));
+            let k = match k.split_once('{') {
+                Some((name, labels)) => {
+                    let mut labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                    labels.sort_unstable();
+                    format!("{name}{{{}}}", labels.join(","))
+                }
+                None => k.to_string(),
+            };
+            (k, v.parse().unwrap_or_else(|_| panic!("bad value {l:?}")))
+        })
+        .collect()
+}
+
+pub async fn scrape(port: u16) -> (String, HashMap<String, f64>) {
+    let r = get(port, "localhost", "/metrics").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ct = r.headers["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    let text = r.text().to_string();
+    let s = samples(&text);
+    (text, s)
+}
+
+/// Polls the scrape until `ok` holds (bounded), and returns the last one.
+pub async fn until(
+    port: u16,
+    what: &str,
+    ok: impl Fn(&HashMap<String, f64>) -> bool,
+) -> HashMap<String, f64> {
+    for _ in 0..400 {
+        let (_, s) = scrape(port).await;
+        if ok(&s) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (text, _) = scrape(port).await;
+    panic!("never: {what}\n{text}");
+}
+
+/// The sum of the samples of `name` whose labels include every one of `labels`.
+pub fn sum(s: &HashMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
+    s.iter()
+        .filter(|(k, _)| {
+            k.split_once('{').is_some_and(|(n, l)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|want| l.trim_end_matches('}').split(',').any(|x| x == *want))
+            })
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
