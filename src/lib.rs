@@ -23,5 +23,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod tls;
 pub mod topology;
 pub mod upgrade;

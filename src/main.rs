@@ -293,13 +293,18 @@ fn check(files: &[PathBuf]) -> ExitCode {
     let mut worst = 0u8;
     for file in files {
         match config::load_file(file) {
-            Ok(t) => println!(
-                "{}: ok ({} listeners, {} nodes, {} environments)",
-                file.display(),
-                t.listeners.len(),
-                t.nodes.len(),
-                t.environments.len()
-            ),
+            Ok(t) => {
+                for w in &t.warnings {
+                    println!("{}: warning: {w}", file.display());
+                }
+                println!(
+                    "{}: ok ({} listeners, {} nodes, {} environments)",
+                    file.display(),
+                    t.listeners.len(),
+                    t.nodes.len(),
+                    t.environments.len()
+                )
+            }
             Err(LoadError::Invalid(errors)) => {
                 for e in errors {
                     println!("{}: {e}", file.display());
@@ -472,6 +477,14 @@ fn run(
             }
         },
     };
+    // Certificates, keys and CA files are watched in every mode.
+    let _files = match watch::spawn_files(server.control().clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the certificate files; reload them with SIGHUP");
+            None
+        }
+    };
     // The instance this one replaces stops accepting and drains: the last step, once
     // nothing else here can fail.
     if let Some(i) = inherited {
@@ -486,6 +499,7 @@ fn run(
     // No topology change while draining.
     drop(_fleet);
     drop(_watch);
+    drop(_files);
     tracing::info!("shutting down: draining connections");
     server.shutdown();
     if let Some(log) = access_log {

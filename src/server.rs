@@ -122,8 +122,9 @@ impl ListenerControl {
         bind_with(spec.bind, false)
     }
 
-    /// Starts serving `sock` on every worker.
-    pub fn start(&self, name: &str, sock: &StdListener) -> std::io::Result<()> {
+    /// Starts serving `sock` on every worker (a TLS listener's certificates are those of
+    /// the live topology's listener `name`).
+    pub fn start(&self, name: &str, sock: &StdListener, tls: bool) -> std::io::Result<()> {
         let port = sock.local_addr()?.port();
         for (i, w) in self.workers.iter().enumerate() {
             let own = worker_socket(sock, i)?;
@@ -133,6 +134,7 @@ impl ListenerControl {
                 ListenerMeta {
                     name: name.to_string(),
                     port,
+                    tls,
                 },
             ));
         }
@@ -236,6 +238,9 @@ pub fn start(
     }
     if topology.generation == 0 {
         topology.generation = 1;
+        for w in &topology.warnings {
+            tracing::warn!("{w}");
+        }
     }
     registry.bind(&mut topology);
     let ports: Vec<(String, u16)> = listeners
@@ -348,6 +353,13 @@ pub fn start(
     // Each worker's sockets: its own for every listener (an inherited one first), and the
     // first worker also serves the inherited sockets no worker took.
     let mut per_worker: Vec<Vec<(StdListener, ListenerMeta)>> = Vec::new();
+    let first = shared.topology.load_full();
+    let is_tls = |name: &str| {
+        first
+            .listeners
+            .iter()
+            .any(|l| l.name == name && l.tls.is_some())
+    };
     for i in 0..workers {
         let mut socks = Vec::new();
         for ((name, l), (_, port)) in listeners.iter().zip(&ports) {
@@ -363,6 +375,7 @@ pub fn start(
             let meta = ListenerMeta {
                 name: name.clone(),
                 port: *port,
+                tls: is_tls(name),
             };
             socks.push((own, meta));
         }
@@ -379,6 +392,7 @@ pub fn start(
             let meta = ListenerMeta {
                 name: name.clone(),
                 port: *port,
+                tls: is_tls(&name),
             };
             per_worker[0].push((s, meta));
         }

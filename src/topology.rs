@@ -42,6 +42,12 @@ pub struct Topology {
     /// Counter slots of all applications (see `Application::slot`).
     pub slots: usize,
     pub access_log: AccessLogSpec,
+    /// Things worth an operator's look that do not refuse the topology (logged when it is
+    /// applied, printed by `envgate check`).
+    pub warnings: Vec<String>,
+    /// Files read at validation besides the document (certificates, keys, CA files): a
+    /// change of one reloads the topology.
+    pub files: Vec<PathBuf>,
 }
 
 /// Which exchanges the access log writes (where and in which format is the command
@@ -71,7 +77,13 @@ pub struct ListenerSpec {
 
 #[derive(Debug, Clone)]
 pub struct TlsSpec {
+    /// Certificate and key files, as resolved.
     pub certificates: Vec<(PathBuf, PathBuf)>,
+    pub unknown_sni: crate::tls::UnknownName,
+    pub http2: bool,
+    pub session_resumption: bool,
+    /// Built at validation from the files' contents.
+    pub server: Arc<crate::tls::ServerTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +279,8 @@ pub struct Node {
     pub drain: bool,
     /// Health and drain, shared with the checker and carried across reloads.
     pub state: Arc<NodeState>,
+    /// Spoken to over TLS (`None`: cleartext).
+    pub tls: Option<Arc<crate::tls::NodeTls>>,
 }
 
 #[derive(Debug)]

@@ -45,6 +45,21 @@ pub struct RawListener {
 #[derive(Debug, Deserialize)]
 pub struct RawTls {
     pub certificates: Vec<RawCertificate>,
+    /// `default` (the first certificate) or `refuse`: a client naming a host no
+    /// certificate covers.
+    pub unknown_sni: Option<String>,
+    /// Whether HTTP/2 is offered by ALPN (default true).
+    pub http2: Option<bool>,
+    /// Whether clients may resume sessions (tickets, session ids; default true).
+    pub session_resumption: Option<bool>,
+}
+
+/// `tls: { server_name: orders.internal, ca: certs/internal-ca.pem }` on a node; `tls: {}`
+/// verifies against the system's roots for the address's host.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawNodeTls {
+    pub server_name: Option<String>,
+    pub ca: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +155,8 @@ pub struct RawNode {
     pub health: Option<RawHealth>,
     /// Whether the node is drained: no new requests, those in flight finish.
     pub drain: Option<bool>,
+    /// Spoken to over TLS.
+    pub tls: Option<RawNodeTls>,
 }
 
 #[derive(Debug, Deserialize)]

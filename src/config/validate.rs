@@ -28,8 +28,9 @@ pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(30 
 /// Protocols an environment lets clients switch to when it names none.
 pub const DEFAULT_UPGRADES: &[&str] = &["websocket"];
 
+/// Problems found (`.0`), warnings (`.1`) and the files read besides the document (`.2`).
 #[derive(Default)]
-struct Errors(Vec<ConfigError>);
+struct Errors(Vec<ConfigError>, Vec<String>, Vec<PathBuf>);
 
 impl Errors {
     fn push(&mut self, path: impl Into<String>, kind: ErrorKind, message: impl Into<String>) {
@@ -65,7 +66,7 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
         .as_ref()
         .and_then(|c| control(c, base_dir, &mut errs));
     let defaults = defaults(&raw.defaults, &mut errs);
-    let (nodes, node_ids) = nodes(&raw, &defaults, &mut errs);
+    let (nodes, node_ids) = nodes(&raw, &defaults, base_dir, &mut errs);
 
     let env_ids: HashMap<&str, EnvId> = raw
         .environments
@@ -129,6 +130,26 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
                         path(),
                         format!("entry \"{entry}\" is claimed by environments {other_name:?} ({other_path}) and {name:?}"),
                     );
+                }
+            }
+            // An entry on a TLS listener that no certificate covers: clients verifying the
+            // certificate refuse it, and envgate answers such a Host with 421.
+            if let crate::routing::host::EntryHost::Exact(h) = &entry.host {
+                for l in listeners.iter().filter(|l| l.bind.port() == entry.port) {
+                    if let Some(t) = &l.tls {
+                        if !t
+                            .server
+                            .certs
+                            .list
+                            .iter()
+                            .any(|c| c.names.covers(h.as_bytes()))
+                        {
+                            errs.1.push(format!(
+                                "entry \"{entry}\" of environment {name:?}: no certificate of listener {:?} covers {h}",
+                                l.name
+                            ));
+                        }
+                    }
                 }
             }
             env_entries.push(entry.to_string());
@@ -339,6 +360,8 @@ pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<Confi
             entries,
             slots,
             access_log,
+            warnings: std::mem::take(&mut errs.1),
+            files: std::mem::take(&mut errs.2),
             env_index: environments
                 .iter()
                 .enumerate()
@@ -469,38 +492,10 @@ fn listeners(raw: &[RawListener], base: &Path, errs: &mut Errors) -> Vec<Listene
                 ),
             );
         }
-        let tls = l.tls.as_ref().map(|t| {
-            errs.value(
-                format!("{at}.tls"),
-                format!(
-                    "listener {:?}: TLS termination is not available in this version",
-                    l.name
-                ),
-            );
-            if t.certificates.is_empty() {
-                errs.value(
-                    format!("{at}.tls.certificates"),
-                    "a TLS listener needs at least one certificate",
-                );
-            }
-            let mut certificates = Vec::new();
-            for (k, c) in t.certificates.iter().enumerate() {
-                let cert = existing_file(
-                    base,
-                    &c.cert,
-                    &format!("{at}.tls.certificates[{k}].cert"),
-                    errs,
-                );
-                let key = existing_file(
-                    base,
-                    &c.key,
-                    &format!("{at}.tls.certificates[{k}].key"),
-                    errs,
-                );
-                certificates.push((cert, key));
-            }
-            TlsSpec { certificates }
-        });
+        let tls = l
+            .tls
+            .as_ref()
+            .and_then(|t| listener_tls(&at, &l.name, t, base, errs));
         out.push(ListenerSpec {
             name: l.name.clone(),
             bind,
@@ -508,6 +503,98 @@ fn listeners(raw: &[RawListener], base: &Path, errs: &mut Errors) -> Vec<Listene
         });
     }
     out
+}
+
+/// A TLS listener's certificates, read and checked; `None` (with the errors recorded) when
+/// one cannot serve.
+fn listener_tls(
+    at: &str,
+    name: &str,
+    t: &crate::config::raw::RawTls,
+    base: &Path,
+    errs: &mut Errors,
+) -> Option<TlsSpec> {
+    use crate::tls::UnknownName;
+    if t.certificates.is_empty() {
+        errs.value(
+            format!("{at}.tls.certificates"),
+            "a TLS listener needs at least one certificate",
+        );
+        return None;
+    }
+    let unknown_sni = match t.unknown_sni.as_deref() {
+        None | Some("default") => UnknownName::Default,
+        Some("refuse") => UnknownName::Refuse,
+        Some(other) => {
+            errs.value(
+                format!("{at}.tls.unknown_sni"),
+                format!(
+                    "unknown_sni {other:?} must be `default` (the first certificate) or `refuse`"
+                ),
+            );
+            UnknownName::Default
+        }
+    };
+    let mut fp = rustc_hash::FxHasher::default();
+    let mut certificates = Vec::new();
+    let mut loaded = Vec::new();
+    let mut ok = true;
+    for (k, c) in t.certificates.iter().enumerate() {
+        let before = errs.0.len();
+        let cert = existing_file(
+            base,
+            &c.cert,
+            &format!("{at}.tls.certificates[{k}].cert"),
+            errs,
+        );
+        let key = existing_file(
+            base,
+            &c.key,
+            &format!("{at}.tls.certificates[{k}].key"),
+            errs,
+        );
+        errs.2.push(cert.clone());
+        errs.2.push(key.clone());
+        if errs.0.len() > before {
+            ok = false;
+            continue;
+        }
+        match crate::tls::load_cert(&cert, &key, &mut fp) {
+            Ok(c) => {
+                if c.names.all().next().is_none() {
+                    errs.1.push(format!(
+                        "listener {name:?}: certificate {} names no host: it is only served as the default",
+                        cert.display()
+                    ));
+                }
+                loaded.push(c);
+            }
+            Err(e) => {
+                ok = false;
+                errs.value(format!("{at}.tls.certificates[{k}]"), e);
+            }
+        }
+        certificates.push((cert, key));
+    }
+    if !ok {
+        return None;
+    }
+    let http2 = t.http2.unwrap_or(true);
+    let session_resumption = t.session_resumption.unwrap_or(true);
+    let fp = std::hash::Hasher::finish(&fp);
+    match crate::tls::server(loaded, unknown_sni, http2, session_resumption, fp) {
+        Ok(server) => Some(TlsSpec {
+            certificates,
+            unknown_sni,
+            http2,
+            session_resumption,
+            server: Arc::new(server),
+        }),
+        Err(e) => {
+            errs.value(format!("{at}.tls"), e);
+            None
+        }
+    }
 }
 
 fn existing_file(base: &Path, file: &str, at: &str, errs: &mut Errors) -> PathBuf {
@@ -870,6 +957,7 @@ fn weight(at: impl FnOnce() -> String, w: Option<i64>, default: u32, errs: &mut 
 fn nodes<'r>(
     raw: &'r RawTopology,
     defaults: &Defaults,
+    base: &Path,
     errs: &mut Errors,
 ) -> (Vec<Node>, HashMap<&'r str, NodeId>) {
     let mut out = Vec::with_capacity(raw.nodes.len());
@@ -910,6 +998,29 @@ fn nodes<'r>(
             Some(h) => health(&format!("{}.health", at()), h, &defaults.health, errs),
             None => defaults.health.clone(),
         };
+        let tls = n.tls.as_ref().and_then(|t| {
+            let at = format!("{}.tls", at());
+            let ca =
+                t.ca.as_deref()
+                    .map(|ca| existing_file(base, ca, &format!("{at}.ca"), errs));
+            if let Some(ca) = &ca {
+                errs.2.push(ca.clone());
+                if !ca.is_file() {
+                    return None;
+                }
+            }
+            let server_name = t
+                .server_name
+                .clone()
+                .unwrap_or_else(|| addr.ip().to_string());
+            match crate::tls::node(&server_name, ca.as_deref()) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    errs.value(at, e);
+                    None
+                }
+            }
+        });
         // A state of its own: validation touches no live node (the apply step binds each
         // node to its live state, `NodeRegistry::bind`, once the document is accepted).
         let state = Arc::new(NodeState::new(health.trust_unknown));
@@ -925,6 +1036,7 @@ fn nodes<'r>(
             health,
             drain: n.drain.unwrap_or(false),
             state,
+            tls,
         });
     }
     (out, ids)

@@ -56,6 +56,39 @@ pub fn diff(old: &Topology, new: &Topology) -> Diff {
     if old.defaults != new.defaults {
         out.push("defaults changed".to_string());
     }
+    // Listeners, by name: added, removed, moved, or serving other certificates.
+    for l in &new.listeners {
+        match old.listeners.iter().find(|o| o.name == l.name) {
+            None => out.push(format!("+listener {} ({})", l.name, l.bind)),
+            Some(o) if o.bind != l.bind => out.push(format!(
+                "listener {}: bind {} -> {}",
+                l.name, o.bind, l.bind
+            )),
+            Some(o) => match (&o.tls, &l.tls) {
+                (Some(a), Some(b)) => {
+                    if a.certificates != b.certificates
+                        || a.server.fingerprint != b.server.fingerprint
+                    {
+                        out.push(format!("listener {}: certificates reloaded", l.name));
+                    }
+                    if a.unknown_sni != b.unknown_sni
+                        || a.http2 != b.http2
+                        || a.session_resumption != b.session_resumption
+                    {
+                        out.push(format!("listener {}: TLS settings changed", l.name));
+                    }
+                }
+                (None, Some(_)) => out.push(format!("listener {}: TLS on", l.name)),
+                (Some(_), None) => out.push(format!("listener {}: TLS off", l.name)),
+                (None, None) => {}
+            },
+        }
+    }
+    for o in &old.listeners {
+        if !new.listeners.iter().any(|l| l.name == o.name) {
+            out.push(format!("-listener {}", o.name));
+        }
+    }
 
     // Nodes, by name.
     let old_nodes: HashMap<&str, usize> = old
@@ -103,6 +136,9 @@ pub fn diff(old: &Topology, new: &Topology) -> Diff {
                 }
                 if o.health != n.health {
                     out.push(format!("node {}: health check changed", n.name));
+                }
+                if o.tls != n.tls {
+                    out.push(format!("node {}: TLS changed", n.name));
                 }
             }
         }

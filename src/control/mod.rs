@@ -44,6 +44,8 @@ pub enum Source {
     Rollback,
     /// Another instance (fleet mode).
     Fleet,
+    /// A certificate, key or CA file the topology reads changed (watched).
+    Certificates,
 }
 
 impl Source {
@@ -55,6 +57,7 @@ impl Source {
             Source::Api => "api",
             Source::Rollback => "rollback",
             Source::Fleet => "fleet",
+            Source::Certificates => "certificates",
         }
     }
 }
@@ -79,7 +82,7 @@ impl Outcome {
 
 /// Applies by source and result, since start (`envgate_topology_reloads_total`).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ReloadCounts([[u64; 3]; 6]);
+pub struct ReloadCounts([[u64; 3]; 7]);
 
 impl ReloadCounts {
     pub fn get(&self, source: Source, result: Outcome) -> u64 {
@@ -347,6 +350,22 @@ impl Control {
         self.apply_inner(source, text, Some(parsed), false, None)
     }
 
+    /// Applies `current`'s document again, already parsed with the files it reads (a
+    /// certificate renewed): only if `current` is still live.
+    pub fn apply_files(
+        &self,
+        current: &Current,
+        parsed: Result<Topology, LoadError>,
+    ) -> Result<Applied, ApplyError> {
+        self.apply_inner(
+            Source::Certificates,
+            &current.document,
+            Some(parsed),
+            false,
+            Some(current.generation),
+        )
+    }
+
     fn apply_inner(
         &self,
         source: Source,
@@ -360,7 +379,19 @@ impl Control {
         if let Some(b) = base.filter(|b| *b != generation) {
             return Err(ApplyError::Stale(b, generation));
         }
-        if text == &*running {
+        // The same document read again (SIGHUP, a certificate that changed): the files it
+        // names are read again too, and new contents make it a change.
+        let mut parsed = parsed;
+        let mut same = text == &*running;
+        if same && !self.shared.topology.load().files.is_empty() {
+            give_way();
+            let again = parsed.take().unwrap_or_else(|| self.parse(text));
+            same = again
+                .as_ref()
+                .is_ok_and(|t| diff::diff(&self.shared.topology.load(), t).is_empty());
+            parsed = Some(again);
+        }
+        if same {
             if !dry_run {
                 tracing::info!(
                     source = source.as_str(),
@@ -492,6 +523,9 @@ impl Control {
                 replaced,
             });
         }
+        for w in &topology.warnings {
+            tracing::warn!(source = source.as_str(), "{w}");
+        }
         let generation = self.swap(&live, topology);
         inner.retired.push(live);
         // Those only this list still holds are freed on a thread of their own.
@@ -512,7 +546,14 @@ impl Control {
                 tracing::info!(listener = %name, "listener closed");
             }
             for (name, sock) in &bound {
-                match lc.start(name, sock) {
+                let tls = self
+                    .shared
+                    .topology
+                    .load()
+                    .listeners
+                    .iter()
+                    .any(|l| l.name == *name && l.tls.is_some());
+                match lc.start(name, sock, tls) {
                     Ok(()) => {
                         tracing::info!(listener = %name, address = ?sock.local_addr().ok(), "listener added")
                     }

@@ -28,7 +28,7 @@ const ATTEMPTS: u32 = 4;
 
 /// A running watch; dropping it stops the watch.
 pub struct FileWatch {
-    _watcher: notify::RecommendedWatcher,
+    _watcher: Option<notify::RecommendedWatcher>,
     stop: mpsc::Sender<Event>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -84,7 +84,7 @@ pub fn spawn(control: Arc<Control>, path: &Path) -> notify::Result<FileWatch> {
         .spawn(move || run(control, path, rx))
         .map_err(notify::Error::io)?;
     Ok(FileWatch {
-        _watcher: watcher,
+        _watcher: Some(watcher),
         stop: tx,
         thread: Some(thread),
     })
@@ -154,4 +154,120 @@ fn pause(rx: &mpsc::Receiver<Event>) -> bool {
         Ok(Event::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => false,
         Ok(Event::Changed) | Err(mpsc::RecvTimeoutError::Timeout) => true,
     }
+}
+
+/// How often the files watch looks for a new set of files to watch (after an apply).
+const RESYNC: Duration = Duration::from_secs(1);
+
+/// Watches the files the live topology reads besides its document (certificates, keys,
+/// CA files: `Topology::files`), and applies the topology again when one changes, with
+/// `Source::Certificates`. The directories watched follow the live topology. A file caught
+/// half-written is read again a few times before the topology is refused (and then the
+/// running one, with the certificates it has, stays).
+pub fn spawn_files(control: Arc<Control>) -> notify::Result<FileWatch> {
+    use std::collections::HashSet;
+    use std::ffi::OsString;
+    use std::sync::Mutex;
+    let (tx, rx) = mpsc::channel();
+    let events = tx.clone();
+    let names: Arc<Mutex<HashSet<OsString>>> = Arc::default();
+    let wanted = names.clone();
+    let watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        let Ok(e) = e else { return };
+        if e.kind.is_access() {
+            return;
+        }
+        let names = wanted.lock().unwrap_or_else(|p| p.into_inner());
+        let relevant = e.paths.is_empty()
+            || e.need_rescan()
+            || e.paths.iter().any(|p| {
+                p.file_name()
+                    .is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b".."))
+            });
+        if relevant {
+            let _ = events.send(Event::Changed);
+        }
+    })?;
+    let thread = std::thread::Builder::new()
+        .name("envgate-files".into())
+        .spawn(move || {
+            let mut watcher = watcher;
+            let mut dirs: HashSet<PathBuf> = HashSet::new();
+            let mut seen = 0;
+            loop {
+                let generation = control.current().generation;
+                if generation != seen {
+                    seen = generation;
+                    let topo = control.topology();
+                    let now: HashSet<PathBuf> = topo
+                        .files
+                        .iter()
+                        .map(|f| match f.parent() {
+                            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                            _ => PathBuf::from("."),
+                        })
+                        .collect();
+                    *names.lock().unwrap_or_else(|p| p.into_inner()) = topo
+                        .files
+                        .iter()
+                        .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
+                        .collect();
+                    for d in dirs.difference(&now) {
+                        let _ = watcher.unwatch(d);
+                    }
+                    for d in now.difference(&dirs) {
+                        if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
+                            tracing::warn!(directory = %d.display(), error = %e, "cannot watch the certificates' directory; reload them with SIGHUP");
+                        }
+                    }
+                    dirs = now;
+                }
+                match rx.recv_timeout(RESYNC) {
+                    Ok(Event::Changed) => {}
+                    Ok(Event::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                }
+                loop {
+                    match rx.recv_timeout(DEBOUNCE) {
+                        Ok(Event::Changed) => continue,
+                        Ok(Event::Stop) => return,
+                        Err(mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                if !reload_files(&control, &rx) {
+                    return;
+                }
+            }
+        })
+        .map_err(notify::Error::io)?;
+    Ok(FileWatch {
+        _watcher: None,
+        stop: tx,
+        thread: Some(thread),
+    })
+}
+
+/// Reads the live document's files again and applies it if they changed. `false` when
+/// asked to stop meanwhile.
+fn reload_files(control: &Control, rx: &mpsc::Receiver<Event>) -> bool {
+    for attempt in 1..=ATTEMPTS {
+        let current = control.current();
+        let parsed = control.parse(&current.document);
+        match &parsed {
+            Ok(t) if super::diff::diff(&control.topology(), t).is_empty() => return true,
+            Err(e) if attempt < ATTEMPTS => {
+                tracing::debug!(error = %e, "a file of the topology does not load; reading it again");
+                if !pause(rx) {
+                    return false;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        // Only onto the generation it was read from: a document applied meanwhile wins.
+        let _ = control.apply_files(&current, parsed);
+        return true;
+    }
+    true
 }

@@ -72,8 +72,13 @@ pub enum ProbeError {
     Local(String),
 }
 
-/// One probe of `addr`.
-pub async fn probe(addr: SocketAddr, spec: &HealthSpec) -> Result<(), ProbeError> {
+/// One probe of `addr` (over TLS for a node that speaks it: the handshake and the
+/// certificate's verification are part of the check).
+pub async fn probe(
+    addr: SocketAddr,
+    spec: &HealthSpec,
+    tls: Option<&crate::tls::NodeTls>,
+) -> Result<(), ProbeError> {
     let work = async {
         let stream = TcpStream::connect(addr).await.map_err(|e| {
             if crate::proxy::error::is_local_resource_error(&e) {
@@ -86,12 +91,22 @@ pub async fn probe(addr: SocketAddr, spec: &HealthSpec) -> Result<(), ProbeError
             return Ok(());
         }
         let _ = stream.set_nodelay(true);
-        let (mut send, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(|e| ProbeError::Failed(format!("handshake: {e}")))?;
-        tokio::spawn(conn);
+        let mut send = match tls {
+            None => start(stream).await?,
+            Some(tls) => {
+                let stream = tls
+                    .connector
+                    .connect(tls.server_name.clone(), stream)
+                    .await
+                    .map_err(|e| ProbeError::Failed(format!("TLS handshake: {e}")))?;
+                start(stream).await?
+            }
+        };
         let req = http::Request::get(spec.path.as_str())
-            .header(http::header::HOST, addr.to_string())
+            .header(
+                http::header::HOST,
+                tls.map_or_else(|| addr.to_string(), |t| t.name().to_string()),
+            )
             .header(http::header::USER_AGENT, "envgate-health")
             .header(http::header::CONNECTION, "close")
             .body(Empty::new())
@@ -168,9 +183,22 @@ fn warn_local(name: &str, addr: SocketAddr, e: &str) {
     }
 }
 
+/// HTTP/1.1 over an open connection, for one check.
+async fn start<S>(stream: S) -> Result<http1::SendRequest<Empty<Bytes>>, ProbeError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProbeError::Failed(format!("handshake: {e}")))?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
 async fn check_loop(
     name: Arc<str>,
     addr: SocketAddr,
+    tls: Option<Arc<crate::tls::NodeTls>>,
     spec: HealthSpec,
     state: Arc<NodeState>,
     probes: Arc<tokio::sync::Semaphore>,
@@ -185,7 +213,7 @@ async fn check_loop(
         let probed = {
             // The semaphore is never closed, so acquiring only waits.
             let _slot = probes.acquire().await;
-            probe(addr, &spec).await
+            probe(addr, &spec, tls.as_deref()).await
         };
         let result = match probed {
             Err(ProbeError::Local(e)) => {
@@ -226,7 +254,12 @@ pub async fn supervise(
     #[allow(clippy::type_complexity)]
     let mut running: HashMap<
         (Arc<str>, SocketAddr),
-        (HealthSpec, Arc<NodeState>, JoinHandle<()>),
+        (
+            HealthSpec,
+            Arc<NodeState>,
+            Option<Arc<crate::tls::NodeTls>>,
+            JoinHandle<()>,
+        ),
     > = HashMap::default();
     let mut first = true;
     let probes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PROBES));
@@ -238,25 +271,32 @@ pub async fn supervise(
         for node in &topo.nodes {
             let key = (node.name.clone(), node.addr);
             keep.insert(key.clone());
-            if let Some((spec, state, _)) = running.get(&key) {
-                if *spec == node.health && Arc::ptr_eq(state, &node.state) {
+            if let Some((spec, state, tls, _)) = running.get(&key) {
+                if *spec == node.health && Arc::ptr_eq(state, &node.state) && *tls == node.tls {
                     continue;
                 }
             }
             let task = tokio::spawn(check_loop(
                 node.name.clone(),
                 node.addr,
+                node.tls.clone(),
                 node.health.clone(),
                 node.state.clone(),
                 probes.clone(),
             ));
-            if let Some((_, _, old)) =
-                running.insert(key, (node.health.clone(), node.state.clone(), task))
-            {
+            if let Some((_, _, _, old)) = running.insert(
+                key,
+                (
+                    node.health.clone(),
+                    node.state.clone(),
+                    node.tls.clone(),
+                    task,
+                ),
+            ) {
                 old.abort();
             }
         }
-        running.retain(|k, (_, _, task)| {
+        running.retain(|k, (_, _, _, task)| {
             let stay = keep.contains(k);
             if !stay {
                 task.abort();
@@ -288,7 +328,7 @@ pub async fn supervise(
             _ = shutdown.changed() => break,
         }
     }
-    for (_, (_, _, task)) in running {
+    for (_, (_, _, _, task)) in running {
         task.abort();
     }
 }

@@ -162,8 +162,9 @@ pub struct Metrics {
 }
 
 /// Sources whose applies are reloads (the document envgate started with is not).
-const RELOAD_SOURCES: [Source; 5] = [
+const RELOAD_SOURCES: [Source; 6] = [
     Source::File,
+    Source::Certificates,
     Source::Signal,
     Source::Api,
     Source::Rollback,

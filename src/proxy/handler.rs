@@ -21,7 +21,7 @@ use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -58,6 +58,22 @@ pub struct ConnInfo {
     pub requests: Cell<u64>,
     /// Stream accounting of an HTTP/2 connection; `None` for HTTP/1.
     pub h2: Option<Rc<H2Conn>>,
+    /// A TLS connection whose client named a host (SNI): the certificate it was given.
+    pub tls: Option<TlsConn>,
+}
+
+/// The certificate a TLS connection presented, for the Host check (421).
+pub struct TlsConn {
+    pub certs: Arc<crate::tls::Certs>,
+    pub index: usize,
+}
+
+impl TlsConn {
+    /// Whether the certificate covers `host` (a Host value, port included or not).
+    #[inline]
+    pub fn covers(&self, host: &[u8]) -> bool {
+        self.certs.list[self.index].names.covers(host)
+    }
 }
 
 /// Streams of one HTTP/2 connection, for its idle timeout and its reset bound. Written by
@@ -329,6 +345,13 @@ pub async fn exchange(
         }
     };
     rec.route(&route);
+    // Domain fronting, or HTTP/2 coalescing onto a connection whose certificate does not
+    // cover this host: the client must use a connection of its own (RFC 9110 15.5.20).
+    if let (Some(tls), Some(host)) = (&conn.tls, &target.host) {
+        if !tls.covers(host.as_bytes()) {
+            return Ok(seal(rec, misdirected()));
+        }
+    }
     let cookie = route.canary.and_then(|c| c.set_cookie).and_then(|bucket| {
         let name = topo.environments[route.origin()]
             .canary
@@ -642,6 +665,14 @@ struct AttemptTimes {
 }
 
 #[cold]
+fn misdirected() -> Response<ProxyBody> {
+    static MISDIRECTED: &[u8] = br#"{"error":"misdirected_request"}"#;
+    own(
+        StatusCode::MISDIRECTED_REQUEST,
+        Bytes::from_static(MISDIRECTED),
+    )
+}
+
 fn no_route() -> Response<ProxyBody> {
     static NO_ROUTE: &[u8] = br#"{"error":"no_route"}"#;
     own(StatusCode::NOT_FOUND, Bytes::from_static(NO_ROUTE))

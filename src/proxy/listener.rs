@@ -1,9 +1,12 @@
 //! Accepting and serving downstream connections on one worker.
 //!
-//! Each connection is HTTP/1.1 unless its first bytes are the HTTP/2 connection preface
-//! (cleartext HTTP/2 with prior knowledge). The bytes read to decide are handed back to
+//! A cleartext connection is HTTP/1.1 unless its first bytes are the HTTP/2 connection
+//! preface (HTTP/2 with prior knowledge). The bytes read to decide are handed back to
 //! hyper through `ClientIo`, so the check costs no extra system call in the common case
-//! where the request is already in the socket buffer.
+//! where the request is already in the socket buffer. A TLS connection is HTTP/2 when ALPN
+//! chose `h2`, HTTP/1.1 otherwise (no sniffing); its handshake uses the certificates of the
+//! live topology's listener, so a reload serves renewed ones to new connections while the
+//! open ones keep their session.
 //!
 //! Time bounds of a connection: the first request head must be complete within
 //! `client_header` of the accept (the wait for the first byte counts: when it waited more
@@ -31,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::handler::{exchange, handle_h2, ConnInfo, H2Conn};
+use super::handler::{exchange, handle_h2, ConnInfo, H2Conn, TlsConn};
 use super::io::StallIo;
 use super::worker::Worker;
 use crate::server::Tracker;
@@ -42,6 +45,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub struct ListenerMeta {
     pub name: String,
     pub port: u16,
+    /// TLS: the certificates are those of the live topology's listener of this name.
+    pub tls: bool,
 }
 
 /// How long a connection accepted before shutdown, that has not sent its first request
@@ -97,13 +102,61 @@ async fn serve(
         .trusted_proxies
         .iter()
         .any(|c| c.contains(peer.ip()));
+    let server_tls = if meta.tls {
+        match topo
+            .listeners
+            .iter()
+            .find(|l| l.name == meta.name)
+            .and_then(|l| l.tls.as_ref())
+        {
+            Some(t) => Some(t.server.clone()),
+            // The listener went away or lost TLS (a change that replaces its socket).
+            None => return,
+        }
+    } else {
+        None
+    };
     drop(topo);
 
-    let (first, h2, waited_since) =
-        match tokio::time::timeout(timeouts.client_header, sniff(&stream)).await {
-            Ok(Ok(Some(v))) => v,
+    let accepted = Instant::now();
+    let (stream, first, h2, waited_since, tls) = match server_tls {
+        Some(server) => {
+            // The handshake counts in `client_header`; HTTP/2 or HTTP/1.1 is ALPN's choice.
+            let acceptor = tokio_rustls::TlsAcceptor::from(server.config.clone());
+            let s =
+                match tokio::time::timeout(timeouts.client_header, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let conn = s.get_ref().1;
+            let h2 = conn.alpn_protocol() == Some(b"h2");
+            // The names the request's Host must be covered by: those of the certificate
+            // the client asked for by SNI (a client that named no host is not checked).
+            let tls = conn.server_name().and_then(|sni| {
+                server.certs.find(Some(sni)).map(|c| TlsConn {
+                    certs: server.certs.clone(),
+                    index: c.index,
+                })
+            });
+            (
+                ClientStream::Tls(Box::new(s)),
+                Vec::new(),
+                h2,
+                Some(accepted),
+                tls,
+            )
+        }
+        None => match tokio::time::timeout(timeouts.client_header, sniff(&stream)).await {
+            Ok(Ok(Some((first, h2, waited)))) => {
+                (ClientStream::Plain(stream), first, h2, waited, None)
+            }
             _ => return, // closed, failed or silent: nothing to answer
-        };
+        },
+    };
     let ip = match peer.ip() {
         std::net::IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -111,14 +164,16 @@ async fn serve(
             .unwrap_or(peer.ip()),
         ip => ip,
     };
+    let secure = matches!(stream, ClientStream::Tls(_));
     let info = Rc::new(ConnInfo {
         peer,
         local_port: meta.port,
         peer_value: peer_value(&worker, ip),
         trusted,
-        proto: HeaderValue::from_static("http"),
+        proto: HeaderValue::from_static(if secure { "https" } else { "http" }),
         requests: std::cell::Cell::new(0),
         h2: h2.then(H2Conn::new),
+        tls,
     });
     let io = TokioIo::new(ClientIo {
         prefix: first,
@@ -306,7 +361,73 @@ async fn sniff(stream: &TcpStream) -> io::Result<Option<Sniffed>> {
 struct ClientIo {
     prefix: Vec<u8>,
     pos: usize,
-    inner: StallIo<TcpStream>,
+    inner: StallIo<ClientStream>,
+}
+
+/// A client's connection, in clear or over TLS.
+enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            ClientStream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            ClientStream::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for ClientStream {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        each!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    #[inline]
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, s => s.poll_write(cx, buf))
+    }
+    #[inline]
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientStream::Plain(s) => s.is_write_vectored(),
+            ClientStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    #[inline]
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => s.poll_flush(cx))
+    }
+    #[inline]
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => s.poll_shutdown(cx))
+    }
 }
 
 impl AsyncRead for ClientIo {

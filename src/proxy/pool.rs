@@ -7,6 +7,7 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::client::conn::http1::{self, SendRequest};
@@ -16,6 +17,7 @@ use tokio::time::Instant;
 
 use super::body::UpBody;
 use super::io::StallIo;
+use crate::tls::NodeTls;
 
 /// Idle connections kept per node and worker.
 const MAX_IDLE: usize = 512;
@@ -25,6 +27,8 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 pub struct ConnPool {
     pub addr: SocketAddr,
+    /// Spoken to over TLS.
+    pub tls: Option<Arc<NodeTls>>,
     idle: RefCell<Vec<(SendRequest<UpBody>, Instant)>>,
 }
 
@@ -35,16 +39,25 @@ pub enum ConnectError {
     Timeout,
     #[error("connect failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
     #[error("handshake failed: {0}")]
     Handshake(#[from] hyper::Error),
 }
 
 impl ConnPool {
-    pub fn new(addr: SocketAddr) -> Self {
+    pub fn new(addr: SocketAddr, tls: Option<Arc<NodeTls>>) -> Self {
         ConnPool {
             addr,
+            tls,
             idle: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Whether this pool speaks to a node at `addr` spoken to as `tls` says (a reload that
+    /// keeps both keeps the pool).
+    pub fn serves(&self, addr: SocketAddr, tls: &Option<Arc<NodeTls>>) -> bool {
+        self.addr == addr && self.tls == *tls
     }
 
     /// A pooled connection that is still open and was idle less than `max_idle`.
@@ -72,30 +85,52 @@ impl ConnPool {
         }
     }
 
-    /// Opens a new connection and starts its connection task on this worker. A node that
-    /// stops reading what envgate writes for `write_idle` loses the connection.
+    /// Opens a new connection (TCP, then TLS for a node that speaks it, both within
+    /// `timeout`) and starts its connection task on this worker. A node that stops reading
+    /// what envgate writes for `write_idle` loses the connection.
     pub async fn connect(
         &self,
         timeout: Duration,
         write_idle: Duration,
     ) -> Result<SendRequest<UpBody>, ConnectError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
+        let deadline = Instant::now() + timeout;
+        let stream = tokio::time::timeout_at(deadline, TcpStream::connect(self.addr))
             .await
             .map_err(|_| ConnectError::Timeout)??;
         let _ = stream.set_nodelay(true);
-        let (send, conn) = http1::Builder::new()
-            .max_header_size(MAX_RESPONSE_HEAD)
-            .handshake::<_, UpBody>(TokioIo::new(StallIo::new(
-                stream,
-                write_idle,
-                "the node read nothing for the body idle timeout",
-            )))
-            .await?;
-        tokio::task::spawn_local(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
+        match &self.tls {
+            None => start(stream, write_idle).await,
+            Some(tls) => {
+                let stream = tokio::time::timeout_at(
+                    deadline,
+                    tls.connector.connect(tls.server_name.clone(), stream),
+                )
+                .await
+                .map_err(|_| ConnectError::Timeout)?
+                .map_err(ConnectError::Tls)?;
+                start(stream, write_idle).await
             }
-        });
-        Ok(send)
+        }
     }
+}
+
+/// HTTP/1.1 over an open connection, its task on this worker.
+async fn start<S>(stream: S, write_idle: Duration) -> Result<SendRequest<UpBody>, ConnectError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = http1::Builder::new()
+        .max_header_size(MAX_RESPONSE_HEAD)
+        .handshake::<_, UpBody>(TokioIo::new(StallIo::new(
+            stream,
+            write_idle,
+            "the node read nothing for the body idle timeout",
+        )))
+        .await?;
+    tokio::task::spawn_local(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(send)
 }

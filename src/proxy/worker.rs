@@ -194,17 +194,19 @@ impl Worker {
             .iter()
             .enumerate()
             .map(|(i, n)| {
+                let fresh = || Rc::new(ConnPool::new(n.addr, n.tls.clone()));
                 let Some(old) = old.as_deref() else {
-                    return Rc::new(ConnPool::new(n.addr));
+                    return fresh();
                 };
-                if let Some(c) = old.conns.get(i).filter(|c| c.addr == n.addr) {
+                if let Some(c) = old.conns.get(i).filter(|c| c.serves(n.addr, &n.tls)) {
                     return c.clone();
                 }
                 moved
                     .get_or_insert_with(|| old.conns.iter().map(|c| (c.addr, c.clone())).collect())
                     .get(&n.addr)
+                    .filter(|c| c.serves(n.addr, &n.tls))
                     .cloned()
-                    .unwrap_or_else(|| Rc::new(ConnPool::new(n.addr)))
+                    .unwrap_or_else(fresh)
             })
             .collect();
         // Worker i starts i picks into each pool's cycle (bounded, so that a rebuild of

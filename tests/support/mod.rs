@@ -66,6 +66,36 @@ pub struct Upstream {
     stop: watch::Sender<bool>,
 }
 
+/// One connection to an `Upstream`, until it ends or the node stops.
+async fn serve_node_conn<S>(
+    stream: S,
+    peer: SocketAddr,
+    shared: Arc<NodeShared>,
+    mut conn_stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let shared = shared.clone();
+        async move {
+            if shared.hanging.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            if req.uri().path() != "/healthz" {
+                shared.peers.lock().unwrap().insert(peer.port());
+            }
+            serve(&shared, req).await
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::select! {
+        _ = conn => {}
+        _ = conn_stop.changed() => {}
+    }
+}
+
 /// What an upstream's connections share.
 #[derive(Default)]
 struct NodeShared {
@@ -86,6 +116,19 @@ impl Upstream {
 
     /// Starts (or restarts) a node on a given address.
     pub async fn start_on(name: &str, addr: SocketAddr) -> Upstream {
+        Self::start_with(name, addr, None).await
+    }
+
+    /// A node that speaks HTTPS with `tls` (health checks included).
+    pub async fn start_tls(name: &str, tls: Arc<rustls::ServerConfig>) -> Upstream {
+        Self::start_with(name, "127.0.0.1:0".parse().unwrap(), Some(tls)).await
+    }
+
+    async fn start_with(
+        name: &str,
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Upstream {
         let listener = bind_retry(addr).await;
         let addr = listener.local_addr().unwrap();
         let (stop, mut stop_rx) = watch::channel(false);
@@ -95,6 +138,7 @@ impl Upstream {
             ..Default::default()
         });
         let shared = state.clone();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
             loop {
                 let (stream, peer) = tokio::select! {
@@ -102,28 +146,20 @@ impl Upstream {
                     _ = stop_rx.changed() => return,
                 };
                 let shared = shared.clone();
-                let mut conn_stop = stop_rx.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let shared = shared.clone();
-                        async move {
-                            if shared.hanging.load(Ordering::SeqCst) {
-                                tokio::time::sleep(Duration::from_secs(3600)).await;
-                            }
-                            if req.uri().path() != "/healthz" {
-                                shared.peers.lock().unwrap().insert(peer.port());
-                            }
-                            serve(&shared, req).await
-                        }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades();
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = conn_stop.changed() => {}
+                let conn_stop = stop_rx.clone();
+                match &acceptor {
+                    None => {
+                        tokio::spawn(serve_node_conn(stream, peer, shared, conn_stop));
                     }
-                });
+                    Some(a) => {
+                        let a = a.clone();
+                        tokio::spawn(async move {
+                            if let Ok(s) = a.accept(stream).await {
+                                serve_node_conn(s, peer, shared, conn_stop).await;
+                            }
+                        });
+                    }
+                }
             }
         });
         Upstream {
