@@ -12,7 +12,10 @@
 # whichever side a request is on. The load generator sends no cookie, so every request
 # draws a bucket and gets a Set-Cookie: the canary's most expensive path.
 # Health checks hit `/` (the harness's nodes have no /healthz). WORKERS=1 comes from the
-# harness. ENVGATE overrides the binary.
+# harness. ENVGATE overrides the binary. With TLS_LISTEN (the `h2` and `tls-close`
+# scenarios), a TLS listener on the same environment; session resumption is off there, as
+# on the harness's nginx and HAProxy, so that `tls-close` measures full handshakes
+# (TLS_RESUMPTION=true turns it on).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 bin=${ENVGATE:-$here/../target/release/envgate}
@@ -23,6 +26,9 @@ conf=$dir/envgate-bench.yaml
   echo "version: 1"
   echo "listeners:"
   echo "  - { name: http, bind: \"$LISTEN\" }"
+  if [ -n "${TLS_LISTEN:-}" ]; then
+    echo "  - { name: https, bind: \"$TLS_LISTEN\", tls: { certificates: [ { cert: \"$TLS_CERT\", key: \"$TLS_KEY\" } ], session_resumption: ${TLS_RESUMPTION:-false} } }"
+  fi
   echo "defaults:"
   echo "  health: { path: /, interval: 2s, timeout: 1s }"
   echo "nodes:"
@@ -33,7 +39,11 @@ conf=$dir/envgate-bench.yaml
   done
   echo "environments:"
   echo "  bench:"
-  echo "    entries: [\":$port\"]"
+  if [ -n "${TLS_LISTEN:-}" ]; then
+    echo "    entries: [\":$port\", \":${TLS_LISTEN##*:}\"]"
+  else
+    echo "    entries: [\":$port\"]"
+  fi
   echo "    nodes: [$(seq -s, -f 'node-%g' 1 "$i")]"
   if [ "${CANARY:-1}" != 0 ]; then
     echo "    canary: { environment: bench-canary, weight: 5, header: X-Canary, cookie: envgate_canary }"
@@ -41,4 +51,4 @@ conf=$dir/envgate-bench.yaml
     echo "    nodes: [$(seq -s, -f 'node-%g' 1 "$i")]"
   fi
 } > "$conf"
-RUST_LOG=${RUST_LOG:-warn} exec "$bin" run --config "$conf"
+RUST_LOG=${RUST_LOG:-warn} exec "$bin" run --config "$conf" --access-log "${ACCESS_LOG:--}"

@@ -364,6 +364,22 @@ async fn the_dashboard_and_the_rules_query_exported_metrics() {
         .env("private", &[], "nodes: [a]")
         .yaml()
         + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
+    // A TLS listener, for the certificate series.
+    let certs = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["company.com".to_string()]).unwrap();
+    let (cert, key) = (certs.path().join("c.pem"), certs.path().join("k.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let listeners = "listeners: [ { name: http, bind: \"127.0.0.1:{port:http}\" } ]";
+    assert!(yaml.contains(listeners));
+    let yaml = yaml.replace(
+        listeners,
+        &format!(
+            "listeners: [ {{ name: http, bind: \"127.0.0.1:{{port:http}}\" }}, {{ name: https, bind: \"127.0.0.1:{{port:https}}\", tls: {{ certificates: [ {{ cert: \"{}\", key: \"{}\" }} ] }} }} ]",
+            cert.display(),
+            key.display()
+        ),
+    );
     let eg = Envgate::start(&yaml);
     let port = eg.port("http");
     for (name, value) in [("x-tenant", "1"), ("x-canary", "always")] {

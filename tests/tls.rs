@@ -811,3 +811,70 @@ environments:
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_on_every_worker_and_certificate_expiry_is_exported() {
+    let pki = Pki::new();
+    let a = pki.leaf("a", &["a.test"]);
+    let node = Upstream::start("n1").await;
+    let api = free_port();
+    let control = format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
+    let eg = Envgate::start_with(
+        &(tls_topology(&[&a], "", &[&node], &["a.test"], "") + &control),
+        2,
+    );
+    let port = eg.port("https");
+    // One client, its session store shared by its connections (as a browser's).
+    let client = pki.client(&[b"http/1.1"]);
+    let mut kinds = Vec::new();
+    for _ in 0..8 {
+        let s = tls_connect(port, "a.test", client.clone()).await.unwrap();
+        kinds.push(s.get_ref().1.handshake_kind());
+        // A request, so that the client reads the session ticket sent after the handshake.
+        let mut tx = h1(s).await;
+        let (status, _, _) = ask(tx.send_request(get_req("a.test", "/"))).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(kinds[0], Some(rustls::HandshakeKind::Full));
+    assert!(
+        kinds[1..]
+            .iter()
+            .all(|k| *k == Some(rustls::HandshakeKind::Resumed)),
+        "{kinds:?}"
+    );
+
+    // The expiry of each certificate served, for an alert before it lapses.
+    let (_, s) = scrape(api).await;
+    let key = format!(
+        "envgate_tls_certificate_expiry_seconds{{certificate=\"{}\",listener=\"https\"}}",
+        a.cert.display()
+    );
+    let expiry = s
+        .get(&key)
+        .copied()
+        .unwrap_or_else(|| panic!("{key} in {s:?}"));
+    // rcgen's default validity runs to 4096.
+    assert!(expiry > 4_000_000_000.0, "{expiry}");
+    eg.stop().await;
+
+    // Resumption off: every handshake is a full one.
+    let eg = Envgate::start(&tls_topology(
+        &[&a],
+        ", session_resumption: false",
+        &[&node],
+        &["a.test"],
+        "",
+    ));
+    let port = eg.port("https");
+    for _ in 0..3 {
+        let s = tls_connect(port, "a.test", client.clone()).await.unwrap();
+        assert_eq!(
+            s.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        let mut tx = h1(s).await;
+        let (status, _, _) = ask(tx.send_request(get_req("a.test", "/"))).await;
+        assert_eq!(status, 200);
+    }
+    eg.stop().await;
+}

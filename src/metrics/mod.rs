@@ -209,6 +209,25 @@ impl Metrics {
         )
         .sample(&[("hash", &self.control.topology_hash())], 1.0);
 
+        // Certificates served, by listener and file: when each expires.
+        let topo = self.control.topology();
+        out.family(
+            "envgate_tls_certificate_expiry_seconds",
+            "When each certificate a TLS listener serves stops being valid (notAfter), in seconds since the epoch.",
+            MetricType::GAUGE,
+        );
+        for l in &topo.listeners {
+            if let Some(tls) = &l.tls {
+                for c in &tls.server.certs.list {
+                    let file = c.cert_path.to_string_lossy();
+                    out.sample(
+                        &[("listener", &l.name), ("certificate", &file)],
+                        c.not_after as f64,
+                    );
+                }
+            }
+        }
+
         let reloads = self.control.reload_counts();
         out.family(
             "envgate_topology_reloads_total",
