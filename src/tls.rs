@@ -117,6 +117,10 @@ pub struct Cert {
     /// End of validity, seconds since the epoch.
     pub not_after: i64,
     pub cert_path: PathBuf,
+    /// Of the certificate file's bytes.
+    pub fingerprint: u64,
+    /// How long ago it expired, for one kept because the running instance serves it.
+    pub expired: Option<String>,
 }
 
 /// A listener's certificates, and the choice among them by SNI.
@@ -124,9 +128,12 @@ pub struct Certs {
     pub list: Vec<Cert>,
     exact: FxHashMap<Box<str>, usize>,
     wildcard: FxHashMap<Box<str>, usize>,
-    /// The certificate for a client that names no known host (or none at all): `None`
-    /// refuses the handshake.
+    /// The certificate for a client that names no known host: `None` refuses the
+    /// handshake.
     default: Option<usize>,
+    /// The certificate for a client that names no host at all (SNI is not sent for an IP
+    /// address): the default one, or with `refuse`, one that covers the listener's address.
+    no_sni: Option<usize>,
 }
 
 impl std::fmt::Debug for Certs {
@@ -149,30 +156,34 @@ pub struct Chosen {
 impl Certs {
     /// The certificate for a client hello naming `sni`.
     pub fn find(&self, sni: Option<&str>) -> Option<Chosen> {
-        if let Some(name) = sni {
-            let mut buf = [0u8; 253];
-            let name = name.strip_suffix('.').unwrap_or(name);
-            let lower: &str = if name.bytes().any(|b| b.is_ascii_uppercase()) && name.len() <= 253 {
-                let b = &mut buf[..name.len()];
-                b.copy_from_slice(name.as_bytes());
-                b.make_ascii_lowercase();
-                std::str::from_utf8(b).unwrap_or(name)
-            } else {
-                name
-            };
-            if let Some(&i) = self.exact.get(lower) {
+        let Some(name) = sni else {
+            return self.no_sni.map(|index| Chosen {
+                index,
+                by_name: false,
+            });
+        };
+        let mut buf = [0u8; 253];
+        let name = name.strip_suffix('.').unwrap_or(name);
+        let lower: &str = if name.bytes().any(|b| b.is_ascii_uppercase()) && name.len() <= 253 {
+            let b = &mut buf[..name.len()];
+            b.copy_from_slice(name.as_bytes());
+            b.make_ascii_lowercase();
+            std::str::from_utf8(b).unwrap_or(name)
+        } else {
+            name
+        };
+        if let Some(&i) = self.exact.get(lower) {
+            return Some(Chosen {
+                index: i,
+                by_name: true,
+            });
+        }
+        if let Some(dot) = lower.find('.').filter(|&d| d > 0) {
+            if let Some(&i) = self.wildcard.get(&lower[dot..]) {
                 return Some(Chosen {
                     index: i,
                     by_name: true,
                 });
-            }
-            if let Some(dot) = lower.find('.').filter(|&d| d > 0) {
-                if let Some(&i) = self.wildcard.get(&lower[dot..]) {
-                    return Some(Chosen {
-                        index: i,
-                        by_name: true,
-                    });
-                }
             }
         }
         self.default.map(|index| Chosen {
@@ -214,7 +225,9 @@ impl std::fmt::Debug for ServerTls {
 pub enum UnknownName {
     /// The first certificate.
     Default,
-    /// The handshake fails (`unrecognized_name`).
+    /// The handshake fails (an `access_denied` alert). A client that sends no SNI gets the
+    /// certificate that covers the listener's address if it binds a specific one, and is
+    /// refused otherwise.
     Refuse,
 }
 
@@ -223,11 +236,14 @@ fn hash_bytes(h: &mut impl std::hash::Hasher, bytes: &[u8]) {
     h.write(bytes);
 }
 
-/// Reads one certificate chain and its key; the error names the file at fault.
+/// Reads one certificate chain and its key; the error names the file at fault. An expired
+/// certificate is refused unless its fingerprint is in `served` (the running instance serves
+/// it: it expired since, and is kept with `expired` set).
 pub fn load_cert(
     cert_path: &Path,
     key_path: &Path,
     fp: &mut impl std::hash::Hasher,
+    served: &rustc_hash::FxHashSet<u64>,
 ) -> Result<Cert, String> {
     let cert_pem = std::fs::read(cert_path)
         .map_err(|e| format!("cannot read certificate {}: {e}", cert_path.display()))?;
@@ -235,6 +251,11 @@ pub fn load_cert(
         .map_err(|e| format!("cannot read key {}: {e}", key_path.display()))?;
     hash_bytes(fp, &cert_pem);
     hash_bytes(fp, &key_pem);
+    let fingerprint = {
+        let mut h = rustc_hash::FxHasher::default();
+        hash_bytes(&mut h, &cert_pem);
+        std::hash::Hasher::finish(&h)
+    };
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("certificate {} is not PEM: {e}", cert_path.display()))?;
@@ -255,12 +276,18 @@ pub fn load_cert(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
+    let mut expired = None;
     if not_after < now {
-        return Err(format!(
-            "certificate {} expired {} ago",
-            cert_path.display(),
+        let ago =
             humantime::format_duration(std::time::Duration::from_secs((now - not_after) as u64))
-        ));
+                .to_string();
+        if !served.contains(&fingerprint) {
+            return Err(format!(
+                "certificate {} expired {ago} ago",
+                cert_path.display()
+            ));
+        }
+        expired = Some(ago);
     }
     if not_before > now {
         tracing::warn!(certificate = %cert_path.display(), "certificate not valid yet (its notBefore is in the future): clients will refuse it until then");
@@ -282,6 +309,8 @@ pub fn load_cert(
         names,
         not_after,
         cert_path: cert_path.to_path_buf(),
+        fingerprint,
+        expired,
     })
 }
 
@@ -339,10 +368,13 @@ fn read_x509(der: &CertificateDer<'_>) -> Result<(Names, i64, i64), String> {
 }
 
 /// Builds a listener's server side from certificates already read. The first certificate
-/// is the default one unless `unknown` refuses.
+/// is the default one unless `unknown` refuses; then a client that sends no SNI gets the
+/// certificate that covers `bind_ip` (the listener's address, when it is not a wildcard
+/// one), if any.
 pub fn server(
     list: Vec<Cert>,
     unknown: UnknownName,
+    bind_ip: Option<std::net::IpAddr>,
     http2: bool,
     resumption: bool,
     fingerprint: u64,
@@ -358,8 +390,14 @@ pub fn server(
             wildcard.entry(w.clone()).or_insert(i);
         }
     }
+    let default = (unknown == UnknownName::Default && !list.is_empty()).then_some(0);
+    let no_sni = default.or_else(|| {
+        let ip = bind_ip?.to_string();
+        list.iter().position(|c| c.names.covers(ip.as_bytes()))
+    });
     let certs = Arc::new(Certs {
-        default: (unknown == UnknownName::Default && !list.is_empty()).then_some(0),
+        default,
+        no_sni,
         list,
         exact,
         wildcard,

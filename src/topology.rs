@@ -482,6 +482,15 @@ impl Tenants {
 }
 
 impl Topology {
+    /// Fingerprints of the certificates the TLS listeners serve.
+    pub fn served_certificates(&self) -> rustc_hash::FxHashSet<u64> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref())
+            .flat_map(|t| t.server.certs.list.iter().map(|c| c.fingerprint))
+            .collect()
+    }
+
     pub fn env_by_name(&self, name: &str) -> Option<EnvId> {
         self.env_index.get(name).copied()
     }

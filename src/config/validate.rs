@@ -28,9 +28,16 @@ pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(30 
 /// Protocols an environment lets clients switch to when it names none.
 pub const DEFAULT_UPGRADES: &[&str] = &["websocket"];
 
-/// Problems found (`.0`), warnings (`.1`) and the files read besides the document (`.2`).
+/// Problems found (`.0`), warnings (`.1`), the files read besides the document (`.2`), and
+/// the fingerprints of the certificates the running instance serves (`.3`: one of them that
+/// has expired since is a warning, not a refusal).
 #[derive(Default)]
-struct Errors(Vec<ConfigError>, Vec<String>, Vec<PathBuf>);
+struct Errors(
+    Vec<ConfigError>,
+    Vec<String>,
+    Vec<PathBuf>,
+    rustc_hash::FxHashSet<u64>,
+);
 
 impl Errors {
     fn push(&mut self, path: impl Into<String>, kind: ErrorKind, message: impl Into<String>) {
@@ -51,8 +58,15 @@ impl Errors {
     }
 }
 
-pub fn validate(raw: RawTopology, base_dir: &Path) -> Result<Topology, Vec<ConfigError>> {
-    let mut errs = Errors::default();
+pub fn validate(
+    raw: RawTopology,
+    base_dir: &Path,
+    served: &rustc_hash::FxHashSet<u64>,
+) -> Result<Topology, Vec<ConfigError>> {
+    let mut errs = Errors {
+        3: served.clone(),
+        ..Errors::default()
+    };
     if raw.version != 1 {
         errs.value(
             "version",
@@ -495,7 +509,7 @@ fn listeners(raw: &[RawListener], base: &Path, errs: &mut Errors) -> Vec<Listene
         let tls = l
             .tls
             .as_ref()
-            .and_then(|t| listener_tls(&at, &l.name, t, base, errs));
+            .and_then(|t| listener_tls(&at, &l.name, bind, t, base, errs));
         out.push(ListenerSpec {
             name: l.name.clone(),
             bind,
@@ -510,6 +524,7 @@ fn listeners(raw: &[RawListener], base: &Path, errs: &mut Errors) -> Vec<Listene
 fn listener_tls(
     at: &str,
     name: &str,
+    bind: SocketAddr,
     t: &crate::config::raw::RawTls,
     base: &Path,
     errs: &mut Errors,
@@ -559,8 +574,14 @@ fn listener_tls(
             ok = false;
             continue;
         }
-        match crate::tls::load_cert(&cert, &key, &mut fp) {
+        match crate::tls::load_cert(&cert, &key, &mut fp, &errs.3) {
             Ok(c) => {
+                if let Some(ago) = &c.expired {
+                    errs.1.push(format!(
+                        "listener {name:?}: certificate {} expired {ago} ago and is still served (it was when this instance took it): renew it",
+                        cert.display()
+                    ));
+                }
                 if c.names.all().next().is_none() {
                     errs.1.push(format!(
                         "listener {name:?}: certificate {} names no host: it is only served as the default",
@@ -579,10 +600,21 @@ fn listener_tls(
     if !ok {
         return None;
     }
+    let bind_ip = Some(bind.ip()).filter(|ip| !ip.is_unspecified());
+    if unknown_sni == UnknownName::Refuse
+        && bind_ip.is_none()
+        && loaded
+            .iter()
+            .any(|c| c.names.all().any(|n| n.parse::<std::net::IpAddr>().is_ok()))
+    {
+        errs.1.push(format!(
+            "listener {name:?}: a certificate names an IP address, but clients send no SNI for an address, and with `unknown_sni: refuse` on a wildcard bind they are refused (bind the address itself to serve them that certificate)"
+        ));
+    }
     let http2 = t.http2.unwrap_or(true);
     let session_resumption = t.session_resumption.unwrap_or(true);
     let fp = std::hash::Hasher::finish(&fp);
-    match crate::tls::server(loaded, unknown_sni, http2, session_resumption, fp) {
+    match crate::tls::server(loaded, unknown_sni, bind_ip, http2, session_resumption, fp) {
         Ok(server) => Some(TlsSpec {
             certificates,
             unknown_sni,

@@ -337,7 +337,7 @@ impl Control {
     /// Parses and validates `text` as `apply` would, changing nothing (for a source that
     /// looks at the result before applying it, like the file watch).
     pub fn parse(&self, text: &str) -> Result<Topology, LoadError> {
-        config::parse(text, &self.base_dir)
+        config::parse_serving(text, &self.base_dir, &self.topology().served_certificates())
     }
 
     /// `apply` of a document already parsed by `parse` (not parsed a second time).

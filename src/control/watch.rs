@@ -156,7 +156,8 @@ fn pause(rx: &mpsc::Receiver<Event>) -> bool {
     }
 }
 
-/// How often the files watch looks for a new set of files to watch (after an apply).
+/// How often the files watch looks for a new set of files to watch (after an apply), and
+/// compares the files' identities (for changes no event reported).
 const RESYNC: Duration = Duration::from_secs(1);
 
 /// Watches the files the live topology reads besides its document (certificates, keys,
@@ -193,39 +194,50 @@ pub fn spawn_files(control: Arc<Control>) -> notify::Result<FileWatch> {
         .spawn(move || {
             let mut watcher = watcher;
             let mut dirs: HashSet<PathBuf> = HashSet::new();
+            let mut stamps = Vec::new();
             let mut seen = 0;
             loop {
                 let generation = control.current().generation;
                 if generation != seen {
                     seen = generation;
                     let topo = control.topology();
-                    let now: HashSet<PathBuf> = topo
-                        .files
-                        .iter()
-                        .map(|f| match f.parent() {
-                            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                            _ => PathBuf::from("."),
-                        })
-                        .collect();
+                    let now: HashSet<PathBuf> = topo.files.iter().flat_map(|f| watched_dirs(f)).collect();
                     *names.lock().unwrap_or_else(|p| p.into_inner()) = topo
                         .files
                         .iter()
-                        .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
+                        .flat_map(|f| watched_names(f))
                         .collect();
                     for d in dirs.difference(&now) {
                         let _ = watcher.unwatch(d);
                     }
+                    let added = now.difference(&dirs).count() > 0;
                     for d in now.difference(&dirs) {
                         if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
-                            tracing::warn!(directory = %d.display(), error = %e, "cannot watch the certificates' directory; reload them with SIGHUP");
+                            tracing::warn!(directory = %d.display(), error = %e, "cannot watch the certificates' directory; they are looked at every second");
                         }
                     }
                     dirs = now;
+                    stamps = topo.files.iter().map(|f| stamp(f)).collect();
+                    // A file of a directory watched only now may have changed between the
+                    // apply that read it and this watch: read it again (no change, no apply).
+                    if added && !topo.files.is_empty() && !reload_files(&control, &rx) {
+                        return;
+                    }
+                    continue;
                 }
                 match rx.recv_timeout(RESYNC) {
                     Ok(Event::Changed) => {}
                     Ok(Event::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        // Events can be missed (a symlink swapped higher up the path, a
+                        // network file system): the files' identities are compared too.
+                        let topo = control.topology();
+                        let now: Vec<_> = topo.files.iter().map(|f| stamp(f)).collect();
+                        if now == stamps || control.current().generation != seen {
+                            continue;
+                        }
+                        stamps = now;
+                    }
                 }
                 loop {
                     match rx.recv_timeout(DEBOUNCE) {
@@ -246,6 +258,49 @@ pub fn spawn_files(control: Arc<Control>) -> notify::Result<FileWatch> {
         stop: tx,
         thread: Some(thread),
     })
+}
+
+/// The directories whose events concern `file`: its own, and the parent of every symbolic
+/// link on its path (a directory link swapped, as `current -> v2`, is an event there).
+fn watched_dirs(file: &Path) -> Vec<PathBuf> {
+    let parent = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut out = vec![parent(file)];
+    for a in file.ancestors().skip(1) {
+        if a.as_os_str().is_empty() {
+            break;
+        }
+        if std::fs::symlink_metadata(a).is_ok_and(|m| m.file_type().is_symlink()) {
+            out.push(parent(a));
+        }
+    }
+    out
+}
+
+/// The names in those directories whose events count: the file's, and each link's.
+fn watched_names(file: &Path) -> Vec<std::ffi::OsString> {
+    let mut out: Vec<_> = file
+        .file_name()
+        .map(|n| n.to_os_string())
+        .into_iter()
+        .collect();
+    for a in file.ancestors().skip(1) {
+        if std::fs::symlink_metadata(a).is_ok_and(|m| m.file_type().is_symlink()) {
+            out.extend(a.file_name().map(|n| n.to_os_string()));
+        }
+    }
+    out
+}
+
+/// What identifies a file's content cheaply: where its path leads, and that file's inode,
+/// size and modification time (`None` while it cannot be read).
+fn stamp(file: &Path) -> Option<(PathBuf, u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::fs::canonicalize(file).ok()?;
+    let m = std::fs::metadata(&real).ok()?;
+    Some((real, m.ino(), m.len(), m.modified().ok()?))
 }
 
 /// Reads the live document's files again and applies it if they changed. `false` when
