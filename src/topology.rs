@@ -219,6 +219,9 @@ pub struct Timeouts {
     pub request: Duration,
     /// Longest a tunnel (`Upgrade`, `CONNECT`) may stay without a byte either way.
     pub tunnel_idle: Duration,
+    /// Longest a request waits for room at a node at its `max_connections` (then 503
+    /// `node_busy`).
+    pub queue: Duration,
 }
 
 impl Default for Timeouts {
@@ -233,6 +236,7 @@ impl Default for Timeouts {
             body_idle: Duration::from_secs(60),
             request: Duration::from_secs(60),
             tunnel_idle: Duration::from_secs(3600),
+            queue: Duration::from_secs(3),
         }
     }
 }
@@ -324,6 +328,7 @@ pub struct EnvBodies {
     pub bad_gateway: Bytes,
     pub gateway_timeout: Bytes,
     pub no_capacity: Bytes,
+    pub node_busy: Bytes,
 }
 
 impl EnvBodies {
@@ -337,6 +342,7 @@ impl EnvBodies {
             bad_gateway: body("bad_gateway"),
             gateway_timeout: body("gateway_timeout"),
             no_capacity: body("no_capacity"),
+            node_busy: body("node_busy"),
         }
     }
 }

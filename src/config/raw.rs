@@ -133,6 +133,7 @@ pub struct RawTimeouts {
     pub body_idle: Option<String>,
     pub request: Option<String>,
     pub tunnel_idle: Option<String>,
+    pub queue: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -870,6 +870,7 @@ fn defaults(raw: &RawDefaults, errs: &mut Errors) -> Defaults {
                 body_idle: duration(&at("body_idle"), &t.body_idle, base.body_idle, errs),
                 request: duration(&at("request"), &t.request, base.request, errs),
                 tunnel_idle: duration(&at("tunnel_idle"), &t.tunnel_idle, base.tunnel_idle, errs),
+                queue: duration(&at("queue"), &t.queue, base.queue, errs),
             }
         }
     };

@@ -69,6 +69,68 @@ pub struct NodeState {
     /// The last active check, for status (written by the node's checker, read by the
     /// control endpoint; never touched by requests).
     last_check: std::sync::Mutex<Option<LastCheck>>,
+    /// Connections open to the node from every worker (`max_connections`).
+    pub conns: ConnCount,
+}
+
+/// The connections open to one node from every worker, in use and idle, against its
+/// `max_connections`. Touched when a connection opens or closes, never per request.
+#[derive(Debug, Default)]
+pub struct ConnCount {
+    open: AtomicU32,
+    /// Woken when a connection closes: a request waiting for room may open one.
+    pub freed: tokio::sync::Notify,
+    /// Idle connections that requests waiting on other workers want closed.
+    reclaim: AtomicU32,
+    /// Wakes every worker's pool of the node to close idle connections for them.
+    pub reclaim_wake: tokio::sync::Notify,
+}
+
+impl ConnCount {
+    /// Counts a new connection, if `max` (when there is one) leaves room.
+    pub fn try_open(&self, max: Option<u32>) -> bool {
+        let Some(max) = max else {
+            self.open.fetch_add(1, Ordering::Relaxed);
+            return true;
+        };
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// A connection counted by `try_open` closed (or never opened).
+    pub fn closed(&self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.freed.notify_waiters();
+    }
+
+    pub fn open(&self) -> u32 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// A request waits for room: an idle connection on another worker should close.
+    pub fn want_idle(&self) {
+        self.reclaim.fetch_add(1, Ordering::AcqRel);
+        self.reclaim_wake.notify_waiters();
+    }
+
+    /// The waiter got its room another way: it no longer wants an idle connection closed.
+    pub fn unwant(&self) {
+        let _ = self
+            .reclaim
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Whether an idle connection should close for a waiter (and the want is taken).
+    pub fn take_reclaim(&self) -> bool {
+        self.reclaim.load(Ordering::Acquire) > 0
+            && self
+                .reclaim
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok()
+    }
 }
 
 /// The result of a node's last active check.
@@ -93,6 +155,7 @@ impl NodeState {
             checks_failed: AtomicU64::new(0),
             ejections_total: AtomicU64::new(0),
             last_check: std::sync::Mutex::new(None),
+            conns: ConnCount::default(),
         }
     }
 

@@ -259,6 +259,12 @@ impl Metrics {
             &|s| flag(s.health() == Health::Up),
         );
         per_node(
+            "envgate_node_connections",
+            "Connections open to the node from every worker, in use and idle (against its max_connections).",
+            MetricType::GAUGE,
+            &|s| f64::from(s.conns.open()),
+        );
+        per_node(
             "envgate_node_ejected",
             "1 while passive detection keeps the node out of rotation.",
             MetricType::GAUGE,

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use super::body::{Blame, BodyWatch, ClientBody, ProxyBody, UpBody, Upload};
 use super::error::{io_kind, is_local_resource_error, own, ClientFault, Refusal};
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
-use super::pool::{ConnPool, ConnectError};
+use super::pool::{ConnPool, ConnectError, Room};
 use super::record::Record;
 use super::worker::{Worker, MAX_HEADERS};
 use crate::metrics::tally::Failover;
@@ -198,6 +198,8 @@ enum Failure {
     Failed,
     /// The client's body failed: the client's fault, not the node's.
     Client(ClientFault),
+    /// The node stayed at its `max_connections` for `timeouts.queue`: not its fault.
+    Busy,
 }
 
 /// An HTTP/2 stream's exchange: counted open until its response body is done with, and
@@ -447,22 +449,46 @@ pub async fn exchange(
         snap.earn_retry(env_id);
         for attempt in 0..attempts {
             let tried_so_far = &tried[..attempt];
-            let Some((p, i, node)) = route.candidates.iter().find_map(|p| {
-                let members = &topo.pools[p].members;
-                let wrr = &snap.wrr[p];
-                let i = if panic_mode && p == app.pool {
-                    wrr.pick_primary(members, |n| {
-                        !topo.nodes[n].state.is_drained() && !tried_so_far.contains(&n)
-                    })
-                } else {
-                    wrr.pick(members, |n| {
-                        topo.nodes[n].state.usable() && !tried_so_far.contains(&n)
-                    })
-                }?;
-                Some((p, i, members[i].node))
-            }) else {
+            // A node at its `max_connections` is passed over for another of its tier
+            // (primaries, or backups) that has room; when none has, the request waits at
+            // the node picked (`forward`). Backups stay for when no primary is usable.
+            let room =
+                |n: NodeId| topo.nodes[n].max_connections.is_none() || snap.conns[n].has_room();
+            let pick = |with_room: bool, primaries: bool| {
+                route.candidates.iter().find_map(|p| {
+                    let members = &topo.pools[p].members;
+                    let wrr = &snap.wrr[p];
+                    let i = if panic_mode && p == app.pool {
+                        wrr.pick_primary(members, |n| {
+                            !topo.nodes[n].state.is_drained()
+                                && !tried_so_far.contains(&n)
+                                && (!with_room || room(n))
+                        })
+                    } else {
+                        let ok = |n: NodeId| {
+                            topo.nodes[n].state.usable()
+                                && !tried_so_far.contains(&n)
+                                && (!with_room || room(n))
+                        };
+                        if primaries {
+                            wrr.pick_primary(members, ok)
+                        } else {
+                            wrr.pick(members, ok)
+                        }
+                    }?;
+                    Some((p, i, members[i].node))
+                })
+            };
+            let Some(mut picked) = pick(false, false) else {
                 break;
             };
+            if !room(picked.2) {
+                let primary = !topo.pools[picked.0].members[picked.1].backup;
+                if let Some(other) = pick(true, primary) {
+                    picked = other;
+                }
+            }
+            let (p, i, node) = picked;
             if !free && !snap.spend_retry(env_id) {
                 break;
             }
@@ -583,6 +609,11 @@ pub async fn exchange(
                             last = Last::Timeout;
                             None
                         }
+                        Failure::Busy => {
+                            rec.no_node();
+                            last = Last::Busy;
+                            None
+                        }
                         Failure::Failed => {
                             after = Some(Failover::Reset);
                             passive_failure(topo, route.candidates, node);
@@ -607,6 +638,10 @@ pub async fn exchange(
                 env.bodies().no_capacity.clone(),
             ),
             Last::BadGateway => own(StatusCode::BAD_GATEWAY, env.bodies().bad_gateway.clone()),
+            Last::Busy => own(
+                StatusCode::SERVICE_UNAVAILABLE,
+                env.bodies().node_busy.clone(),
+            ),
             Last::Timeout => own(
                 StatusCode::GATEWAY_TIMEOUT,
                 env.bodies().gateway_timeout.clone(),
@@ -687,6 +722,8 @@ enum Last {
     Local,
     BadGateway,
     Timeout,
+    /// Every node that could serve stayed at its `max_connections` for `timeouts.queue`.
+    Busy,
 }
 
 #[inline]
@@ -866,15 +903,35 @@ async fn forward(
         deadline.set(Some(overall));
         let (mut sender, reused) = match pool.take(t.upstream_idle) {
             Some(s) => (s, true),
-            None => {
+            None => 'new: {
                 let now = start;
+                if now >= overall {
+                    return Err(Failure::Deadline);
+                }
+                let counted = match pool.reserve() {
+                    Some(c) => c,
+                    // The node is at its `max_connections`: wait for room (boxed, a rare
+                    // path).
+                    None => match Box::pin(
+                        pool.wait_for_room(t.upstream_idle, (now + t.queue).min(overall)),
+                    )
+                    .await
+                    {
+                        Some(Room::Pooled(s)) => break 'new (s, true),
+                        Some(Room::New(c)) => c,
+                        None => return Err(Failure::Busy),
+                    },
+                };
+                let now = Instant::now();
                 if now >= overall {
                     return Err(Failure::Deadline);
                 }
                 // Boxed: the connect and handshake futures are large, and a request that
                 // finds a pooled connection (the common case) should not carry their
                 // size in its own future.
-                match Box::pin(pool.connect(t.connect.min(overall - now), t.body_idle)).await {
+                match Box::pin(pool.connect(counted, t.connect.min(overall - now), t.body_idle))
+                    .await
+                {
                     Ok(s) => (s, false),
                     Err(ConnectError::Io(e)) if is_local_resource_error(&e) => {
                         return Err(Failure::NotSent(req, Cause::Local));

@@ -7,17 +7,21 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::rc::Weak;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::body::UpBody;
 use super::io::StallIo;
+use crate::health::NodeState;
 use crate::tls::NodeTls;
+use crate::topology::Node;
 
 /// Idle connections kept per node and worker.
 const MAX_IDLE: usize = 512;
@@ -29,7 +33,15 @@ pub struct ConnPool {
     pub addr: SocketAddr,
     /// Spoken to over TLS.
     pub tls: Option<Arc<NodeTls>>,
+    /// The node's shared state: its open connections are counted there (all workers).
+    pub state: Arc<NodeState>,
+    /// The node's `max_connections`.
+    pub max: Option<u32>,
     idle: RefCell<Vec<(SendRequest<UpBody>, Instant)>>,
+    /// Woken when a connection comes back to this pool (for a request waiting for room).
+    returned: Notify,
+    /// Requests of this worker waiting for room at the node.
+    waiting: std::cell::Cell<u32>,
 }
 
 /// Why a new connection could not be had.
@@ -46,18 +58,76 @@ pub enum ConnectError {
 }
 
 impl ConnPool {
-    pub fn new(addr: SocketAddr, tls: Option<Arc<NodeTls>>) -> Self {
+    pub fn new(node: &Node) -> Self {
         ConnPool {
-            addr,
-            tls,
+            addr: node.addr,
+            tls: node.tls.clone(),
+            state: node.state.clone(),
+            max: node.max_connections,
             idle: RefCell::new(Vec::new()),
+            returned: Notify::new(),
+            waiting: std::cell::Cell::new(0),
         }
     }
 
-    /// Whether this pool speaks to a node at `addr` spoken to as `tls` says (a reload that
-    /// keeps both keeps the pool).
-    pub fn serves(&self, addr: SocketAddr, tls: &Option<Arc<NodeTls>>) -> bool {
-        self.addr == addr && self.tls == *tls
+    /// Whether this pool serves `node` as it is now: same address, TLS settings, state and
+    /// cap (a reload that keeps them keeps the pool).
+    pub fn serves(&self, node: &Node) -> bool {
+        self.addr == node.addr
+            && self.tls == node.tls
+            && self.max == node.max_connections
+            && Arc::ptr_eq(&self.state, &node.state)
+    }
+
+    /// Whether a request could have a connection to the node now: a pooled one, or room
+    /// under its cap for a new one.
+    #[inline]
+    pub fn has_room(&self) -> bool {
+        match self.max {
+            None => true,
+            Some(max) => !self.idle.borrow().is_empty() || self.state.conns.open() < max,
+        }
+    }
+
+    /// Room for one more connection to the node under its cap (counted until the
+    /// `Counted` is dropped or handed to `connect`).
+    #[inline]
+    pub fn reserve(&self) -> Option<Counted> {
+        self.state
+            .conns
+            .try_open(self.max)
+            .then(|| Counted(self.state.clone()))
+    }
+
+    /// Waits until `until` for a pooled connection or room for a new one, for a node at
+    /// its cap. `None` when neither came in time.
+    pub async fn wait_for_room(&self, max_idle: Duration, until: Instant) -> Option<Room> {
+        let conns = &self.state.conns;
+        // Idle connections of other workers count against the cap: one is asked to close.
+        conns.want_idle();
+        self.waiting.set(self.waiting.get() + 1);
+        let got = loop {
+            let freed = conns.freed.notified();
+            let returned = self.returned.notified();
+            tokio::pin!(freed, returned);
+            // Registered before looking, so that a close in between is not missed.
+            freed.as_mut().enable();
+            returned.as_mut().enable();
+            if let Some(c) = self.take(max_idle) {
+                break Some(Room::Pooled(c));
+            }
+            if let Some(c) = self.reserve() {
+                break Some(Room::New(c));
+            }
+            tokio::select! {
+                () = freed => {}
+                () = returned => {}
+                () = tokio::time::sleep_until(until) => break None,
+            }
+        };
+        self.waiting.set(self.waiting.get() - 1);
+        conns.unwant();
+        got
     }
 
     /// A pooled connection that is still open and was idle less than `max_idle`.
@@ -73,23 +143,56 @@ impl ConnPool {
         None
     }
 
-    /// Gives a connection back after its response ended.
+    /// Gives a connection back after its response ended. At a node's cap, a connection a
+    /// request on another worker waits for is closed instead (its room goes there).
     #[inline]
     pub fn put(&self, conn: SendRequest<UpBody>) {
         if conn.is_closed() {
             return;
         }
+        // A request of this worker waiting for room takes it; otherwise one waiting on
+        // another worker may want it closed.
+        if self.max.is_some() && self.waiting.get() == 0 && self.state.conns.take_reclaim() {
+            return;
+        }
         let mut idle = self.idle.borrow_mut();
         if idle.len() < MAX_IDLE {
             idle.push((conn, Instant::now()));
+            drop(idle);
+            self.returned.notify_waiters();
+        }
+    }
+
+    /// Closes idle connections that requests waiting on other workers want closed, for as
+    /// long as the pool lives (a task per pool of a node with a cap).
+    pub async fn reclaim(pool: Weak<ConnPool>) {
+        let Some(state) = pool.upgrade().map(|p| p.state.clone()) else {
+            return;
+        };
+        loop {
+            let wake = state.conns.reclaim_wake.notified();
+            tokio::pin!(wake);
+            // Registered before looking, so that a want in between is not missed.
+            wake.as_mut().enable();
+            {
+                let Some(p) = pool.upgrade() else { return };
+                while !p.idle.borrow().is_empty() && state.conns.take_reclaim() {
+                    // The oldest idle one (dropping it closes it).
+                    drop(p.idle.borrow_mut().remove(0));
+                }
+            }
+            // Looked at again now and then, so that the task ends soon after its pool.
+            let _ = tokio::time::timeout(Duration::from_secs(10), wake).await;
         }
     }
 
     /// Opens a new connection (TCP, then TLS for a node that speaks it, both within
-    /// `timeout`) and starts its connection task on this worker. A node that stops reading
-    /// what envgate writes for `write_idle` loses the connection.
+    /// `timeout`) and starts its connection task on this worker. The connection was counted
+    /// (`reserve`): it is uncounted when it closes, or at once when it cannot be opened. A node that stops reading what envgate writes for `write_idle`
+    /// loses the connection.
     pub async fn connect(
         &self,
+        counted: Counted,
         timeout: Duration,
         write_idle: Duration,
     ) -> Result<SendRequest<UpBody>, ConnectError> {
@@ -99,7 +202,7 @@ impl ConnPool {
             .map_err(|_| ConnectError::Timeout)??;
         let _ = stream.set_nodelay(true);
         match &self.tls {
-            None => start(stream, write_idle).await,
+            None => start(stream, write_idle, counted).await,
             Some(tls) => {
                 let stream = tokio::time::timeout_at(
                     deadline,
@@ -108,14 +211,35 @@ impl ConnPool {
                 .await
                 .map_err(|_| ConnectError::Timeout)?
                 .map_err(ConnectError::Tls)?;
-                start(stream, write_idle).await
+                start(stream, write_idle, counted).await
             }
         }
     }
 }
 
+/// A connection counted against its node; uncounted when dropped.
+pub struct Counted(Arc<NodeState>);
+
+/// What a request waiting at a node's cap got.
+pub enum Room {
+    /// A connection given back to this worker's pool.
+    Pooled(SendRequest<UpBody>),
+    /// Room for a new one.
+    New(Counted),
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.conns.closed();
+    }
+}
+
 /// HTTP/1.1 over an open connection, its task on this worker.
-async fn start<S>(stream: S, write_idle: Duration) -> Result<SendRequest<UpBody>, ConnectError>
+async fn start<S>(
+    stream: S,
+    write_idle: Duration,
+    counted: Counted,
+) -> Result<SendRequest<UpBody>, ConnectError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -131,6 +255,7 @@ where
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
+        drop(counted);
     });
     Ok(send)
 }

@@ -194,17 +194,23 @@ impl Worker {
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let fresh = || Rc::new(ConnPool::new(n.addr, n.tls.clone()));
+                let fresh = || {
+                    let p = Rc::new(ConnPool::new(n));
+                    if n.max_connections.is_some() {
+                        tokio::task::spawn_local(ConnPool::reclaim(Rc::downgrade(&p)));
+                    }
+                    p
+                };
                 let Some(old) = old.as_deref() else {
                     return fresh();
                 };
-                if let Some(c) = old.conns.get(i).filter(|c| c.serves(n.addr, &n.tls)) {
+                if let Some(c) = old.conns.get(i).filter(|c| c.serves(n)) {
                     return c.clone();
                 }
                 moved
                     .get_or_insert_with(|| old.conns.iter().map(|c| (c.addr, c.clone())).collect())
                     .get(&n.addr)
-                    .filter(|c| c.serves(n.addr, &n.tls))
+                    .filter(|c| c.serves(n))
                     .cloned()
                     .unwrap_or_else(fresh)
             })
