@@ -43,7 +43,7 @@ enum Command {
         #[arg(long, default_value = "-")]
         access_log: String,
         /// Fleet mode: follow the topology at URL (another instance's
-        /// `http://HOST:PORT/api/v1/topology`); the config file gives this instance's
+        /// `http://HOST:PORT/api/v1/topology`, or an https:// URL in front of it); the config file gives this instance's
         /// `listeners` and `control`, and the topology to serve until the source answers.
         #[arg(long)]
         topology_url: Option<String>,
@@ -53,6 +53,10 @@ enum Command {
         /// A file holding a bearer token for the source.
         #[arg(long)]
         topology_token_file: Option<PathBuf>,
+        /// For an https:// topology URL: a PEM file of the CAs that sign the source's
+        /// certificate (default: the system's roots).
+        #[arg(long)]
+        topology_ca: Option<PathBuf>,
         /// Serve handoffs on this Unix socket: a new instance started with `--takeover`
         /// on it receives the listening sockets, and this one then drains and exits.
         #[arg(long)]
@@ -149,6 +153,7 @@ fn main() -> ExitCode {
             topology_url,
             poll,
             topology_token_file,
+            topology_ca,
             upgrade_socket,
             takeover,
         } => {
@@ -163,7 +168,9 @@ fn main() -> ExitCode {
                 path => Some(accesslog::Target::File(path.into())),
             };
             let follow = match topology_url
-                .map(|u| fleet::Follow::new(&u, poll, topology_token_file))
+                .map(|u| {
+                    fleet::Follow::with_ca(&u, poll, topology_token_file, topology_ca.as_deref())
+                })
                 .transpose()
             {
                 Ok(f) => f,

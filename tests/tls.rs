@@ -878,3 +878,89 @@ async fn sessions_resume_on_every_worker_and_certificate_expiry_is_exported() {
     }
     eg.stop().await;
 }
+
+/// An HTTPS server that answers every request with `body` and counts the requests.
+async fn https_source(
+    config: Arc<rustls::ServerConfig>,
+    body: String,
+) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let (acceptor, body, h) = (acceptor.clone(), body.clone(), h.clone());
+            tokio::spawn(async move {
+                let Ok(s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |_req| {
+                    h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = body.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (port, hits)
+}
+
+/// Fleet mode over HTTPS: the source's certificate is verified against the CA given
+/// (`--topology-ca`); a source whose certificate that CA did not sign is not followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_fetches_its_topology_over_https_and_verifies_the_source() {
+    use envgate::control::fleet::{self, Follow};
+    let pki = Pki::new();
+    let leaf = pki.leaf("source", &["localhost"]);
+    let (own, theirs) = (
+        Upstream::start("own").await,
+        Upstream::start("theirs").await,
+    );
+    let local = format!(
+        "version: 1\nlisteners: [ {{ name: http, bind: \"127.0.0.1:{{port:http}}\" }} ]\nnodes: {{ own: {{ address: \"{}\" }} }}\nenvironments:\n  blue: {{ entries: [\"company.com:{{port:http}}\"], nodes: [own] }}\n",
+        own.addr
+    );
+    let served = format!(
+        "version: 1\nnodes: {{ theirs: {{ address: \"{}\" }} }}\nenvironments:\n  blue: {{ entries: [\"company.com:{{port:http}}\"], nodes: [theirs] }}\n",
+        theirs.addr
+    );
+    let eg = Envgate::start(&local);
+    let port = eg.port("http");
+    let (src, hits) = https_source(pki.server_config(&leaf), eg.fill(&served)).await;
+    let url = format!("https://localhost:{src}/api/v1/topology");
+    let poll = Duration::from_millis(100);
+
+    // Signed by another CA: polled, never applied.
+    let other = Pki::new();
+    let follow = Follow::with_ca(&url, poll, None, Some(&other.ca_path())).unwrap();
+    let fleet = fleet::spawn(eg.server().control().clone(), eg.fill(&local), follow, None).unwrap();
+    // The handshake fails before any request reaches the source.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(get(port, "company.com", "/").await.node(), "own");
+    drop(fleet);
+
+    // The right CA: followed.
+    let follow = Follow::with_ca(&url, poll, None, Some(&pki.ca_path())).unwrap();
+    let _fleet =
+        fleet::spawn(eg.server().control().clone(), eg.fill(&local), follow, None).unwrap();
+    let followed = eventually(Duration::from_secs(10), || async {
+        get(port, "company.com", "/").await.node() == "theirs"
+    })
+    .await;
+    assert!(followed);
+    assert!(hits.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    eg.stop().await;
+}

@@ -38,19 +38,54 @@ pub struct Follow {
     pub poll: Duration,
     /// A file holding a bearer token for the source, read at each poll.
     pub token_file: Option<PathBuf>,
+    /// For an `https://` URL: the source's certificate is verified for the URL's host
+    /// against a CA file or the system's roots.
+    pub tls: Option<Arc<crate::tls::NodeTls>>,
 }
 
 impl Follow {
-    /// Checks the URL: `http://`, a host, a port (80 when none).
+    /// Checks the URL: `http://` or `https://` (verified against the system's roots), a
+    /// host, a port (80 or 443 when none).
     pub fn new(url: &str, poll: Duration, token_file: Option<PathBuf>) -> Result<Follow, String> {
+        Self::with_ca(url, poll, token_file, None)
+    }
+
+    /// `new`, with the source's certificate verified against the CAs of file `ca` (for
+    /// an `https://` URL).
+    pub fn with_ca(
+        url: &str,
+        poll: Duration,
+        token_file: Option<PathBuf>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Follow, String> {
         let url: Uri = url
             .parse()
             .map_err(|e| format!("topology URL {url:?}: {e}"))?;
-        if url.scheme_str() != Some("http") || url.host().is_none() {
+        let https = match url.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(format!(
+                    "topology URL {url}: only http:// and https://host[:port]/path are supported"
+                ))
+            }
+        };
+        let Some(host) = url.host() else {
+            return Err(format!("topology URL {url}: no host"));
+        };
+        if ca.is_some() && !https {
             return Err(format!(
-                "topology URL {url}: only http://host[:port]/path is supported"
+                "topology URL {url}: a CA file is for an https:// URL"
             ));
         }
+        let tls = if https {
+            let host = host.trim_matches(['[', ']']);
+            Some(Arc::new(
+                crate::tls::node(host, ca).map_err(|e| format!("topology URL {url}: {e}"))?,
+            ))
+        } else {
+            None
+        };
         if poll < Duration::from_millis(100) {
             return Err(format!("poll interval {poll:?} is below 100ms"));
         }
@@ -58,6 +93,7 @@ impl Follow {
             url,
             poll,
             token_file,
+            tls,
         })
     }
 }
@@ -227,17 +263,40 @@ async fn fetch(follow: &Follow, etag: Option<&str>) -> Result<Fetched, String> {
         .map_err(|_| format!("no answer within {POLL_TIMEOUT:?}"))?
 }
 
-async fn fetch_unbounded(follow: &Follow, etag: Option<&str>) -> Result<Fetched, String> {
-    let url = &follow.url;
-    let host = url.host().unwrap_or_default();
-    let port = url.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+/// HTTP/1.1 over an open connection to the source.
+async fn handshake<S>(
+    stream: S,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
+    Ok(tx)
+}
+
+async fn fetch_unbounded(follow: &Follow, etag: Option<&str>) -> Result<Fetched, String> {
+    let url = &follow.url;
+    let host = url.host().unwrap_or_default();
+    let port = url
+        .port_u16()
+        .unwrap_or(if follow.tls.is_some() { 443 } else { 80 });
+    let stream = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut tx = match &follow.tls {
+        None => handshake(stream).await?,
+        Some(tls) => {
+            let stream = tls
+                .connector
+                .connect(tls.server_name.clone(), stream)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            handshake(stream).await?
+        }
+    };
     let authority = match url.port_u16() {
         Some(p) => format!("{host}:{p}"),
         None => host.to_string(),
@@ -309,7 +368,14 @@ mod tests {
             None
         )
         .is_ok());
-        assert!(Follow::new("https://x/api", Duration::from_secs(3), None).is_err());
+        assert!(Follow::new("ftp://x/api", Duration::from_secs(3), None).is_err());
+        assert!(Follow::with_ca(
+            "http://x/api",
+            Duration::from_secs(3),
+            None,
+            Some(std::path::Path::new("/ca.pem"))
+        )
+        .is_err());
         assert!(Follow::new("http://x/api", Duration::from_millis(1), None).is_err());
     }
 }
