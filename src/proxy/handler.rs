@@ -838,8 +838,16 @@ fn prepare(
     let mut seen = headers::scan(h);
     // A Connection option may have named one of the fields the scan saw (a client listing
     // X-Forwarded-Proto must not make envgate drop its own): look again after such a strip.
-    if seen.hop && headers::strip_hop_by_hop_keeping(h, upgrade, keep) {
-        seen = headers::scan(h);
+    if seen.hop {
+        // `TE: trailers` says the client takes trailers: it goes on to the node, which may
+        // then send them (gRPC needs it); the rest of TE is this hop's.
+        let trailers = headers::accepts_trailers(h);
+        if headers::strip_hop_by_hop_keeping(h, upgrade, keep) {
+            seen = headers::scan(h);
+        }
+        if trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
     // Room for the headers added below, in one growth at most.
     h.reserve(5);

@@ -16,15 +16,15 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Hop-by-hop headers of RFC 9110 section 7.6.1, plus the old `Proxy-Connection` and
-/// `Keep-Alive`.
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// `Keep-Alive`. `Trailer` is not one: it declares a response's trailer fields end to end,
+/// and an HTTP/1.1 client is sent only the trailers it declares.
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 
@@ -66,7 +66,7 @@ pub fn strip_hop_by_hop_keeping(
 ) -> bool {
     // One pass over the message's few names finds the hop-by-hop ones (usually none, or
     // just `Connection`), so only those cost a removal.
-    let mut found: [Option<HeaderName>; 9] = Default::default();
+    let mut found: [Option<HeaderName>; 8] = Default::default();
     let mut n = 0;
     let mut connection = false;
     // A field literally named `close`: `Connection: close` names it too (RFC 9110 7.6.1).
@@ -130,6 +130,14 @@ pub fn strip_hop_by_hop_keeping(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     named
+}
+
+/// Whether a request's `TE` lists `trailers`.
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(b"trailers")))
 }
 
 /// What one pass over a request's field names found, so that the rewrite looks up only
