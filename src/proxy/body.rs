@@ -174,6 +174,15 @@ impl ProxyBody {
         }
     }
 
+    /// Whether this is an answer of envgate's own (not a node's body), and takes its bytes
+    /// (the answer becomes empty).
+    pub fn take_own(&mut self) -> Option<Bytes> {
+        match &mut self.kind {
+            Kind::Full(b) => Some(b.take().unwrap_or_default()),
+            Kind::Upstream(_) => None,
+        }
+    }
+
     /// Keeps an HTTP/2 stream counted open until this body is done with.
     pub fn hold(&mut self, stream: StreamGuard) {
         self.stream = Some(stream);

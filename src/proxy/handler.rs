@@ -212,12 +212,61 @@ pub async fn handle_h2(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let mut stream = StreamGuard::enter(h2.clone());
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let Ok(mut resp) = exchange(worker, conn, req).await;
+    if grpc {
+        grpc_error(&mut resp);
+    }
     stream.answered = true;
     stream.progress(true);
     h2.answered.set(h2.answered.get().saturating_add(1));
     resp.body_mut().hold(stream);
     Ok(resp)
+}
+
+/// An answer of envgate's own to a gRPC client, as gRPC says errors: HTTP 200 with the
+/// status in `grpc-status` and the reason (the JSON envgate would have sent) in
+/// `grpc-message`, no body (a trailers-only response). A node's answer is left as it is.
+/// The access log and the metrics keep the HTTP status envgate decided.
+#[cold]
+fn grpc_error(resp: &mut Response<ProxyBody>) {
+    let status = resp.status();
+    if status == StatusCode::OK {
+        return;
+    }
+    let Some(reason) = resp.body_mut().take_own() else {
+        return;
+    };
+    // gRPC status codes (grpc/doc/statuscodes.md).
+    let code: &'static str = match status.as_u16() {
+        // No route, or a method the environment does not take: UNIMPLEMENTED.
+        404 | 405 => "12",
+        // No usable node, a node that failed, the node's cap, envgate's own limits, a
+        // misdirected connection: UNAVAILABLE (a client may retry).
+        421 | 502 | 503 => "14",
+        // The node's answer or the upload did not come in time: DEADLINE_EXCEEDED.
+        408 | 504 => "4",
+        // Over a size limit: RESOURCE_EXHAUSTED.
+        413 | 414 | 431 => "8",
+        // A malformed request: INTERNAL (what gRPC maps HTTP 400 to).
+        400 => "13",
+        _ => "2",
+    };
+    let h = resp.headers_mut();
+    h.remove(header::CONTENT_LENGTH);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from_static(code));
+    // The JSON is printable ASCII without `%`, which grpc-message carries as it is.
+    if let Ok(v) = HeaderValue::from_maybe_shared(reason) {
+        h.insert("grpc-message", v);
+    }
+    *resp.status_mut() = StatusCode::OK;
 }
 
 /// The host a request is routed by and sent to the node with.
