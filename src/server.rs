@@ -455,6 +455,18 @@ async fn worker_main(
             }
         });
     }
+    // A topology change is taken at once, not at the worker's next request: the pools of
+    // nodes that left or changed (and their idle connections, which count against a
+    // node's cap) go now, also on a worker that gets no traffic.
+    {
+        let worker = worker.clone();
+        let mut changed = shared.changed.subscribe();
+        tokio::task::spawn_local(async move {
+            while changed.changed().await.is_ok() {
+                drop(worker.snapshot());
+            }
+        });
+    }
     // A worker-local copy of the shutdown signal keeps per-connection clones off the
     // shared channel's counters.
     let (local_tx, local_rx) = watch::channel(false);

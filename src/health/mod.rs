@@ -100,10 +100,18 @@ impl ConnCount {
             .is_ok()
     }
 
-    /// A connection counted by `try_open` closed (or never opened).
-    pub fn closed(&self) {
+    /// A connection counted by `try_open` closed (or never opened); requests waiting for
+    /// room are woken when the node has a cap.
+    pub fn closed(&self, capped: bool) {
         self.open.fetch_sub(1, Ordering::AcqRel);
-        self.freed.notify_waiters();
+        if capped {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Wants idle connections closed now (for requests waiting for room).
+    pub fn wanted(&self) -> u32 {
+        self.reclaim.load(Ordering::Acquire)
     }
 
     pub fn open(&self) -> u32 {

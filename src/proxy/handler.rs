@@ -953,7 +953,7 @@ async fn forward(
     times: &AttemptTimes,
 ) -> Result<(Response<Incoming>, SendRequest<UpBody>), Failure> {
     loop {
-        let start = Instant::now();
+        let mut start = Instant::now();
         times.start.set(Some(start));
         times.connect_ns.set(None);
         let overall = deadline.get().unwrap_or(start + t.request);
@@ -969,15 +969,21 @@ async fn forward(
                     Some(c) => c,
                     // The node is at its `max_connections`: wait for room (boxed, a rare
                     // path).
-                    None => match Box::pin(
-                        pool.wait_for_room(t.upstream_idle, (now + t.queue).min(overall)),
-                    )
-                    .await
-                    {
-                        Some(Room::Pooled(s)) => break 'new (s, true),
-                        Some(Room::New(c)) => c,
-                        None => return Err(Failure::Busy),
-                    },
+                    None => {
+                        let room = Box::pin(
+                            pool.wait_for_room(t.upstream_idle, (now + t.queue).min(overall)),
+                        )
+                        .await;
+                        // The time in the queue is neither the node's answer time nor its
+                        // connect time: the attempt starts now.
+                        start = Instant::now();
+                        times.start.set(Some(start));
+                        match room {
+                            Some(Room::Pooled(s)) => break 'new (s, true),
+                            Some(Room::New(c)) => c,
+                            None => return Err(Failure::Busy),
+                        }
+                    }
                 };
                 let now = Instant::now();
                 if now >= overall {

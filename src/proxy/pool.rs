@@ -23,6 +23,12 @@ use crate::health::NodeState;
 use crate::tls::NodeTls;
 use crate::topology::Node;
 
+/// How often a request waiting for room at a node's cap looks again whether its ask for an
+/// idle connection to close still stands.
+const RE_WANT: Duration = Duration::from_millis(200);
+/// How often the pool of a node with a cap closes its connections idle past the upstream
+/// idle time.
+const SWEEP: Duration = Duration::from_secs(2);
 /// Idle connections kept per node and worker.
 const MAX_IDLE: usize = 512;
 /// Largest response head a node may send (like the request side): beyond it the answer
@@ -38,6 +44,8 @@ pub struct ConnPool {
     /// The node's `max_connections`.
     pub max: Option<u32>,
     idle: RefCell<Vec<(SendRequest<UpBody>, Instant)>>,
+    /// The upstream idle timeout last used (for the sweep of a capped pool).
+    max_idle: std::cell::Cell<Duration>,
     /// Woken when a connection comes back to this pool (for a request waiting for room).
     returned: Notify,
     /// Requests of this worker waiting for room at the node.
@@ -65,6 +73,7 @@ impl ConnPool {
             state: node.state.clone(),
             max: node.max_connections,
             idle: RefCell::new(Vec::new()),
+            max_idle: std::cell::Cell::new(Duration::from_secs(4)),
             returned: Notify::new(),
             waiting: std::cell::Cell::new(0),
         }
@@ -96,17 +105,32 @@ impl ConnPool {
         self.state
             .conns
             .try_open(self.max)
-            .then(|| Counted(self.state.clone()))
+            .then(|| Counted(self.state.clone(), self.max.is_some()))
     }
 
     /// Waits until `until` for a pooled connection or room for a new one, for a node at
     /// its cap. `None` when neither came in time.
     pub async fn wait_for_room(&self, max_idle: Duration, until: Instant) -> Option<Room> {
         let conns = &self.state.conns;
-        // Idle connections of other workers count against the cap: one is asked to close.
-        conns.want_idle();
+        // Undone however the wait ends (the client may go away meanwhile).
+        struct Waiting<'a> {
+            pool: &'a ConnPool,
+            wants: u32,
+        }
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.pool.waiting.set(self.pool.waiting.get() - 1);
+                for _ in 0..self.wants {
+                    self.pool.state.conns.unwant();
+                }
+            }
+        }
         self.waiting.set(self.waiting.get() + 1);
-        let got = loop {
+        let mut waiting = Waiting {
+            pool: self,
+            wants: 0,
+        };
+        loop {
             let freed = conns.freed.notified();
             let returned = self.returned.notified();
             tokio::pin!(freed, returned);
@@ -114,25 +138,30 @@ impl ConnPool {
             freed.as_mut().enable();
             returned.as_mut().enable();
             if let Some(c) = self.take(max_idle) {
-                break Some(Room::Pooled(c));
+                return Some(Room::Pooled(c));
             }
             if let Some(c) = self.reserve() {
-                break Some(Room::New(c));
+                return Some(Room::New(c));
+            }
+            // Idle connections of other workers count against the cap: one is asked to
+            // close (again, if an earlier ask was taken by another waiter's room).
+            if conns.wanted() < waiting.wants.max(1) {
+                conns.want_idle();
+                waiting.wants += 1;
             }
             tokio::select! {
                 () = freed => {}
                 () = returned => {}
-                () = tokio::time::sleep_until(until) => break None,
+                () = tokio::time::sleep(RE_WANT) => {}
+                () = tokio::time::sleep_until(until) => return None,
             }
-        };
-        self.waiting.set(self.waiting.get() - 1);
-        conns.unwant();
-        got
+        }
     }
 
     /// A pooled connection that is still open and was idle less than `max_idle`.
     #[inline]
     pub fn take(&self, max_idle: Duration) -> Option<SendRequest<UpBody>> {
+        self.max_idle.set(max_idle);
         let mut idle = self.idle.borrow_mut();
         while let Some((conn, since)) = idle.pop() {
             if conn.is_closed() || since.elapsed() > max_idle {
@@ -176,13 +205,20 @@ impl ConnPool {
             wake.as_mut().enable();
             {
                 let Some(p) = pool.upgrade() else { return };
+                // Connections idle past the upstream idle time would not be used again,
+                // but count against the cap: they close (oldest first).
+                let max_idle = p.max_idle.get();
+                p.idle
+                    .borrow_mut()
+                    .retain(|(c, since)| !c.is_closed() && since.elapsed() <= max_idle);
                 while !p.idle.borrow().is_empty() && state.conns.take_reclaim() {
                     // The oldest idle one (dropping it closes it).
                     drop(p.idle.borrow_mut().remove(0));
                 }
             }
-            // Looked at again now and then, so that the task ends soon after its pool.
-            let _ = tokio::time::timeout(Duration::from_secs(10), wake).await;
+            // Looked at again now and then: stale connections are swept, and the task
+            // ends soon after its pool.
+            let _ = tokio::time::timeout(SWEEP, wake).await;
         }
     }
 
@@ -217,8 +253,9 @@ impl ConnPool {
     }
 }
 
-/// A connection counted against its node; uncounted when dropped.
-pub struct Counted(Arc<NodeState>);
+/// A connection counted against its node (and whether the node has a cap); uncounted when
+/// dropped.
+pub struct Counted(Arc<NodeState>, bool);
 
 /// What a request waiting at a node's cap got.
 pub enum Room {
@@ -230,7 +267,62 @@ pub enum Room {
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.conns.closed();
+        self.0.conns.closed(self.1);
+    }
+}
+
+/// A node connection that stays counted as long as its socket lives: through an upgrade
+/// too (a tunnel holds the socket after hyper's connection task has ended).
+struct CountedIo<S> {
+    inner: S,
+    _counted: Counted,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountedIo<S> {
+    #[inline]
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountedIo<S> {
+    #[inline]
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    #[inline]
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    #[inline]
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    #[inline]
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -246,7 +338,10 @@ where
     let (send, conn) = http1::Builder::new()
         .max_header_size(MAX_RESPONSE_HEAD)
         .handshake::<_, UpBody>(TokioIo::new(StallIo::new(
-            stream,
+            CountedIo {
+                inner: stream,
+                _counted: counted,
+            },
             write_idle,
             "the node read nothing for the body idle timeout",
         )))
@@ -255,7 +350,6 @@ where
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
-        drop(counted);
     });
     Ok(send)
 }
