@@ -436,7 +436,7 @@ pub struct NodeTls {
     pub server_name: ServerName<'static>,
     /// The name as written, the CA file and a fingerprint of its bytes: two nodes with
     /// the same are spoken to the same way (a reload keeps their connection pools).
-    ident: (String, Option<PathBuf>, u64),
+    ident: (String, Option<PathBuf>, u64, bool),
 }
 
 impl std::fmt::Debug for NodeTls {
@@ -481,8 +481,9 @@ fn system_roots() -> Result<Arc<RootCertStore>, String> {
 }
 
 /// The client side for a node: certificates verified against `ca` (or the system roots)
-/// for `server_name`, which is also sent as SNI (unless it is an IP address).
-pub fn node(server_name: &str, ca: Option<&Path>) -> Result<NodeTls, String> {
+/// for `server_name`, which is also sent as SNI (unless it is an IP address); ALPN offers
+/// `h2` when `h2`, else `http/1.1`.
+pub fn node(server_name: &str, ca: Option<&Path>, h2: bool) -> Result<NodeTls, String> {
     let name = ServerName::try_from(server_name.to_string())
         .map_err(|_| format!("{server_name:?} is not a DNS name or IP address"))?;
     let (roots, fp) = match ca {
@@ -511,11 +512,15 @@ pub fn node(server_name: &str, ca: Option<&Path>) -> Result<NodeTls, String> {
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
     Ok(NodeTls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         server_name: name,
-        ident: (server_name.to_string(), ca.map(Path::to_path_buf), fp),
+        ident: (server_name.to_string(), ca.map(Path::to_path_buf), fp, h2),
     })
 }
 

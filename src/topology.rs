@@ -285,6 +285,33 @@ pub struct Node {
     pub state: Arc<NodeState>,
     /// Spoken to over TLS (`None`: cleartext).
     pub tls: Option<Arc<crate::tls::NodeTls>>,
+    /// HTTP/1.1, or HTTP/2 (in clear with prior knowledge, or over TLS by ALPN).
+    pub protocol: Protocol,
+}
+
+/// How envgate speaks to a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    Http1,
+    /// HTTP/2 in clear, with prior knowledge.
+    H2c,
+    /// HTTP/2 over TLS (ALPN `h2`).
+    H2,
+}
+
+impl Protocol {
+    pub fn is_h2(self) -> bool {
+        self != Protocol::Http1
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2c => "h2c",
+            Protocol::H2 => "h2",
+        }
+    }
 }
 
 #[derive(Debug)]

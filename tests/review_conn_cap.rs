@@ -654,7 +654,7 @@ async fn after_a_burst_the_count_matches_the_nodes_open_connections() {
     assert_eq!(node.served.load(Ordering::SeqCst), 24);
     assert!(node.max() <= 2, "{}", node.max());
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(15), || async {
             counted(&eg, 0) as usize == node.open()
         })
         .await,
@@ -694,7 +694,7 @@ async fn a_reload_that_changes_the_cap_keeps_the_count_right() {
     assert!(replies.iter().all(|(s, _)| *s == 200), "{replies:?}");
     assert!(node.max() <= 3, "{}", node.max());
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(15), || async {
             counted(&eg, 0) as usize == node.open()
         })
         .await,

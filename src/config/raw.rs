@@ -158,6 +158,8 @@ pub struct RawNode {
     pub drain: Option<bool>,
     /// Spoken to over TLS.
     pub tls: Option<RawNodeTls>,
+    /// `http1` (default), `h2c` or `h2`.
+    pub protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1031,6 +1031,29 @@ fn nodes<'r>(
             Some(h) => health(&format!("{}.health", at()), h, &defaults.health, errs),
             None => defaults.health.clone(),
         };
+        let protocol = match n.protocol.as_deref() {
+            None | Some("http1") => Protocol::Http1,
+            Some("h2c") => Protocol::H2c,
+            Some("h2") => Protocol::H2,
+            Some(other) => {
+                errs.value(
+                    format!("{}.protocol", at()),
+                    format!("protocol {other:?} must be http1, h2c (HTTP/2 in clear) or h2 (HTTP/2 over TLS)"),
+                );
+                Protocol::Http1
+            }
+        };
+        match (protocol, n.tls.is_some()) {
+            (Protocol::H2, false) => errs.value(
+                format!("{}.protocol", at()),
+                "protocol h2 is HTTP/2 over TLS: give the node `tls` (or use h2c)",
+            ),
+            (Protocol::H2c, true) => errs.value(
+                format!("{}.protocol", at()),
+                "protocol h2c is HTTP/2 in clear: over TLS it is h2",
+            ),
+            _ => {}
+        }
         let tls = n.tls.as_ref().and_then(|t| {
             let at = format!("{}.tls", at());
             let ca =
@@ -1046,7 +1069,7 @@ fn nodes<'r>(
                 .server_name
                 .clone()
                 .unwrap_or_else(|| addr.ip().to_string());
-            match crate::tls::node(&server_name, ca.as_deref()) {
+            match crate::tls::node(&server_name, ca.as_deref(), protocol == Protocol::H2) {
                 Ok(t) => Some(Arc::new(t)),
                 Err(e) => {
                     errs.value(at, e);
@@ -1070,6 +1093,7 @@ fn nodes<'r>(
             drain: n.drain.unwrap_or(false),
             state,
             tls,
+            protocol,
         });
     }
     (out, ids)

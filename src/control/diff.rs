@@ -140,6 +140,14 @@ pub fn diff(old: &Topology, new: &Topology) -> Diff {
                 if o.tls != n.tls {
                     out.push(format!("node {}: TLS changed", n.name));
                 }
+                if o.protocol != n.protocol {
+                    out.push(format!(
+                        "node {}: protocol {} -> {}",
+                        n.name,
+                        o.protocol.as_str(),
+                        n.protocol.as_str()
+                    ));
+                }
             }
         }
     }

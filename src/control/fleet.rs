@@ -81,7 +81,8 @@ impl Follow {
         let tls = if https {
             let host = host.trim_matches(['[', ']']);
             Some(Arc::new(
-                crate::tls::node(host, ca).map_err(|e| format!("topology URL {url}: {e}"))?,
+                crate::tls::node(host, ca, false)
+                    .map_err(|e| format!("topology URL {url}: {e}"))?,
             ))
         } else {
             None

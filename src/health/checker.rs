@@ -78,6 +78,7 @@ pub async fn probe(
     addr: SocketAddr,
     spec: &HealthSpec,
     tls: Option<&crate::tls::NodeTls>,
+    protocol: crate::topology::Protocol,
 ) -> Result<(), ProbeError> {
     let work = async {
         let stream = TcpStream::connect(addr).await.map_err(|e| {
@@ -91,15 +92,16 @@ pub async fn probe(
             return Ok(());
         }
         let _ = stream.set_nodelay(true);
+        let h2 = protocol.is_h2();
         let mut send = match tls {
-            None => start(stream).await?,
+            None => start(stream, h2).await?,
             Some(tls) => {
                 let stream = tls
                     .connector
                     .connect(tls.server_name.clone(), stream)
                     .await
                     .map_err(|e| ProbeError::Failed(format!("TLS handshake: {e}")))?;
-                start(stream).await?
+                start(stream, h2).await?
             }
         };
         let req = http::Request::get(spec.path.as_str())
@@ -108,9 +110,16 @@ pub async fn probe(
                 tls.map_or_else(|| addr.to_string(), |t| t.name().to_string()),
             )
             .header(http::header::USER_AGENT, "envgate-health")
-            .header(http::header::CONNECTION, "close")
             .body(Empty::new())
             .map_err(|e| ProbeError::Failed(format!("request: {e}")))?;
+        let mut req = req;
+        if !h2 {
+            // One check, one connection (HTTP/2 has no such field).
+            req.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         let resp = send
             .send_request(req)
             .await
@@ -183,22 +192,51 @@ fn warn_local(name: &str, addr: SocketAddr, e: &str) {
     }
 }
 
-/// HTTP/1.1 over an open connection, for one check.
-async fn start<S>(stream: S) -> Result<http1::SendRequest<Empty<Bytes>>, ProbeError>
+/// One check's way to send its request: HTTP/1.1 or HTTP/2.
+enum Probe {
+    H1(http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Probe {
+    async fn send_request(
+        &mut self,
+        req: http::Request<Empty<Bytes>>,
+    ) -> hyper::Result<http::Response<hyper::body::Incoming>> {
+        match self {
+            Probe::H1(s) => s.send_request(req).await,
+            Probe::H2(s) => s.send_request(req).await,
+        }
+    }
+}
+
+/// HTTP/1.1 (or HTTP/2) over an open connection, for one check.
+async fn start<S>(stream: S, h2: bool) -> Result<Probe, ProbeError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    if h2 {
+        let (send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .map_err(|e| ProbeError::Failed(format!("HTTP/2 handshake: {e}")))?;
+        tokio::spawn(conn);
+        return Ok(Probe::H2(send));
+    }
     let (send, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
         .await
         .map_err(|e| ProbeError::Failed(format!("handshake: {e}")))?;
     tokio::spawn(conn);
-    Ok(send)
+    Ok(Probe::H1(send))
 }
 
 async fn check_loop(
     name: Arc<str>,
     addr: SocketAddr,
     tls: Option<Arc<crate::tls::NodeTls>>,
+    protocol: crate::topology::Protocol,
     spec: HealthSpec,
     state: Arc<NodeState>,
     probes: Arc<tokio::sync::Semaphore>,
@@ -213,7 +251,7 @@ async fn check_loop(
         let probed = {
             // The semaphore is never closed, so acquiring only waits.
             let _slot = probes.acquire().await;
-            probe(addr, &spec, tls.as_deref()).await
+            probe(addr, &spec, tls.as_deref(), protocol).await
         };
         let result = match probed {
             Err(ProbeError::Local(e)) => {
@@ -258,6 +296,7 @@ pub async fn supervise(
             HealthSpec,
             Arc<NodeState>,
             Option<Arc<crate::tls::NodeTls>>,
+            crate::topology::Protocol,
             JoinHandle<()>,
         ),
     > = HashMap::default();
@@ -271,8 +310,12 @@ pub async fn supervise(
         for node in &topo.nodes {
             let key = (node.name.clone(), node.addr);
             keep.insert(key.clone());
-            if let Some((spec, state, tls, _)) = running.get(&key) {
-                if *spec == node.health && Arc::ptr_eq(state, &node.state) && *tls == node.tls {
+            if let Some((spec, state, tls, protocol, _)) = running.get(&key) {
+                if *spec == node.health
+                    && Arc::ptr_eq(state, &node.state)
+                    && *tls == node.tls
+                    && *protocol == node.protocol
+                {
                     continue;
                 }
             }
@@ -280,23 +323,25 @@ pub async fn supervise(
                 node.name.clone(),
                 node.addr,
                 node.tls.clone(),
+                node.protocol,
                 node.health.clone(),
                 node.state.clone(),
                 probes.clone(),
             ));
-            if let Some((_, _, _, old)) = running.insert(
+            if let Some((_, _, _, _, old)) = running.insert(
                 key,
                 (
                     node.health.clone(),
                     node.state.clone(),
                     node.tls.clone(),
+                    node.protocol,
                     task,
                 ),
             ) {
                 old.abort();
             }
         }
-        running.retain(|k, (_, _, _, task)| {
+        running.retain(|k, (_, _, _, _, task)| {
             let stay = keep.contains(k);
             if !stay {
                 task.abort();
@@ -328,7 +373,7 @@ pub async fn supervise(
             _ = shutdown.changed() => break,
         }
     }
-    for (_, (_, _, _, task)) in running {
+    for (_, (_, _, _, _, task)) in running {
         task.abort();
     }
 }

@@ -25,13 +25,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
 use super::error::{BodyError, ClientFault};
 use super::handler::StreamGuard;
 use super::io::IdleTimer;
-use super::pool::ConnPool;
+use super::pool::{ConnPool, Sender};
 use super::record::Record;
 use super::worker::LocalSnap;
 use crate::routing::Candidates;
@@ -95,7 +94,7 @@ impl Blame {
 struct Upstream {
     body: Incoming,
     /// The connection to give back once `body` has ended.
-    conn: Option<(Rc<ConnPool>, SendRequest<UpBody>)>,
+    conn: Option<(Rc<ConnPool>, Sender)>,
     slot: Option<InFlight>,
     blame: Blame,
     /// How the request body went, when there was one.
@@ -152,7 +151,7 @@ impl ProxyBody {
 
     pub fn upstream(
         body: Incoming,
-        conn: Option<(Rc<ConnPool>, SendRequest<UpBody>)>,
+        conn: Option<(Rc<ConnPool>, Sender)>,
         slot: Option<InFlight>,
         blame: Blame,
         upload: Option<Rc<BodyWatch>>,

@@ -27,7 +27,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
-use hyper::client::conn::http1::SendRequest;
 use tokio::io::copy_bidirectional;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -35,7 +34,7 @@ use tokio::time::Instant;
 use super::body::{Blame, BodyWatch, ClientBody, ProxyBody, UpBody, Upload};
 use super::error::{io_kind, is_local_resource_error, own, ClientFault, Refusal};
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
-use super::pool::{ConnPool, ConnectError, Room};
+use super::pool::{ConnPool, ConnectError, Room, Sender};
 use super::record::Record;
 use super::worker::{Worker, MAX_HEADERS};
 use crate::metrics::tally::Failover;
@@ -538,6 +537,11 @@ pub async fn exchange(
                 }
             }
             let (p, i, node) = picked;
+            if tunnelled && snap.conns[node].protocol.is_h2() {
+                // WebSocket and CONNECT over HTTP/2 to a node are not relayed.
+                tracing::debug!(node = %topo.nodes[node].name, "a tunnel to a node spoken to over HTTP/2: not relayed");
+                break 'serve own(StatusCode::BAD_GATEWAY, env.bodies().bad_gateway.clone());
+            }
             if !free && !snap.spend_retry(env_id) {
                 break;
             }
@@ -951,14 +955,21 @@ async fn forward(
     t: &Timeouts,
     deadline: &Cell<Option<Instant>>,
     times: &AttemptTimes,
-) -> Result<(Response<Incoming>, SendRequest<UpBody>), Failure> {
+) -> Result<(Response<Incoming>, Sender), Failure> {
     loop {
         let mut start = Instant::now();
         times.start.set(Some(start));
         times.connect_ns.set(None);
         let overall = deadline.get().unwrap_or(start + t.request);
         deadline.set(Some(overall));
-        let (mut sender, reused) = match pool.take(t.upstream_idle) {
+        let taken = match pool.take(t.upstream_idle) {
+            // HTTP/2: a connection another request is opening may carry this one too.
+            None if pool.opening() => {
+                Box::pin(pool.stream_when_opened(start + t.connect.min(overall - start))).await
+            }
+            taken => taken,
+        };
+        let (mut sender, reused) = match taken {
             Some(s) => (s, true),
             None => 'new: {
                 let now = start;
@@ -1020,7 +1031,7 @@ async fn forward(
             // Time spent finding a node is not the node's idleness.
             w.restart(sent_at);
         }
-        let send = sender.try_send_request(req);
+        let send = sender.send(req);
         tokio::pin!(send);
         let first = next_deadline(watch.as_deref(), sent_at, t, overall, sent_at)?;
         let sleep = tokio::time::sleep_until(first);

@@ -1,17 +1,23 @@
-//! One worker's pool of keep-alive HTTP/1.1 connections to one node.
+//! One worker's pool of connections to one node.
 //!
-//! A plain stack of ready `SendRequest`s (most recently used on top, so idle ones at the
-//! bottom age out): no lock, no background task. A connection is put back by the response
-//! body when it ends (see `body.rs`), and a pooled connection idle for longer than the
-//! upstream idle timeout is discarded on checkout, so the node never closes first.
+//! HTTP/1.1: a plain stack of ready `SendRequest`s (most recently used on top, so idle ones
+//! at the bottom age out): no lock. A connection is put back by the response body when it
+//! ends (see `body.rs`), and a pooled connection idle for longer than the upstream idle
+//! timeout is discarded on checkout, so the node never closes first.
+//!
+//! HTTP/2 (`protocol: h2c | h2`): a few multiplexed connections, each carrying up to
+//! `MAX_STREAMS` requests at once; a new one is opened when every open one is at that
+//! bound (hyper would queue the request behind the node's stream limit instead). A
+//! connection the node closed or sent GOAWAY on is not given new streams.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::rc::Weak;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -21,7 +27,7 @@ use super::body::UpBody;
 use super::io::StallIo;
 use crate::health::NodeState;
 use crate::tls::NodeTls;
-use crate::topology::Node;
+use crate::topology::{Node, Protocol};
 
 /// How often a request waiting for room at a node's cap looks again whether its ask for an
 /// idle connection to close still stands.
@@ -50,6 +56,82 @@ pub struct ConnPool {
     returned: Notify,
     /// Requests of this worker waiting for room at the node.
     waiting: std::cell::Cell<u32>,
+    pub protocol: Protocol,
+    /// HTTP/2 connections and their streams in flight.
+    mux: RefCell<Vec<Mux>>,
+    /// HTTP/2 connections being opened, requests waiting for them, and their wake-up.
+    opening: Cell<u32>,
+    queued: Cell<u32>,
+    opened: Notify,
+}
+
+/// An HTTP/2 connection to the node, and its streams in flight.
+type Mux = (http2::SendRequest<UpBody>, Rc<Cell<u32>>);
+
+/// Streams one HTTP/2 connection carries at once before another is opened.
+pub const MAX_STREAMS: u32 = 100;
+
+/// A way to send one request to the node, given back (or let go) when its exchange ends.
+pub enum Sender {
+    H1(SendRequest<UpBody>),
+    /// A stream of an HTTP/2 connection: counted in flight until dropped.
+    H2(http2::SendRequest<UpBody>, Stream),
+}
+
+impl Sender {
+    /// Sends `req`; `Err` hands the request back when it surely was not sent.
+    #[allow(clippy::result_large_err)]
+    pub fn send(
+        &mut self,
+        req: http::Request<UpBody>,
+    ) -> impl std::future::Future<
+        Output = Result<
+            http::Response<hyper::body::Incoming>,
+            hyper::client::conn::TrySendError<http::Request<UpBody>>,
+        >,
+    > {
+        match self {
+            Sender::H1(s) => Either::A {
+                f: s.try_send_request(req),
+            },
+            Sender::H2(s, _) => Either::B {
+                f: s.try_send_request(req),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One of two futures of the same output.
+    #[project = EitherProj]
+    pub enum Either<A, B> {
+        A { #[pin] f: A },
+        B { #[pin] f: B },
+    }
+}
+
+impl<A, B, T> std::future::Future for Either<A, B>
+where
+    A: std::future::Future<Output = T>,
+    B: std::future::Future<Output = T>,
+{
+    type Output = T;
+    #[inline]
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        match self.project() {
+            EitherProj::A { f } => f.poll(cx),
+            EitherProj::B { f } => f.poll(cx),
+        }
+    }
+}
+
+/// One stream in flight on an HTTP/2 connection to a node.
+pub struct Stream(Rc<Cell<u32>>);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
 }
 
 /// Why a new connection could not be had.
@@ -76,13 +158,68 @@ impl ConnPool {
             max_idle: std::cell::Cell::new(Duration::from_secs(4)),
             returned: Notify::new(),
             waiting: std::cell::Cell::new(0),
+            protocol: node.protocol,
+            mux: RefCell::new(Vec::new()),
+            opening: Cell::new(0),
+            queued: Cell::new(0),
+            opened: Notify::new(),
         }
+    }
+
+    /// HTTP/2: whether a connection is being opened (a request may wait for a stream on it
+    /// rather than open one more).
+    #[inline]
+    pub fn opening(&self) -> bool {
+        self.opening.get() > 0
+    }
+
+    /// HTTP/2: a stream on a connection being opened by another request, while those being
+    /// opened have room for the requests waiting on them; `None` when this request should
+    /// open a connection itself (or none came by `until`).
+    pub async fn stream_when_opened(&self, until: Instant) -> Option<Sender> {
+        struct Queued<'a>(&'a Cell<u32>);
+        impl Drop for Queued<'_> {
+            fn drop(&mut self) {
+                self.0.set(self.0.get() - 1);
+            }
+        }
+        loop {
+            if let Some(s) = self.take_stream() {
+                return Some(s);
+            }
+            let opening = self.opening.get();
+            if opening == 0 || self.queued.get() >= opening.saturating_mul(MAX_STREAMS) {
+                return None;
+            }
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            self.queued.set(self.queued.get() + 1);
+            let _queued = Queued(&self.queued);
+            tokio::select! {
+                () = opened => {}
+                () = tokio::time::sleep_until(until) => return None,
+            }
+        }
+    }
+
+    /// A stream on an open HTTP/2 connection with room for one, the least busy.
+    pub fn take_stream(&self) -> Option<Sender> {
+        let mut mux = self.mux.borrow_mut();
+        mux.retain(|(s, _)| !s.is_closed());
+        let (s, n) = mux
+            .iter()
+            .filter(|(s, n)| n.get() < MAX_STREAMS && s.is_ready())
+            .min_by_key(|(_, n)| n.get())?;
+        n.set(n.get() + 1);
+        Some(Sender::H2(s.clone(), Stream(n.clone())))
     }
 
     /// Whether this pool serves `node` as it is now: same address, TLS settings, state and
     /// cap (a reload that keeps them keeps the pool).
     pub fn serves(&self, node: &Node) -> bool {
         self.addr == node.addr
+            && self.protocol == node.protocol
             && self.tls == node.tls
             && self.max == node.max_connections
             && Arc::ptr_eq(&self.state, &node.state)
@@ -158,9 +295,18 @@ impl ConnPool {
         }
     }
 
-    /// A pooled connection that is still open and was idle less than `max_idle`.
+    /// A pooled connection that is still open and was idle less than `max_idle` (for
+    /// HTTP/2, a stream on an open connection with room).
     #[inline]
-    pub fn take(&self, max_idle: Duration) -> Option<SendRequest<UpBody>> {
+    pub fn take(&self, max_idle: Duration) -> Option<Sender> {
+        if self.protocol.is_h2() {
+            return self.take_stream();
+        }
+        self.take_h1(max_idle).map(Sender::H1)
+    }
+
+    #[inline]
+    fn take_h1(&self, max_idle: Duration) -> Option<SendRequest<UpBody>> {
         self.max_idle.set(max_idle);
         let mut idle = self.idle.borrow_mut();
         while let Some((conn, since)) = idle.pop() {
@@ -173,9 +319,17 @@ impl ConnPool {
     }
 
     /// Gives a connection back after its response ended. At a node's cap, a connection a
-    /// request on another worker waits for is closed instead (its room goes there).
+    /// request on another worker waits for is closed instead (its room goes there). An
+    /// HTTP/2 stream is let go.
     #[inline]
-    pub fn put(&self, conn: SendRequest<UpBody>) {
+    pub fn put(&self, conn: Sender) {
+        let conn = match conn {
+            Sender::H1(c) => c,
+            Sender::H2(..) => {
+                self.returned.notify_waiters();
+                return;
+            }
+        };
         if conn.is_closed() {
             return;
         }
@@ -231,14 +385,28 @@ impl ConnPool {
         counted: Counted,
         timeout: Duration,
         write_idle: Duration,
-    ) -> Result<SendRequest<UpBody>, ConnectError> {
+    ) -> Result<Sender, ConnectError> {
+        let h2 = self.protocol.is_h2();
+        // Requests of this worker wait for this connection rather than open their own; they
+        // are woken however the open ends.
+        struct Opening<'a>(&'a ConnPool);
+        impl Drop for Opening<'_> {
+            fn drop(&mut self) {
+                self.0.opening.set(self.0.opening.get() - 1);
+                self.0.opened.notify_waiters();
+            }
+        }
+        let _opening = h2.then(|| {
+            self.opening.set(self.opening.get() + 1);
+            Opening(self)
+        });
         let deadline = Instant::now() + timeout;
         let stream = tokio::time::timeout_at(deadline, TcpStream::connect(self.addr))
             .await
             .map_err(|_| ConnectError::Timeout)??;
         let _ = stream.set_nodelay(true);
-        match &self.tls {
-            None => start(stream, write_idle, counted).await,
+        let sender = match &self.tls {
+            None => start(stream, write_idle, counted, h2).await?,
             Some(tls) => {
                 let stream = tokio::time::timeout_at(
                     deadline,
@@ -247,9 +415,18 @@ impl ConnPool {
                 .await
                 .map_err(|_| ConnectError::Timeout)?
                 .map_err(ConnectError::Tls)?;
-                start(stream, write_idle, counted).await
+                start(stream, write_idle, counted, h2).await?
             }
-        }
+        };
+        Ok(match sender {
+            Sender::H2(s, _) => {
+                // Shared by the requests to come; this one takes the first stream.
+                let n = Rc::new(Cell::new(1));
+                self.mux.borrow_mut().push((s.clone(), n.clone()));
+                Sender::H2(s, Stream(n))
+            }
+            h1 => h1,
+        })
     }
 }
 
@@ -260,7 +437,7 @@ pub struct Counted(Arc<NodeState>, bool);
 /// What a request waiting at a node's cap got.
 pub enum Room {
     /// A connection given back to this worker's pool.
-    Pooled(SendRequest<UpBody>),
+    Pooled(Sender),
     /// Room for a new one.
     New(Counted),
 }
@@ -326,30 +503,48 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountedIo<S> {
     }
 }
 
-/// HTTP/1.1 over an open connection, its task on this worker.
+/// HTTP/1.1 (or HTTP/2) over an open connection, its task on this worker.
 async fn start<S>(
     stream: S,
     write_idle: Duration,
     counted: Counted,
-) -> Result<SendRequest<UpBody>, ConnectError>
+    h2: bool,
+) -> Result<Sender, ConnectError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let io = TokioIo::new(StallIo::new(
+        CountedIo {
+            inner: stream,
+            _counted: counted,
+        },
+        write_idle,
+        "the node read nothing for the body idle timeout",
+    ));
+    if h2 {
+        let (send, conn) = http2::Builder::new(super::worker::LocalExec)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_header_list_size(MAX_RESPONSE_HEAD as u32)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .handshake::<_, UpBody>(io)
+            .await?;
+        tokio::task::spawn_local(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        // The stream guard is set by the caller.
+        return Ok(Sender::H2(send, Stream(Rc::new(Cell::new(0)))));
+    }
     let (send, conn) = http1::Builder::new()
         .max_header_size(MAX_RESPONSE_HEAD)
-        .handshake::<_, UpBody>(TokioIo::new(StallIo::new(
-            CountedIo {
-                inner: stream,
-                _counted: counted,
-            },
-            write_idle,
-            "the node read nothing for the body idle timeout",
-        )))
+        .handshake::<_, UpBody>(io)
         .await?;
     tokio::task::spawn_local(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
-    Ok(send)
+    Ok(Sender::H1(send))
 }

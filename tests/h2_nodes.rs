@@ -1,0 +1,350 @@
+//! Nodes spoken to over HTTP/2 (`protocol: h2c`, and `h2` over TLS): requests multiplexed
+//! on few connections, a new one past the streams bound, health checks over HTTP/2,
+//! trailers and streaming both ways at once (what gRPC needs), and a node that closes its
+//! connection with GOAWAY losing no request.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+
+/// A response body fed by a channel.
+struct ChanBody(tokio::sync::mpsc::Receiver<Frame<Bytes>>);
+
+impl Body for ChanBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
+/// An HTTP/2 node (prior knowledge, or TLS with ALPN h2). `/echo` streams each request body
+/// frame back as it comes and ends with trailers `grpc-status: 0`; `/slow` answers after
+/// 300 ms; anything else answers its name. With `goaway_after`, each connection is closed
+/// gracefully (GOAWAY) after that many requests.
+struct H2Node {
+    addr: SocketAddr,
+    conns: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    busy_max: Arc<AtomicUsize>,
+}
+
+impl H2Node {
+    async fn start(
+        name: &'static str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        goaway_after: Option<usize>,
+    ) -> H2Node {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let busy_max = Arc::new(AtomicUsize::new(0));
+        let (c, r, b, m) = (
+            conns.clone(),
+            requests.clone(),
+            busy.clone(),
+            busy_max.clone(),
+        );
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                let (c, r, b, m, acceptor) =
+                    (c.clone(), r.clone(), b.clone(), m.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let per_conn = Arc::new(AtomicUsize::new(0));
+                    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (r, b, m, per_conn, done_tx) = (
+                            r.clone(),
+                            b.clone(),
+                            m.clone(),
+                            per_conn.clone(),
+                            done_tx.clone(),
+                        );
+                        async move {
+                            let path = req.uri().path().to_string();
+                            if path != "/healthz" {
+                                r.fetch_add(1, Ordering::SeqCst);
+                                let n = per_conn.fetch_add(1, Ordering::SeqCst) + 1;
+                                if goaway_after.is_some_and(|g| n >= g) {
+                                    let _ = done_tx.try_send(());
+                                }
+                            }
+                            let (tx, rx) = tokio::sync::mpsc::channel(16);
+                            if path == "/echo" {
+                                let mut body = req.into_body();
+                                tokio::spawn(async move {
+                                    while let Some(Ok(f)) = body.frame().await {
+                                        if let Ok(d) = f.into_data() {
+                                            let _ = tx.send(Frame::data(d)).await;
+                                        }
+                                    }
+                                    let mut t = HeaderMap::new();
+                                    t.insert("grpc-status", "0".parse().unwrap());
+                                    let _ = tx.send(Frame::trailers(t)).await;
+                                });
+                            } else {
+                                if path == "/slow" {
+                                    let now = b.fetch_add(1, Ordering::SeqCst) + 1;
+                                    m.fetch_max(now, Ordering::SeqCst);
+                                    tokio::time::sleep(Duration::from_millis(300)).await;
+                                    b.fetch_sub(1, Ordering::SeqCst);
+                                }
+                                let _ = tx.send(Frame::data(Bytes::from_static(b"ok"))).await;
+                            }
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .header("x-node", name)
+                                    .header("x-version", format!("{:?}", req_version()))
+                                    .body(ChanBody(rx))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    c.fetch_add(1, Ordering::SeqCst);
+                    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    macro_rules! serve {
+                        ($io:expr) => {{
+                            let conn = builder.serve_connection(TokioIo::new($io), svc);
+                            tokio::pin!(conn);
+                            tokio::select! {
+                                _ = conn.as_mut() => {}
+                                _ = done_rx.recv() => {
+                                    conn.as_mut().graceful_shutdown();
+                                    let _ = conn.await;
+                                }
+                            }
+                        }};
+                    }
+                    match acceptor {
+                        None => serve!(s),
+                        Some(a) => {
+                            if let Ok(s) = a.accept(s).await {
+                                serve!(s)
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        H2Node {
+            addr,
+            conns,
+            requests,
+            busy_max,
+        }
+    }
+}
+
+fn req_version() -> &'static str {
+    "h2"
+}
+
+fn topology(node: &H2Node, extra: &str) -> String {
+    format!(
+        r#"version: 1
+listeners: [ {{ name: http, bind: "127.0.0.1:{{port:http}}" }} ]
+defaults: {{ health: {{ interval: 1h }} }}
+nodes: {{ n: {{ address: "{}", protocol: h2c{extra} }} }}
+environments:
+  production: {{ entries: [":{{port:http}}"], nodes: [n] }}
+"#,
+        node.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_are_multiplexed_on_few_connections_and_checked_over_http2() {
+    for workers in [1, 2] {
+        let node = H2Node::start("h2", None, None).await;
+        let eg = Envgate::start_with(&topology(&node, ""), workers);
+        // The node came up by a health check over HTTP/2 (no traffic is sent to a node
+        // that was not seen up).
+        let topo = eg.server().control().topology();
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                topo.nodes[0].state.health() == envgate::health::Health::Up
+            })
+            .await
+        );
+        let port = eg.port("http");
+        let tasks: Vec<_> = (0..60)
+            .map(|_| tokio::spawn(async move { get(port, "company.com", "/slow").await }))
+            .collect();
+        for t in tasks {
+            let r = t.await.unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(r.node(), "h2");
+            assert_eq!(r.text(), "ok");
+        }
+        // 60 at once on at most one connection a worker (plus the health check's own).
+        assert!(node.busy_max.load(Ordering::SeqCst) > 10);
+        assert!(
+            node.conns.load(Ordering::SeqCst) <= workers + 1,
+            "{} connections",
+            node.conns.load(Ordering::SeqCst)
+        );
+        eg.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn past_the_streams_bound_a_second_connection_opens() {
+    let node = H2Node::start("h2", None, None).await;
+    let eg = Envgate::start(&topology(&node, ""));
+    let port = eg.port("http");
+    let tasks: Vec<_> = (0..150)
+        .map(|_| tokio::spawn(async move { get(port, "company.com", "/slow").await }))
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    // 100 streams a connection: 150 at once need two (and the health check had one).
+    assert!(node.busy_max.load(Ordering::SeqCst) > 100);
+    let conns = node.conns.load(Ordering::SeqCst);
+    assert!((2..=3).contains(&conns), "{conns} connections");
+    eg.stop().await;
+}
+
+/// Streaming both ways at once with trailers, as a gRPC bidirectional stream: each message
+/// the client sends comes back before the next is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bidirectional_stream_with_trailers_passes_through() {
+    for workers in [1, 2] {
+        let node = H2Node::start("h2", None, None).await;
+        let eg = Envgate::start_with(&topology(&node, ""), workers);
+        let mut client = h2_client(eg.port("http")).await;
+        let req = Request::post("http://company.com/echo")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (resp, mut up) = client.send_request(req, false).unwrap();
+        up.send_data(Bytes::from_static(b"ping-1"), false).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut down = resp.into_body();
+        let mut got = Vec::new();
+        for i in 1..=3 {
+            let mut echoed = Vec::new();
+            while echoed.len() < 6 {
+                let d = down.data().await.unwrap().unwrap();
+                let _ = down.flow_control().release_capacity(d.len());
+                echoed.extend_from_slice(&d);
+            }
+            got.push(String::from_utf8(echoed).unwrap());
+            if i < 3 {
+                let next = Bytes::from(format!("ping-{}", i + 1));
+                up.send_data(next, i + 1 == 3).unwrap();
+            }
+        }
+        assert_eq!(got, ["ping-1", "ping-2", "ping-3"]);
+        let trailers = down.trailers().await.unwrap().expect("trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+        eg.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_sends_goaway_loses_no_request() {
+    let node = H2Node::start("h2", None, Some(5)).await;
+    let eg = Envgate::start_with(&topology(&node, ""), 2);
+    let port = eg.port("http");
+    for _ in 0..40 {
+        let r = get(port, "company.com", "/").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(node.requests.load(Ordering::SeqCst), 40);
+    // Each connection carried about five requests before its GOAWAY.
+    assert!(node.conns.load(Ordering::SeqCst) >= 8);
+    let topo = eg.server().control().topology();
+    assert!(!topo.nodes[0].state.is_ejected());
+    eg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_over_tls_with_alpn_h2() {
+    let ca = {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap()
+    };
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["grpc.internal".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let node = H2Node::start("h2tls", Some(Arc::new(config)), None).await;
+    let yaml = format!(
+        r#"version: 1
+listeners: [ {{ name: http, bind: "127.0.0.1:{{port:http}}" }} ]
+defaults: {{ health: {{ interval: 1h }} }}
+nodes: {{ n: {{ address: "{}", protocol: h2, tls: {{ server_name: grpc.internal, ca: "{}" }} }} }}
+environments:
+  production: {{ entries: [":{{port:http}}"], nodes: [n] }}
+"#,
+        node.addr,
+        ca_path.display()
+    );
+    let eg = Envgate::start(&yaml);
+    for _ in 0..5 {
+        let r = get(eg.port("http"), "company.com", "/").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.node(), "h2tls");
+    }
+    assert!(node.conns.load(Ordering::SeqCst) <= 2);
+    eg.stop().await;
+}
+
+#[test]
+fn protocols_are_checked() {
+    for (extra, problem) in [
+        (", protocol: h2", "protocol h2 is HTTP/2 over TLS"),
+        (
+            ", protocol: h2c, tls: {}",
+            "protocol h2c is HTTP/2 in clear",
+        ),
+        (", protocol: spdy", "must be http1, h2c"),
+    ] {
+        let doc = format!(
+            "version: 1\nlisteners: [ {{ name: http, bind: \"127.0.0.1:8080\" }} ]\nnodes: {{ n: {{ address: \"127.0.0.1:9\"{extra} }} }}\nenvironments:\n  p: {{ entries: [\":8080\"], nodes: [n] }}\n"
+        );
+        let e = envgate::config::parse(&doc, std::path::Path::new("."))
+            .err()
+            .unwrap_or_else(|| panic!("{extra} is refused"));
+        assert!(e.to_string().contains(problem), "{e}");
+    }
+}
