@@ -348,3 +348,65 @@ fn protocols_are_checked() {
         assert!(e.to_string().contains(problem), "{e}");
     }
 }
+
+/// A node that refuses every stream unprocessed (REFUSED_STREAM): each request goes to
+/// the other node, and the refusing one is not counted as failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_streams_go_to_another_node_without_blame() {
+    let refusing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refusing_addr = refusing.local_addr().unwrap();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let r = refused.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = refusing.accept().await else {
+                continue;
+            };
+            let r = r.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if req.uri().path() == "/healthz" {
+                        let _ = respond.send_response(Response::new(()), true);
+                    } else {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    }
+                }
+            });
+        }
+    });
+    let good = H2Node::start("good", None, None).await;
+    let yaml = format!(
+        r#"version: 1
+listeners: [ {{ name: http, bind: "127.0.0.1:{{port:http}}" }} ]
+defaults: {{ health: {{ interval: 1h }}, passive: {{ consecutive_failures: 2 }} }}
+nodes:
+  refusing: {{ address: "{refusing_addr}", protocol: h2c }}
+  good: {{ address: "{}", protocol: h2c }}
+environments:
+  production: {{ entries: [":{{port:http}}"], nodes: [refusing, good] }}
+"#,
+        good.addr
+    );
+    let eg = Envgate::start(&yaml);
+    let topo = eg.server().control().topology();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            topo.nodes
+                .iter()
+                .all(|n| n.state.health() == envgate::health::Health::Up)
+        })
+        .await
+    );
+    for _ in 0..10 {
+        let r = get(eg.port("http"), "company.com", "/").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.node(), "good");
+    }
+    assert!(refused.load(Ordering::SeqCst) >= 3);
+    assert!(!topo.nodes[0].state.is_ejected());
+    eg.stop().await;
+}

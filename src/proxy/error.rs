@@ -62,6 +62,19 @@ pub fn io_kind(e: &hyper::Error) -> Option<std::io::ErrorKind> {
     None
 }
 
+/// Whether an HTTP/2 node refused the stream unprocessed (REFUSED_STREAM, or beyond the
+/// last stream of its GOAWAY): the request did nothing there and may go elsewhere.
+pub fn refused_stream(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// A request envgate answers itself because of what the client sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {

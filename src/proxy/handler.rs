@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::body::{Blame, BodyWatch, ClientBody, ProxyBody, UpBody, Upload};
-use super::error::{io_kind, is_local_resource_error, own, ClientFault, Refusal};
+use super::error::{io_kind, is_local_resource_error, own, refused_stream, ClientFault, Refusal};
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::pool::{ConnPool, ConnectError, Room, Sender};
 use super::record::Record;
@@ -199,6 +199,8 @@ enum Failure {
     Client(ClientFault),
     /// The node stayed at its `max_connections` for `timeouts.queue`: not its fault.
     Busy,
+    /// An HTTP/2 node refused the stream unprocessed (REFUSED_STREAM, GOAWAY).
+    Refused,
 }
 
 /// An HTTP/2 stream's exchange: counted open until its response body is done with, and
@@ -673,6 +675,13 @@ pub async fn exchange(
                             last = Last::BadGateway;
                             copy
                         }
+                        Failure::Refused => {
+                            // An HTTP/2 node going away (GOAWAY) or at its stream limit: not
+                            // a failure of the node; a request that can be sent again is.
+                            after = Some(Failover::Reset);
+                            last = Last::BadGateway;
+                            copy
+                        }
                     };
                     match next {
                         Some(r) if overall.get().is_none_or(|d| Instant::now() < d) => req = r,
@@ -1063,6 +1072,10 @@ async fn forward(
                     // so it goes on a fresh connection to the same node.
                     Some(back) if reused => req = back,
                     Some(back) => return Err(Failure::NotSent(back, Cause::Node)),
+                    None if refused_stream(e.error()) => {
+                        tracing::debug!(node = %pool.addr, "the node refused the stream unprocessed");
+                        return Err(Failure::Refused);
+                    }
                     None => {
                         tracing::debug!(node = %pool.addr, error = %e.error(), "upstream request failed");
                         return Err(Failure::Failed);
