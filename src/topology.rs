@@ -165,6 +165,8 @@ impl Default for Passive {
 pub enum CheckKind {
     Http,
     Tcp,
+    /// `grpc.health.v1.Health/Check` (nodes spoken to over HTTP/2).
+    Grpc,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -180,6 +182,8 @@ pub struct HealthSpec {
     /// Percent of the interval.
     pub jitter: f64,
     pub trust_unknown: bool,
+    /// The service a gRPC check asks about (`""`: the server as a whole).
+    pub service: String,
 }
 
 impl Default for HealthSpec {
@@ -194,6 +198,7 @@ impl Default for HealthSpec {
             expect: (200, 399),
             jitter: 10.0,
             trust_unknown: false,
+            service: String::new(),
         }
     }
 }

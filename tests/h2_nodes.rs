@@ -410,3 +410,98 @@ environments:
     assert!(!topo.nodes[0].state.is_ejected());
     eg.stop().await;
 }
+
+/// A gRPC health service by hand (grpc.health.v1.Health/Check): SERVING (1) or
+/// NOT_SERVING (2) as `serving` says, with `grpc-status: 0` in trailers.
+async fn grpc_health_node(serving: Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let serving = serving.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let serving = serving.clone();
+                    tokio::spawn(async move {
+                        let path = req.uri().path().to_string();
+                        let grpc = req.headers()["content-type"] == "application/grpc";
+                        let mut body = req.into_body();
+                        while let Some(Ok(d)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(d.len());
+                        }
+                        if path != "/grpc.health.v1.Health/Check" || !grpc {
+                            let _ = respond.send_response(
+                                Response::builder().status(404).body(()).unwrap(),
+                                true,
+                            );
+                            return;
+                        }
+                        let resp = Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let mut out = respond.send_response(resp, false).unwrap();
+                        let status = if serving.load(Ordering::SeqCst) { 1 } else { 2 };
+                        let _ =
+                            out.send_data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]), false);
+                        let mut t = HeaderMap::new();
+                        t.insert("grpc-status", "0".parse().unwrap());
+                        let _ = out.send_trailers(t);
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_health_check_flips_a_node() {
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let addr = grpc_health_node(serving.clone()).await;
+    let yaml = format!(
+        r#"version: 1
+listeners: [ {{ name: http, bind: "127.0.0.1:{{port:http}}" }} ]
+defaults: {{ health: {{ type: grpc, interval: 50ms, timeout: 50ms, rise: 1, fall: 1 }} }}
+nodes: {{ g: {{ address: "{addr}", protocol: h2c }} }}
+environments:
+  production: {{ entries: [":{{port:http}}"], nodes: [g] }}
+"#
+    );
+    let eg = Envgate::start(&yaml);
+    let topo = eg.server().control().topology();
+    let state = &topo.nodes[0].state;
+    let health = |h: envgate::health::Health| {
+        let state = state.clone();
+        async move {
+            eventually(Duration::from_secs(5), || {
+                let state = state.clone();
+                async move { state.health() == h }
+            })
+            .await
+        }
+    };
+    assert!(health(envgate::health::Health::Up).await);
+    serving.store(false, Ordering::SeqCst);
+    assert!(health(envgate::health::Health::Down).await);
+    let reason = state.last_check().map(|c| c.detail).unwrap_or_default();
+    assert!(reason.contains("NOT_SERVING"), "{reason}");
+    serving.store(true, Ordering::SeqCst);
+    assert!(health(envgate::health::Health::Up).await);
+    eg.stop().await;
+
+    // Only over HTTP/2.
+    let doc = "version: 1\nlisteners: [ { name: http, bind: \"127.0.0.1:8080\" } ]\nnodes: { n: { address: \"127.0.0.1:9\", health: { type: grpc } } }\nenvironments:\n  p: { entries: [\":8080\"], nodes: [n] }\n";
+    let e = envgate::config::parse(doc, std::path::Path::new("."))
+        .expect_err("refused");
+    assert!(
+        e.to_string().contains("grpc health check needs HTTP/2"),
+        "{e}"
+    );
+}

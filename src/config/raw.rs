@@ -107,7 +107,7 @@ pub struct RawPassive {
 
 #[derive(Debug, Default, Clone, Deserialize)]
 pub struct RawHealth {
-    /// `http` (default) or `tcp`.
+    /// `http` (default), `tcp` or `grpc`.
     #[serde(rename = "type")]
     pub kind: Option<String>,
     pub path: Option<String>,
@@ -120,6 +120,8 @@ pub struct RawHealth {
     pub jitter: Option<f64>,
     /// Whether a node that has not been checked yet takes traffic.
     pub trust_unknown: Option<bool>,
+    /// `type: grpc`: the service asked about (default: the whole server).
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

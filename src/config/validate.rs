@@ -704,14 +704,18 @@ fn health(at: &str, raw: &RawHealth, base: &HealthSpec, errs: &mut Errors) -> He
         h.kind = match kind.as_str() {
             "http" => CheckKind::Http,
             "tcp" => CheckKind::Tcp,
+            "grpc" => CheckKind::Grpc,
             other => {
                 errs.value(
                     format!("{at}.type"),
-                    format!("check type {other:?} is not one of http, tcp"),
+                    format!("check type {other:?} is not one of http, tcp, grpc"),
                 );
                 h.kind
             }
         };
+    }
+    if let Some(svc) = &raw.service {
+        h.service = svc.clone();
     }
     if let Some(p) = &raw.path {
         if !p.starts_with('/') {
@@ -1053,6 +1057,12 @@ fn nodes<'r>(
                 "protocol h2c is HTTP/2 in clear: over TLS it is h2",
             ),
             _ => {}
+        }
+        if health.kind == CheckKind::Grpc && !protocol.is_h2() {
+            errs.value(
+                format!("{}.health.type", at()),
+                format!("node {name:?}: a grpc health check needs HTTP/2 to the node (protocol h2c or h2)"),
+            );
         }
         let tls = n.tls.as_ref().and_then(|t| {
             let at = format!("{}.tls", at());

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -104,13 +104,14 @@ pub async fn probe(
                 start(stream, h2).await?
             }
         };
+        let host = tls.map_or_else(|| addr.to_string(), |t| t.name().to_string());
+        if spec.kind == CheckKind::Grpc {
+            return grpc_check(&mut send, &host, &spec.service).await;
+        }
         let req = http::Request::get(spec.path.as_str())
-            .header(
-                http::header::HOST,
-                tls.map_or_else(|| addr.to_string(), |t| t.name().to_string()),
-            )
+            .header(http::header::HOST, host)
             .header(http::header::USER_AGENT, "envgate-health")
-            .body(Empty::new())
+            .body(Full::new(Bytes::new()))
             .map_err(|e| ProbeError::Failed(format!("request: {e}")))?;
         let mut req = req;
         if !h2 {
@@ -192,16 +193,78 @@ fn warn_local(name: &str, addr: SocketAddr, e: &str) {
     }
 }
 
+/// `grpc.health.v1.Health/Check` for `service`: passes when the answer is `grpc-status: 0`
+/// with the status SERVING.
+async fn grpc_check(send: &mut Probe, host: &str, service: &str) -> Result<(), ProbeError> {
+    // HealthCheckRequest { service = 1 } in a gRPC frame (not compressed, length-prefixed).
+    let mut msg = Vec::with_capacity(service.len() + 3);
+    if !service.is_empty() && service.len() < 128 {
+        msg.push(0x0a);
+        msg.push(service.len() as u8);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    let req = http::Request::post("/grpc.health.v1.Health/Check")
+        .header(http::header::HOST, host)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .header(http::header::USER_AGENT, "envgate-health")
+        .body(Full::new(Bytes::from(frame)))
+        .map_err(|e| ProbeError::Failed(format!("request: {e}")))?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| ProbeError::Failed(format!("request: {e}")))?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(ProbeError::Failed(format!("HTTP status {}", resp.status())));
+    }
+    // A trailers-only answer has its grpc-status in the head.
+    let head_status = resp.headers().get("grpc-status").cloned();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ProbeError::Failed(format!("body: {e}")))?;
+    let grpc_status = body
+        .trailers()
+        .and_then(|t| t.get("grpc-status").cloned())
+        .or(head_status);
+    match grpc_status.as_ref().map(|v| v.as_bytes()) {
+        Some(b"0") => {}
+        Some(code) => {
+            return Err(ProbeError::Failed(format!(
+                "grpc-status {}",
+                String::from_utf8_lossy(code)
+            )))
+        }
+        None => return Err(ProbeError::Failed("no grpc-status".into())),
+    }
+    // HealthCheckResponse { status = 1 }: SERVING is 1.
+    let bytes = body.to_bytes();
+    let status = match bytes.get(5..) {
+        Some([0x08, s, ..]) => *s,
+        _ => 0,
+    };
+    match status {
+        1 => Ok(()),
+        2 => Err(ProbeError::Failed("NOT_SERVING".into())),
+        3 => Err(ProbeError::Failed("SERVICE_UNKNOWN".into())),
+        _ => Err(ProbeError::Failed("status UNKNOWN".into())),
+    }
+}
+
 /// One check's way to send its request: HTTP/1.1 or HTTP/2.
 enum Probe {
-    H1(http1::SendRequest<Empty<Bytes>>),
-    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl Probe {
     async fn send_request(
         &mut self,
-        req: http::Request<Empty<Bytes>>,
+        req: http::Request<Full<Bytes>>,
     ) -> hyper::Result<http::Response<hyper::body::Incoming>> {
         match self {
             Probe::H1(s) => s.send_request(req).await,
@@ -216,7 +279,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     if h2 {
-        let (send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+        let (send, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
             hyper_util::rt::TokioExecutor::new(),
             TokioIo::new(stream),
         )
@@ -225,7 +288,7 @@ where
         tokio::spawn(conn);
         return Ok(Probe::H2(send));
     }
-    let (send, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+    let (send, conn) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
         .await
         .map_err(|e| ProbeError::Failed(format!("handshake: {e}")))?;
     tokio::spawn(conn);
