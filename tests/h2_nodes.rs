@@ -498,10 +498,45 @@ environments:
 
     // Only over HTTP/2.
     let doc = "version: 1\nlisteners: [ { name: http, bind: \"127.0.0.1:8080\" } ]\nnodes: { n: { address: \"127.0.0.1:9\", health: { type: grpc } } }\nenvironments:\n  p: { entries: [\":8080\"], nodes: [n] }\n";
-    let e = envgate::config::parse(doc, std::path::Path::new("."))
-        .expect_err("refused");
+    let e = envgate::config::parse(doc, std::path::Path::new(".")).expect_err("refused");
     assert!(
         e.to_string().contains("grpc health check needs HTTP/2"),
         "{e}"
     );
+}
+
+/// A gRPC deadline (`grpc-timeout`) bounds the request: past it the client gets
+/// DEADLINE_EXCEEDED, and the node, which was only slower than this client allowed, is not
+/// counted as failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_timeout_bounds_the_request() {
+    let node = H2Node::start("h2", None, None).await;
+    let eg = Envgate::start(
+        &topology(&node, ", health: { trust_unknown: true }").replace(
+            "defaults: { health: { interval: 1h } }",
+            "defaults: { health: { interval: 1h }, passive: { consecutive_failures: 1 } }",
+        ),
+    );
+    let mut client = h2_client(eg.port("http")).await;
+    for (timeout, status) in [("50m", Some("4")), ("5S", None)] {
+        let req = Request::post("http://company.com/slow")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("grpc-timeout", timeout)
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()
+                .get("grpc-status")
+                .map(|v| v.to_str().unwrap()),
+            status,
+            "grpc-timeout {timeout}"
+        );
+    }
+    let topo = eg.server().control().topology();
+    assert!(!topo.nodes[0].state.is_ejected());
+    eg.stop().await;
 }

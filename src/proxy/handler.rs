@@ -22,6 +22,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -226,6 +227,26 @@ pub async fn handle_h2(
     h2.answered.set(h2.answered.get().saturating_add(1));
     resp.body_mut().hold(stream);
     Ok(resp)
+}
+
+/// A `grpc-timeout` value: digits (at most 8) and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+fn grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// An answer of envgate's own to a gRPC client, as gRPC says errors: HTTP 200 with the
@@ -442,6 +463,15 @@ pub async fn exchange(
         };
         let timeouts = &topo.defaults.timeouts;
 
+        // A gRPC deadline (HTTP/2 only) shortens the request's overall one.
+        let grpc_deadline = if h1 {
+            None
+        } else {
+            req.headers()
+                .get("grpc-timeout")
+                .and_then(|v| grpc_timeout(v.as_bytes()))
+                .map(|d| Instant::now() + d.min(timeouts.request))
+        };
         let (parts, body) = req.into_parts();
         let (body, watch) = if body.is_end_stream() {
             (UpBody::Empty, None)
@@ -486,7 +516,7 @@ pub async fn exchange(
                 .iter()
                 .any(|m| m.backup && topo.nodes[m.node].state.usable());
         // Set by the first attempt from the clock read it makes anyway.
-        let overall = Cell::new(None);
+        let overall = Cell::new(grpc_deadline);
         let mut tried = [NodeId::MAX; MAX_ATTEMPTS];
         let attempts = (env.retries as usize + 1).min(MAX_ATTEMPTS);
         let mut last = Last::NoNode;
@@ -1232,5 +1262,24 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Active<'_, T> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            grpc_timeout(b"99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in [&b""[..], b"m", b"123456789m", b"10x", b"-1S", b"1.5S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }
