@@ -222,8 +222,8 @@ async fn grpc_check(send: &mut Probe, host: &str, service: &str) -> Result<(), P
     }
     // A trailers-only answer has its grpc-status in the head.
     let head_status = resp.headers().get("grpc-status").cloned();
-    let body = resp
-        .into_body()
+    // An answer is a few bytes: a larger one is not a health service's.
+    let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
         .collect()
         .await
         .map_err(|e| ProbeError::Failed(format!("body: {e}")))?;
@@ -241,11 +241,20 @@ async fn grpc_check(send: &mut Probe, host: &str, service: &str) -> Result<(), P
         }
         None => return Err(ProbeError::Failed("no grpc-status".into())),
     }
-    // HealthCheckResponse { status = 1 }: SERVING is 1.
+    // One uncompressed gRPC message: HealthCheckResponse { status = 1 }, SERVING being 1
+    // (an empty message is UNKNOWN).
     let bytes = body.to_bytes();
-    let status = match bytes.get(5..) {
-        Some([0x08, s, ..]) => *s,
-        _ => 0,
+    let status = match bytes.get(..5) {
+        Some([0, l @ ..]) => {
+            let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
+            match bytes.get(5..5 + len) {
+                Some([0x08, s, ..]) => *s,
+                Some(_) => 0,
+                None => return Err(ProbeError::Failed("a cut gRPC message".into())),
+            }
+        }
+        Some(_) => return Err(ProbeError::Failed("a compressed gRPC message".into())),
+        None => 0,
     };
     match status {
         1 => Ok(()),

@@ -68,7 +68,10 @@ pub fn refused_stream(e: &hyper::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            // A stream past the last one a node's GOAWAY covers fails with the GOAWAY's own
+            // reason (usually NO_ERROR): the node never processed it.
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
         }
         source = s.source();
     }

@@ -707,9 +707,11 @@ pub async fn exchange(
                         }
                         Failure::Refused => {
                             // An HTTP/2 node going away (GOAWAY) or at its stream limit: not
-                            // a failure of the node; a request that can be sent again is.
+                            // a failure of the node; a request that can be sent again is,
+                            // to it as well (on a new connection).
                             after = Some(Failover::Reset);
                             last = Last::BadGateway;
+                            tried[attempt] = NodeId::MAX;
                             copy
                         }
                     };
