@@ -540,3 +540,74 @@ async fn grpc_timeout_bounds_the_request() {
     assert!(!topo.nodes[0].state.is_ejected());
     eg.stop().await;
 }
+
+/// A node that takes one stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS 1), with
+/// `max_streams: 1`: a second request while the first is held goes on a connection of its
+/// own instead of waiting behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_streams_follows_a_node_that_takes_few_streams() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let held = Arc::new(AtomicUsize::new(0));
+    let conns = Arc::new(AtomicUsize::new(0));
+    {
+        let (release, held, conns) = (release.clone(), held.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (release, held) = (release.clone(), held.clone());
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::Builder::new()
+                        .max_concurrent_streams(1)
+                        .handshake::<_, Bytes>(s)
+                        .await
+                    else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let (release, held) = (release.clone(), held.clone());
+                        tokio::spawn(async move {
+                            if req.uri().path() == "/hold" {
+                                held.fetch_add(1, Ordering::SeqCst);
+                                release.notified().await;
+                            }
+                            let _ = respond.send_response(Response::new(()), true);
+                        });
+                    }
+                });
+            }
+        });
+    }
+    let yaml = format!(
+        r#"version: 1
+listeners: [ {{ name: http, bind: "127.0.0.1:{{port:http}}" }} ]
+defaults: {{ health: {{ type: tcp, interval: 1h }} }}
+nodes: {{ n: {{ address: "{addr}", protocol: h2c, max_streams: 1 }} }}
+environments:
+  production: {{ entries: [":{{port:http}}"], nodes: [n] }}
+"#
+    );
+    let eg = Envgate::start(&yaml);
+    let port = eg.port("http");
+    let hold = tokio::spawn(async move { get(port, "company.com", "/hold").await });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            held.load(Ordering::SeqCst) == 1
+        })
+        .await
+    );
+    let r = tokio::time::timeout(Duration::from_secs(5), get(port, "company.com", "/"))
+        .await
+        .expect("answered while the first request is held");
+    assert_eq!(r.status, 200);
+    // A permit, should the held request not wait on it yet.
+    release.notify_one();
+    assert_eq!(hold.await.unwrap().status, 200);
+    // One connection for each request in flight (the health check's is a bare connect).
+    assert!(conns.load(Ordering::SeqCst) >= 2);
+    eg.stop().await;
+}

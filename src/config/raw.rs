@@ -162,6 +162,8 @@ pub struct RawNode {
     pub tls: Option<RawNodeTls>,
     /// `http1` (default), `h2c` or `h2`.
     pub protocol: Option<String>,
+    /// HTTP/2: streams one connection carries before another is opened (default 100).
+    pub max_streams: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1058,6 +1058,17 @@ fn nodes<'r>(
             ),
             _ => {}
         }
+        let max_streams = match n.max_streams {
+            None => crate::proxy::pool::MAX_STREAMS,
+            Some(m) if (1..=10_000).contains(&m) => m,
+            Some(m) => {
+                errs.value(
+                    format!("{}.max_streams", at()),
+                    format!("max_streams {m} must be from 1 to 10000"),
+                );
+                crate::proxy::pool::MAX_STREAMS
+            }
+        };
         if health.kind == CheckKind::Grpc && !protocol.is_h2() {
             errs.value(
                 format!("{}.health.type", at()),
@@ -1104,6 +1115,7 @@ fn nodes<'r>(
             state,
             tls,
             protocol,
+            max_streams,
         });
     }
     (out, ids)

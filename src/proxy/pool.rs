@@ -6,7 +6,7 @@
 //! timeout is discarded on checkout, so the node never closes first.
 //!
 //! HTTP/2 (`protocol: h2c | h2`): a few multiplexed connections, each carrying up to
-//! `MAX_STREAMS` requests at once; a new one is opened when every open one is at that
+//! the node's `max_streams` (`MAX_STREAMS` by default) requests at once; a new one is opened when every open one is at that
 //! bound (hyper would queue the request behind the node's stream limit instead). A
 //! connection the node closed or sent GOAWAY on is not given new streams.
 
@@ -57,6 +57,8 @@ pub struct ConnPool {
     /// Requests of this worker waiting for room at the node.
     waiting: std::cell::Cell<u32>,
     pub protocol: Protocol,
+    /// HTTP/2: streams a connection carries before another is opened.
+    max_streams: u32,
     /// HTTP/2 connections and their streams in flight.
     mux: RefCell<Vec<Mux>>,
     /// HTTP/2 connections being opened, requests waiting for them, and their wake-up.
@@ -68,7 +70,7 @@ pub struct ConnPool {
 /// An HTTP/2 connection to the node, and its streams in flight.
 type Mux = (http2::SendRequest<UpBody>, Rc<Cell<u32>>);
 
-/// Streams one HTTP/2 connection carries at once before another is opened.
+/// Streams one HTTP/2 connection carries at once before another is opened, by default.
 pub const MAX_STREAMS: u32 = 100;
 
 /// A way to send one request to the node, given back (or let go) when its exchange ends.
@@ -159,6 +161,7 @@ impl ConnPool {
             returned: Notify::new(),
             waiting: std::cell::Cell::new(0),
             protocol: node.protocol,
+            max_streams: node.max_streams,
             mux: RefCell::new(Vec::new()),
             opening: Cell::new(0),
             queued: Cell::new(0),
@@ -188,7 +191,7 @@ impl ConnPool {
                 return Some(s);
             }
             let opening = self.opening.get();
-            if opening == 0 || self.queued.get() >= opening.saturating_mul(MAX_STREAMS) {
+            if opening == 0 || self.queued.get() >= opening.saturating_mul(self.max_streams) {
                 return None;
             }
             let opened = self.opened.notified();
@@ -209,7 +212,7 @@ impl ConnPool {
         mux.retain(|(s, _)| !s.is_closed());
         let (s, n) = mux
             .iter()
-            .filter(|(s, n)| n.get() < MAX_STREAMS && s.is_ready())
+            .filter(|(s, n)| n.get() < self.max_streams && s.is_ready())
             .min_by_key(|(_, n)| n.get())?;
         n.set(n.get() + 1);
         Some(Sender::H2(s.clone(), Stream(n.clone())))
@@ -220,6 +223,7 @@ impl ConnPool {
     pub fn serves(&self, node: &Node) -> bool {
         self.addr == node.addr
             && self.protocol == node.protocol
+            && self.max_streams == node.max_streams
             && self.tls == node.tls
             && self.max == node.max_connections
             && Arc::ptr_eq(&self.state, &node.state)
