@@ -117,7 +117,6 @@ impl H2Node {
                             Ok::<_, Infallible>(
                                 Response::builder()
                                     .header("x-node", name)
-                                    .header("x-version", format!("{:?}", req_version()))
                                     .body(ChanBody(rx))
                                     .unwrap(),
                             )
@@ -156,10 +155,6 @@ impl H2Node {
             busy_max,
         }
     }
-}
-
-fn req_version() -> &'static str {
-    "h2"
 }
 
 fn topology(node: &H2Node, extra: &str) -> String {
@@ -286,27 +281,11 @@ async fn a_node_that_sends_goaway_loses_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_over_tls_with_alpn_h2() {
-    let ca = {
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap()
-    };
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["grpc.internal".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = dir.path().join("ca.pem");
-    std::fs::write(&ca_path, ca.pem()).unwrap();
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
+    let pki = support::pki::Pki::new();
+    let leaf = pki.leaf("node", &["grpc.internal"]);
+    let mut config = (*pki.server_config(&leaf)).clone();
     config.alpn_protocols = vec![b"h2".to_vec()];
+    let ca_path = pki.ca_path();
     let node = H2Node::start("h2tls", Some(Arc::new(config)), None).await;
     let yaml = format!(
         r#"version: 1

@@ -6,117 +6,20 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, ServerName};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use support::pki::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-
-/// A private CA that signs leaf certificates, and the files they are written to.
-struct Pki {
-    ca: CertifiedIssuer<'static, KeyPair>,
-    dir: tempfile::TempDir,
-}
-
-/// A leaf certificate's files and DER.
-struct Leaf {
-    cert: PathBuf,
-    key: PathBuf,
-    der: Vec<u8>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(DnType::CommonName, "envgate test CA");
-        let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        Pki { ca, dir }
-    }
-
-    fn ca_path(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    fn ca_pem(&self) -> String {
-        self.ca.pem()
-    }
-
-    /// A certificate for `names`, written to `<file>.crt` and `<file>.key`.
-    fn leaf(&self, file: &str, names: &[&str]) -> Leaf {
-        self.leaf_with(file, names, |_| {})
-    }
-
-    fn leaf_with(
-        &self,
-        file: &str,
-        names: &[&str],
-        edit: impl FnOnce(&mut CertificateParams),
-    ) -> Leaf {
-        let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-            .unwrap();
-        edit(&mut p);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.ca).unwrap();
-        let (cp, kp) = (
-            self.dir.path().join(format!("{file}.crt")),
-            self.dir.path().join(format!("{file}.key")),
-        );
-        // Written beside, then renamed over: as a certificate manager does.
-        write_atomic(&cp, cert.pem().as_bytes());
-        write_atomic(&kp, key.serialize_pem().as_bytes());
-        Leaf {
-            cert: cp,
-            key: kp,
-            der: cert.der().to_vec(),
-        }
-    }
-
-    /// A server config for a node serving `leaf`.
-    fn server_config(&self, leaf: &Leaf) -> Arc<rustls::ServerConfig> {
-        let key = std::fs::read(&leaf.key).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap();
-        Arc::new(
-            rustls::ServerConfig::builder()
-                .with_no_client_auth()
-                .with_single_cert(vec![CertificateDer::from(leaf.der.clone())], key)
-                .unwrap(),
-        )
-    }
-
-    /// A client trusting this CA and offering `alpn`.
-    fn client(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(self.ca_pem().as_bytes()) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let mut c = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Arc::new(c)
-    }
-}
-
-use rustls::pki_types::pem::PemObject;
-
-fn write_atomic(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
 
 fn certs_yaml(leaves: &[&Leaf]) -> String {
     leaves
@@ -165,37 +68,6 @@ nodes:
     )
 }
 
-async fn tls_connect(
-    port: u16,
-    sni: &str,
-    client: Arc<rustls::ClientConfig>,
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-    tokio_rustls::TlsConnector::from(client)
-        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
-        .await
-}
-
-fn peer_cert(s: &TlsStream<TcpStream>) -> Vec<u8> {
-    s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
-}
-
-async fn h1(s: TlsStream<TcpStream>) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
-    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    tx
-}
-
-async fn h2(s: TlsStream<TcpStream>) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
-    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    tx
-}
-
 /// Status, `x-node` and body of one request.
 async fn ask<F>(fut: F) -> (u16, String, String)
 where
@@ -210,13 +82,6 @@ where
         .unwrap_or_default();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, node, String::from_utf8_lossy(&body).into_owned())
-}
-
-fn get_req(host: &str, path: &str) -> Request<Full<Bytes>> {
-    Request::get(path)
-        .header("host", host)
-        .body(Full::new(Bytes::new()))
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,7 +115,9 @@ async fn sni_picks_the_certificate_for_two_names_and_a_wildcard() {
             // The client verifies the chain, but a name mismatch fails its handshake, so
             // the default certificate is checked with a client that accepts any name.
             let s = if sni == "elsewhere.test" {
-                tls_connect(port, sni, any_name_client(&pki)).await.unwrap()
+                tls_connect(port, sni, any_name_client(&pki, &[]))
+                    .await
+                    .unwrap()
             } else {
                 tls_connect(port, sni, client.clone()).await.unwrap()
             };
@@ -279,7 +146,7 @@ async fn sni_picks_the_certificate_for_two_names_and_a_wildcard() {
         );
         let port = eg.port("https");
         assert!(tls_connect(port, "a.test", client.clone()).await.is_ok());
-        let Err(e) = tls_connect(port, "elsewhere.test", any_name_client(&pki)).await else {
+        let Err(e) = tls_connect(port, "elsewhere.test", any_name_client(&pki, &[])).await else {
             panic!("a handshake for an unknown name is refused");
         };
         assert!(
@@ -288,55 +155,6 @@ async fn sni_picks_the_certificate_for_two_names_and_a_wildcard() {
         );
         eg.stop().await;
     }
-}
-
-/// A client that trusts the CA but accepts any name (to see the default certificate).
-fn any_name_client(pki: &Pki) -> Arc<rustls::ClientConfig> {
-    #[derive(Debug)]
-    struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
-    impl rustls::client::danger::ServerCertVerifier for AnyName {
-        fn verify_server_cert(
-            &self,
-            _end: &CertificateDer<'_>,
-            _inter: &[CertificateDer<'_>],
-            _name: &ServerName<'_>,
-            _ocsp: &[u8],
-            _now: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            self.0.verify_tls12_signature(m, c, d)
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            self.0.verify_tls13_signature(m, c, d)
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.supported_verify_schemes()
-        }
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(pki.ca_pem().as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let verifier = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
-        .build()
-        .unwrap();
-    let c = rustls::ClientConfig::builder()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyName(verifier)))
-        .with_no_client_auth();
-    Arc::new(c)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+pub mod pki;
+
 use envgate::health::NodeRegistry;
 use envgate::server::{Options, Server};
 
