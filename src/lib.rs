@@ -6,6 +6,7 @@
 //! - `topology`  the validated, immutable model and its lookup tables
 //! - `routing`   the routing decision: entry, tenant ranges, canary, application, candidates
 //! - `balance`   smooth weighted round-robin and the failover order of candidates
+//! - `dns`       nodes addressed by host names: resolution, members, refresh
 //! - `health`    per-node state (health, drain) carried across reloads
 //! - `proxy`     listeners, the per-request handler, upstream connection pools
 //! - `control`   the apply path (every topology change), its history, the file watch
@@ -18,6 +19,7 @@ pub mod balance;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod dns;
 pub mod health;
 pub mod metrics;
 pub mod proxy;

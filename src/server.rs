@@ -336,6 +336,7 @@ pub fn start(
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let dns = (control.clone(), rx.clone());
         handles.push(
             std::thread::Builder::new()
                 .name("envgate-control".into())
@@ -345,6 +346,7 @@ pub fn start(
                         if let Some((api, listener)) = api {
                             tokio::spawn(api::serve(api, listener));
                         }
+                        tokio::spawn(crate::dns::refresh_loop(dns.0, dns.1));
                         checker::supervise(shared, changed_rx, rx, ready).await
                     })
                 })?,
@@ -555,12 +557,19 @@ impl Server {
     /// `drain` key, which the control API patches).
     pub fn set_drained(&self, node: &str, drained: bool) -> Result<(), UnknownNode> {
         let topo = self.shared.topology.load();
-        let n = topo
+        // A node's name, or one member's of a node addressed by a host name.
+        let mut found = false;
+        for n in topo
             .nodes
             .iter()
-            .find(|n| &*n.name == node)
-            .ok_or_else(|| UnknownNode(node.to_string()))?;
-        n.state.set_drained(drained);
+            .filter(|n| &*n.name == node || &*n.defined == node)
+        {
+            n.state.set_drained(drained);
+            found = true;
+        }
+        if !found {
+            return Err(UnknownNode(node.to_string()));
+        }
         tracing::info!(node, drained, "node drain changed");
         Ok(())
     }

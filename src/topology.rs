@@ -48,6 +48,8 @@ pub struct Topology {
     /// Files read at validation besides the document (certificates, keys, CA files): a
     /// change of one reloads the topology.
     pub files: Vec<PathBuf>,
+    /// The nodes addressed by a host name, with the answer their members come from.
+    pub dns: Vec<crate::dns::DnsNode>,
 }
 
 /// Which exchanges the access log writes (where and in which format is the command
@@ -106,6 +108,8 @@ pub struct Defaults {
     /// Whether a percent-encoded `/` (`%2F`) may appear in a path (passed on encoded);
     /// by default such a request gets 400.
     pub allow_encoded_slash: bool,
+    /// How node addresses given as host names are resolved.
+    pub dns: crate::dns::Spec,
 }
 
 /// How many retries an environment may make (DESIGN.md: a budget of 20%): each request
@@ -276,8 +280,15 @@ impl Cidr {
 
 #[derive(Debug)]
 pub struct Node {
+    /// Unique in the topology: the node's name in the document, or for a member of a node
+    /// addressed by a host name, `NAME@ADDRESS` (`dns::member_name`).
     pub name: Arc<str>,
+    /// The node's name in the document (what environments and applications name).
+    pub defined: Arc<str>,
     pub addr: SocketAddr,
+    /// The address as written when it is a host name (`orders.internal:8000`): this node is
+    /// one of the addresses it resolved to.
+    pub dns: Option<Arc<str>>,
     pub weight: u32,
     pub backup: bool,
     pub zone: Option<String>,

@@ -269,7 +269,7 @@ fn duplicates_among_listeners_and_nodes() {
 #[test]
 fn values_are_checked() {
     let errs = errors(
-        "version: 2\nlisteners: [ { name: http, bind: \"nowhere\" } ]\ncontrol: { bind: \"0.0.0.0:9090\" }\ndefaults:\n  health: { interval: 1s, timeout: 2s, rise: 0, expect: \"600\" }\n  timeouts: { connect: soon }\n  retries: 11\n  trusted_proxies: [\"10.0.0.0/40\"]\nnodes:\n  a: { address: \"app.internal:80\" }\nenvironments:\n  e:\n    entries: [\"bad host:80\"]\n    nodes: []\n    tenants: { key: { header: X-T, query: t }, ranges: [] }\n",
+        "version: 2\nlisteners: [ { name: http, bind: \"nowhere\" } ]\ncontrol: { bind: \"0.0.0.0:9090\" }\ndefaults:\n  health: { interval: 1s, timeout: 2s, rise: 0, expect: \"600\" }\n  timeouts: { connect: soon }\n  retries: 11\n  trusted_proxies: [\"10.0.0.0/40\"]\nnodes:\n  a: { address: \"app.internal\" }\nenvironments:\n  e:\n    entries: [\"bad host:80\"]\n    nodes: []\n    tenants: { key: { header: X-T, query: t }, ranges: [] }\n",
     );
     for path in [
         "version",

@@ -75,17 +75,18 @@ pub enum LoadError {
 /// problems validation finds, so a typo never hides the rest of the document's problems
 /// (and never passes silently either: the document is still refused).
 pub fn parse(text: &str, base_dir: &Path) -> Result<Topology, LoadError> {
-    parse_serving(text, base_dir, &Default::default())
+    parse_serving(text, base_dir, &Default::default(), &Default::default())
 }
 
 /// `parse` for a running instance that serves the certificates of fingerprints `served`:
 /// one of them that expired since it was taken is a warning (it keeps serving until it is
 /// renewed), so that it does not block unrelated changes. Any other expired certificate is
-/// refused.
+/// refused. Node host names are answered from `dns` (and looked up there when new).
 pub fn parse_serving(
     text: &str,
     base_dir: &Path,
     served: &rustc_hash::FxHashSet<u64>,
+    dns: &crate::dns::Cache,
 ) -> Result<Topology, LoadError> {
     check_nesting(text, MAX_NESTING).map_err(LoadError::Parse)?;
     // (YAML path, key) of every key that no field took.
@@ -136,7 +137,7 @@ pub fn parse_serving(
             message: format!("unknown key {key:?}"),
         })
         .collect();
-    match validate::validate(raw, base_dir, served) {
+    match validate::validate(raw, base_dir, served, dns) {
         Ok(topology) if errors.is_empty() => Ok(topology),
         Ok(_) => Err(LoadError::Invalid(errors)),
         Err(more) => {

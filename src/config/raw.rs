@@ -86,6 +86,18 @@ pub struct RawDefaults {
     pub trusted_proxies: Vec<String>,
     /// Whether a percent-encoded `/` may appear in a request path.
     pub allow_encoded_slash: Option<bool>,
+    /// How node addresses given as host names are resolved.
+    pub dns: Option<RawDns>,
+}
+
+/// `defaults.dns`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawDns {
+    pub interval: Option<String>,
+    pub hold: Option<String>,
+    pub timeout: Option<String>,
+    /// A hosts-format file answered from before the system resolver.
+    pub hosts: Option<String>,
 }
 
 /// Retries allowed at once per environment: `percent` of its requests in flight, and at

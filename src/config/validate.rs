@@ -62,6 +62,7 @@ pub fn validate(
     raw: RawTopology,
     base_dir: &Path,
     served: &rustc_hash::FxHashSet<u64>,
+    dns: &crate::dns::Cache,
 ) -> Result<Topology, Vec<ConfigError>> {
     let mut errs = Errors {
         3: served.clone(),
@@ -79,8 +80,11 @@ pub fn validate(
         .control
         .as_ref()
         .and_then(|c| control(c, base_dir, &mut errs));
-    let defaults = defaults(&raw.defaults, &mut errs);
-    let (nodes, node_ids) = nodes(&raw, &defaults, base_dir, &mut errs);
+    let mut defaults = defaults(&raw.defaults, &mut errs);
+    if let Some(d) = &raw.defaults.dns {
+        defaults.dns = dns_spec(d, base_dir, &mut errs);
+    }
+    let (nodes, node_ids, dns_nodes) = nodes(&raw, &defaults, base_dir, dns, &mut errs);
 
     let env_ids: HashMap<&str, EnvId> = raw
         .environments
@@ -236,12 +240,13 @@ pub fn validate(
                     }
                     let mut sub = Vec::new();
                     for (k, n) in list.iter().enumerate() {
-                        match members.iter().find(|m| &*nodes[m.node].name == n) {
-                            Some(m) => sub.push(*m),
-                            None => errs.reference(
+                        if env_has_node(env, n) {
+                            sub.extend(members.iter().filter(|m| &*nodes[m.node].defined == n));
+                        } else {
+                            errs.reference(
                                 format!("{}.nodes[{k}]", path()),
                                 format!("application {:?} uses node {n:?}, which is not one of environment {name:?}'s nodes", app.name),
-                            ),
+                            );
                         }
                     }
                     pools.intern(&sub)
@@ -256,16 +261,18 @@ pub fn validate(
                 }
                 let mut sub: Vec<Member> = Vec::new();
                 for (k, n) in list.iter().enumerate() {
-                    match members.iter().find(|m| &*nodes[m.node].name == n) {
-                        Some(m) if sub.iter().any(|s| s.node == m.node) => errs.conflict(
-                            format!("{}.read_nodes[{k}]", path()),
-                            format!("node {n:?} is listed twice"),
-                        ),
-                        Some(m) => sub.push(*m),
-                        None => errs.reference(
+                    if !env_has_node(env, n) {
+                        errs.reference(
                             format!("{}.read_nodes[{k}]", path()),
                             format!("application {:?} reads from node {n:?}, which is not one of environment {name:?}'s nodes", app.name),
-                        ),
+                        );
+                    } else if list[..k].contains(n) {
+                        errs.conflict(
+                            format!("{}.read_nodes[{k}]", path()),
+                            format!("node {n:?} is listed twice"),
+                        );
+                    } else {
+                        sub.extend(members.iter().filter(|m| &*nodes[m.node].defined == n));
                     }
                 }
                 pools.intern(&sub)
@@ -376,6 +383,7 @@ pub fn validate(
             access_log,
             warnings: std::mem::take(&mut errs.1),
             files: std::mem::take(&mut errs.2),
+            dns: dns_nodes,
             env_index: environments
                 .iter()
                 .enumerate()
@@ -961,6 +969,28 @@ fn defaults(raw: &RawDefaults, errs: &mut Errors) -> Defaults {
         max_request_body,
         trusted_proxies,
         allow_encoded_slash: raw.allow_encoded_slash.unwrap_or(false),
+        dns: crate::dns::Spec::default(),
+    }
+}
+
+fn dns_spec(raw: &RawDns, base: &Path, errs: &mut Errors) -> crate::dns::Spec {
+    let d = crate::dns::Spec::default();
+    let at = |k: &str| format!("defaults.dns.{k}");
+    let timeout = duration(&at("timeout"), &raw.timeout, d.timeout, errs);
+    if timeout > std::time::Duration::from_secs(30) {
+        errs.value(
+            at("timeout"),
+            "a lookup timeout above 30s would hold up every apply that brings a new name",
+        );
+    }
+    crate::dns::Spec {
+        interval: duration(&at("interval"), &raw.interval, d.interval, errs),
+        hold: duration(&at("hold"), &raw.hold, d.hold, errs),
+        timeout,
+        hosts: raw
+            .hosts
+            .as_deref()
+            .map(|h| existing_file(base, h, &at("hosts"), errs)),
     }
 }
 
@@ -991,17 +1021,45 @@ fn weight(at: impl FnOnce() -> String, w: Option<i64>, default: u32, errs: &mut 
     }
 }
 
+/// Where a node is: an IP address, or a host name resolved to its members.
+enum Target {
+    Ip(SocketAddr),
+    Name(String, u16),
+}
+
+/// The nodes of the document; a node addressed by a host name becomes one node a resolved
+/// address (its members, next to each other). Returns them, each document name's range
+/// of nodes, and the nodes addressed by names.
+#[allow(clippy::type_complexity)]
 fn nodes<'r>(
     raw: &'r RawTopology,
     defaults: &Defaults,
     base: &Path,
+    dns: &crate::dns::Cache,
     errs: &mut Errors,
-) -> (Vec<Node>, HashMap<&'r str, NodeId>) {
+) -> (
+    Vec<Node>,
+    HashMap<&'r str, std::ops::Range<NodeId>>,
+    Vec<crate::dns::DnsNode>,
+) {
     let mut out = Vec::with_capacity(raw.nodes.len());
     let mut ids = HashMap::default();
     ids.reserve(raw.nodes.len());
     let mut by_addr: HashMap<SocketAddr, &str> = HashMap::default();
     by_addr.reserve(raw.nodes.len());
+    let mut by_name: HashMap<(String, u16), &str> = HashMap::default();
+    let mut dns_nodes = Vec::new();
+    // Names never looked up are resolved first, all at once (bounded by the timeout).
+    let names: Vec<(String, u16)> = raw
+        .nodes
+        .values()
+        .filter(|n| n.address.parse::<SocketAddr>().is_err())
+        .filter_map(|n| crate::dns::parse_authority(&n.address))
+        .collect();
+    if !names.is_empty() {
+        let hosts: Vec<&str> = names.iter().map(|(h, _)| h.as_str()).collect();
+        dns.resolve_new(&hosts, &defaults.dns);
+    }
     for (name, n) in &raw.nodes {
         // Formatted only when there is an error to report.
         let at = || format!("nodes.{name}");
@@ -1011,18 +1069,37 @@ fn nodes<'r>(
                 format!("node name {name:?} must be letters, digits, '-', '_' or '.'"),
             );
         }
-        let addr = match n.address.parse::<SocketAddr>() {
-            Ok(a) if a.port() != 0 => a,
-            _ => {
+        let target = match n.address.parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 => Target::Ip(a),
+            Ok(_) => {
                 errs.value(
                     format!("{}.address", at()),
-                    format!("address {:?} must be an IP address and a port such as 10.0.0.11:8000 (host names are not resolved)", n.address),
+                    format!("address {:?} needs a port other than 0", n.address),
                 );
                 continue;
             }
+            Err(_) => match crate::dns::parse_authority(&n.address) {
+                Some((host, port)) => Target::Name(host, port),
+                None => {
+                    errs.value(
+                        format!("{}.address", at()),
+                        format!("address {:?} must be an IP address or a host name, and a port, such as 10.0.0.11:8000 or orders.internal:8000", n.address),
+                    );
+                    continue;
+                }
+            },
         };
-        if let Some(other) = by_addr.insert(addr, name) {
-            errs.conflict(format!("{}.address", at()), format!("nodes {other:?} and {name:?} both have address {addr}; define a node once and use it in several environments"));
+        match &target {
+            Target::Ip(addr) => {
+                if let Some(other) = by_addr.insert(*addr, name) {
+                    errs.conflict(format!("{}.address", at()), format!("nodes {other:?} and {name:?} both have address {addr}; define a node once and use it in several environments"));
+                }
+            }
+            Target::Name(host, port) => {
+                if let Some(other) = by_name.insert((host.clone(), *port), name) {
+                    errs.conflict(format!("{}.address", at()), format!("nodes {other:?} and {name:?} both have address {host}:{port}; define a node once and use it in several environments"));
+                }
+            }
         }
         let weight = weight(|| format!("{}.weight", at()), n.weight, 1, errs);
         if n.max_connections == Some(0) {
@@ -1086,10 +1163,10 @@ fn nodes<'r>(
                     return None;
                 }
             }
-            let server_name = t
-                .server_name
-                .clone()
-                .unwrap_or_else(|| addr.ip().to_string());
+            let server_name = t.server_name.clone().unwrap_or_else(|| match &target {
+                Target::Ip(addr) => addr.ip().to_string(),
+                Target::Name(host, _) => host.clone(),
+            });
             match crate::tls::node(&server_name, ca.as_deref(), protocol == Protocol::H2) {
                 Ok(t) => Some(Arc::new(t)),
                 Err(e) => {
@@ -1098,34 +1175,92 @@ fn nodes<'r>(
                 }
             }
         });
-        // A state of its own: validation touches no live node (the apply step binds each
-        // node to its live state, `NodeRegistry::bind`, once the document is accepted).
-        let state = Arc::new(NodeState::new(health.trust_unknown));
-        ids.insert(name.as_str(), out.len());
-        out.push(Node {
-            name: Arc::from(name.as_str()),
-            addr,
-            weight,
-            backup: n.backup.unwrap_or(false),
-            zone: n.zone.clone(),
-            labels: n.labels.clone(),
-            max_connections: n.max_connections,
-            health,
-            drain: n.drain.unwrap_or(false),
-            state,
-            tls,
-            protocol,
-            max_streams,
-        });
+        let defined: Arc<str> = Arc::from(name.as_str());
+        let (addrs, dns_name) = match target {
+            Target::Ip(addr) => (vec![addr], None),
+            Target::Name(host, port) => {
+                let answer = dns.get(&host).unwrap_or_default();
+                match (&answer.error, answer.addrs.is_empty()) {
+                    (Some(e), true) => errs.1.push(format!("node {name:?}: {host} does not resolve ({e}); the node has no members until it does")),
+                    (None, true) => errs.1.push(format!("node {name:?}: {host} resolves to no address; the node has no members until it does")),
+                    (Some(e), false) => errs.1.push(format!("node {name:?}: {host} no longer resolves ({e}); its last answer is kept for up to {:?}", defaults.dns.hold)),
+                    (None, false) => {}
+                }
+                let addrs = answer
+                    .addrs
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, port))
+                    .collect();
+                let written: Arc<str> = Arc::from(format!("{host}:{port}"));
+                dns_nodes.push(crate::dns::DnsNode {
+                    node: defined.clone(),
+                    host: Arc::from(host.as_str()),
+                    port,
+                    answer,
+                });
+                (addrs, Some(written))
+            }
+        };
+        let first = out.len();
+        for addr in addrs {
+            // A state of its own: validation touches no live node (the apply step binds
+            // each node to its live state, `NodeRegistry::bind`, once the document is
+            // accepted).
+            let state = Arc::new(NodeState::new(health.trust_unknown));
+            out.push(Node {
+                name: match dns_name {
+                    None => defined.clone(),
+                    Some(_) => Arc::from(crate::dns::member_name(name, addr)),
+                },
+                defined: defined.clone(),
+                addr,
+                dns: dns_name.clone(),
+                weight,
+                backup: n.backup.unwrap_or(false),
+                zone: n.zone.clone(),
+                labels: n.labels.clone(),
+                max_connections: n.max_connections,
+                health: health.clone(),
+                drain: n.drain.unwrap_or(false),
+                state,
+                tls: tls.clone(),
+                protocol,
+                max_streams,
+            });
+        }
+        ids.insert(name.as_str(), first..out.len());
     }
-    (out, ids)
+    // A resolved address that is also another node's: both are used, each with its own
+    // health and pool, which is rarely meant.
+    if !dns_nodes.is_empty() {
+        let mut seen: HashMap<SocketAddr, &str> = HashMap::default();
+        for n in &out {
+            if let Some(other) = seen.insert(n.addr, &n.defined) {
+                if other != &*n.defined {
+                    errs.1.push(format!(
+                        "nodes {other:?} and {:?} both reach {} (one through a host name): the address gets the traffic of both",
+                        n.defined, n.addr
+                    ));
+                }
+            }
+        }
+    }
+    (out, ids, dns_nodes)
+}
+
+/// Whether environment `env` lists node `name` (by its name in the document).
+fn env_has_node(env: &RawEnvironment, name: &str) -> bool {
+    match &env.nodes {
+        RawEnvNodes::List(l) => l.iter().any(|n| n == name),
+        RawEnvNodes::Map(m) => m.contains_key(name),
+    }
 }
 
 fn env_members(
     at: &str,
     env: &RawEnvironment,
     nodes: &[Node],
-    ids: &HashMap<&str, NodeId>,
+    ids: &HashMap<&str, std::ops::Range<NodeId>>,
     errs: &mut Errors,
 ) -> Vec<Member> {
     const PLAIN: RawEnvNode = RawEnvNode {
@@ -1162,27 +1297,26 @@ fn env_members(
             errs.conflict(path(i, name), format!("node {name:?} is listed twice"));
             continue;
         }
-        let Some(&id) = ids.get(name) else {
+        let Some(range) = ids.get(name) else {
             errs.reference(
                 path(i, name),
                 format!("node {name:?} is not defined (define it under `nodes`)"),
             );
             continue;
         };
+        // (A node addressed by a host name has one member a resolved address, maybe none.)
+        let base = range.clone().next().map_or(1, |id| nodes[id].weight);
         let w = match over.weight {
-            None => nodes[id].weight,
-            Some(w) => weight(
-                || format!("{}.weight", path(i, name)),
-                Some(w),
-                nodes[id].weight,
-                errs,
-            ),
+            None => base,
+            Some(w) => weight(|| format!("{}.weight", path(i, name)), Some(w), base, errs),
         };
-        members.push(Member {
-            node: id,
-            weight: w,
-            backup: over.backup.unwrap_or(nodes[id].backup),
-        });
+        for id in range.clone() {
+            members.push(Member {
+                node: id,
+                weight: w,
+                backup: over.backup.unwrap_or(nodes[id].backup),
+            });
+        }
     }
     if list.is_empty() {
         errs.value(

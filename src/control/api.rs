@@ -718,6 +718,7 @@ fn explain(api: &Api, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     json!({
                         "node": &*n.name,
                         "address": n.addr.to_string(),
+                        "resolved_from": n.dns.as_deref(),
                         "weight": m.weight,
                         "backup": m.backup,
                         "health": n.state.health().as_str(),
@@ -840,7 +841,9 @@ fn status(api: &Api) -> Response<Full<Bytes>> {
         .map(|n| {
             json!({
                 "name": &*n.name,
+                "node": &*n.defined,
                 "address": n.addr.to_string(),
+                "resolved_from": n.dns.as_deref(),
                 "weight": n.weight,
                 "backup": n.backup,
                 "health": n.state.health().as_str(),
@@ -909,6 +912,15 @@ fn status(api: &Api) -> Response<Full<Bytes>> {
             "follows": api.control.following(),
             "environments": envs,
             "nodes": nodes,
+            "dns": t.dns.iter().map(|d| json!({
+                "node": &*d.node,
+                "name": &*d.host,
+                "port": d.port,
+                "addresses": d.answer.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                // The latest lookup's (one that fails while the last answer is held
+                // changes no member, hence no topology).
+                "error": api.control.dns().get(&d.host).map_or(d.answer.error.clone(), |a| a.error),
+            })).collect::<Vec<_>>(),
             "recent": recent,
         }),
     )

@@ -46,6 +46,8 @@ pub enum Source {
     Fleet,
     /// A certificate, key or CA file the topology reads changed (watched).
     Certificates,
+    /// A node's host name resolved to other addresses.
+    Dns,
 }
 
 impl Source {
@@ -58,6 +60,7 @@ impl Source {
             Source::Rollback => "rollback",
             Source::Fleet => "fleet",
             Source::Certificates => "certificates",
+            Source::Dns => "dns",
         }
     }
 }
@@ -82,7 +85,7 @@ impl Outcome {
 
 /// Applies by source and result, since start (`envgate_topology_reloads_total`).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ReloadCounts([[u64; 3]; 7]);
+pub struct ReloadCounts([[u64; 3]; 8]);
 
 impl ReloadCounts {
     pub fn get(&self, source: Source, result: Outcome) -> u64 {
@@ -199,6 +202,9 @@ pub struct Control {
     follows: std::sync::OnceLock<String>,
     /// The generation the last document from the source became, and that document's hash.
     fleet_hash: Mutex<Option<(u64, u64)>>,
+    /// The answers for node host names (validation reads them; `dns::refresh_loop`
+    /// renews them).
+    dns: Arc<crate::dns::Cache>,
 }
 
 impl Control {
@@ -233,7 +239,13 @@ impl Control {
             }),
             follows: std::sync::OnceLock::new(),
             fleet_hash: Mutex::new(None),
+            dns: Arc::default(),
         }
+    }
+
+    /// The answers for node host names.
+    pub fn dns(&self) -> &Arc<crate::dns::Cache> {
+        &self.dns
     }
 
     /// Fleet mode: this instance follows `url`; local writes are refused from now on.
@@ -337,7 +349,12 @@ impl Control {
     /// Parses and validates `text` as `apply` would, changing nothing (for a source that
     /// looks at the result before applying it, like the file watch).
     pub fn parse(&self, text: &str) -> Result<Topology, LoadError> {
-        config::parse_serving(text, &self.base_dir, &self.topology().served_certificates())
+        config::parse_serving(
+            text,
+            &self.base_dir,
+            &self.topology().served_certificates(),
+            &self.dns,
+        )
     }
 
     /// `apply` of a document already parsed by `parse` (not parsed a second time).
@@ -366,6 +383,22 @@ impl Control {
         )
     }
 
+    /// Applies `current`'s document again, already parsed with new answers for its host
+    /// names: only if `current` is still live.
+    pub fn apply_dns(
+        &self,
+        current: &Current,
+        parsed: Result<Topology, LoadError>,
+    ) -> Result<Applied, ApplyError> {
+        self.apply_inner(
+            Source::Dns,
+            &current.document,
+            Some(parsed),
+            false,
+            Some(current.generation),
+        )
+    }
+
     fn apply_inner(
         &self,
         source: Source,
@@ -383,7 +416,10 @@ impl Control {
         // names are read again too, and new contents make it a change.
         let mut parsed = parsed;
         let mut same = text == &*running;
-        if same && !self.shared.topology.load().files.is_empty() {
+        if same && {
+            let live = self.shared.topology.load();
+            !live.files.is_empty() || !live.dns.is_empty()
+        } {
             give_way();
             let again = parsed.take().unwrap_or_else(|| self.parse(text));
             same = again

@@ -76,6 +76,7 @@ pub enum ProbeError {
 /// certificate's verification are part of the check).
 pub async fn probe(
     addr: SocketAddr,
+    authority: Option<&str>,
     spec: &HealthSpec,
     tls: Option<&crate::tls::NodeTls>,
     protocol: crate::topology::Protocol,
@@ -104,7 +105,11 @@ pub async fn probe(
                 start(stream, h2).await?
             }
         };
-        let host = tls.map_or_else(|| addr.to_string(), |t| t.name().to_string());
+        let host = match (tls, authority) {
+            (Some(t), _) => t.name().to_string(),
+            (None, Some(a)) => a.to_string(),
+            (None, None) => addr.to_string(),
+        };
         if spec.kind == CheckKind::Grpc {
             return grpc_check(&mut send, &host, &spec.service).await;
         }
@@ -304,9 +309,10 @@ where
     Ok(Probe::H1(send))
 }
 
+/// `authority`: the Host of an HTTP check in clear (the host name the node was resolved
+/// from, else its address).
 async fn check_loop(
-    name: Arc<str>,
-    addr: SocketAddr,
+    (name, addr, authority): (Arc<str>, SocketAddr, Option<Arc<str>>),
     tls: Option<Arc<crate::tls::NodeTls>>,
     protocol: crate::topology::Protocol,
     spec: HealthSpec,
@@ -323,7 +329,7 @@ async fn check_loop(
         let probed = {
             // The semaphore is never closed, so acquiring only waits.
             let _slot = probes.acquire().await;
-            probe(addr, &spec, tls.as_deref(), protocol).await
+            probe(addr, authority.as_deref(), &spec, tls.as_deref(), protocol).await
         };
         let result = match probed {
             Err(ProbeError::Local(e)) => {
@@ -392,8 +398,7 @@ pub async fn supervise(
                 }
             }
             let task = tokio::spawn(check_loop(
-                node.name.clone(),
-                node.addr,
+                (node.name.clone(), node.addr, node.dns.clone()),
                 node.tls.clone(),
                 node.protocol,
                 node.health.clone(),

@@ -162,9 +162,10 @@ pub struct Metrics {
 }
 
 /// Sources whose applies are reloads (the document envgate started with is not).
-const RELOAD_SOURCES: [Source; 6] = [
+const RELOAD_SOURCES: [Source; 7] = [
     Source::File,
     Source::Certificates,
+    Source::Dns,
     Source::Signal,
     Source::Api,
     Source::Rollback,
@@ -291,6 +292,31 @@ impl Metrics {
             let (passed, failed) = n.state.checks();
             out.sample(&[("node", &n.name), ("result", "passed")], passed as f64);
             out.sample(&[("node", &n.name), ("result", "failed")], failed as f64);
+        }
+        if !topo.dns.is_empty() {
+            out.family(
+                "envgate_dns_addresses",
+                "Addresses a node's host name resolves to (its members), by node.",
+                MetricType::GAUGE,
+            );
+            for d in &topo.dns {
+                out.sample(&[("node", &d.node)], d.answer.addrs.len() as f64);
+            }
+            out.family(
+                "envgate_dns_failing",
+                "1 while a node's host name does not resolve (its last answer held, or none).",
+                MetricType::GAUGE,
+            );
+            for d in &topo.dns {
+                // The latest lookup's (a failure that holds the last answer changes no
+                // member, hence no topology).
+                let failing = self
+                    .control
+                    .dns()
+                    .get(&d.host)
+                    .map_or(d.answer.error.is_some(), |a| a.error.is_some());
+                out.sample(&[("node", &d.node)], f64::from(u8::from(failing)));
+            }
         }
         out.family(
             "envgate_retries_total",
