@@ -1,9 +1,11 @@
 #!/bin/sh
-# Plugs envgate into ../shared/bench/compare (its `--ours` contract): writes a topology
-# from the harness's variables (LISTEN, UPSTREAMS, BENCH_DIR) and execs envgate.
+# Plugs envgate into benches/compare/compare (or ../shared/bench/compare: the same
+# harness without the tls-close and h2-upstream scenarios), following its `--ours`
+# contract: writes a topology from the harness's variables (LISTEN, UPSTREAMS,
+# UPSTREAM_PROTOCOL, BENCH_DIR) and execs envgate.
 #
 #   cargo build --release
-#   ../shared/bench/compare --ours "exec $PWD/benches/compare-envgate.sh" \
+#   benches/compare/compare --ours "exec $PWD/benches/compare-envgate.sh" \
 #       --only nginx,haproxy,ours --scenarios small-ka,small-close
 #
 # One port-wide entry, one environment, the three nodes at weight 1 (plain round-robin).
@@ -35,7 +37,7 @@ conf=$dir/envgate-bench.yaml
   i=0
   for u in $(echo "$UPSTREAMS" | tr ',' ' '); do
     i=$((i + 1))
-    echo "  node-$i: { address: \"$u\" }"
+    echo "  node-$i: { address: \"$u\", protocol: ${UPSTREAM_PROTOCOL:-http1} }"
   done
   echo "environments:"
   echo "  bench:"
