@@ -303,8 +303,8 @@ pub struct Node {
     pub tls: Option<Arc<crate::tls::NodeTls>>,
     /// HTTP/1.1, or HTTP/2 (in clear with prior knowledge, or over TLS by ALPN).
     pub protocol: Protocol,
-    /// HTTP/2: streams one connection carries before another is opened (set it to the
-    /// node's own SETTINGS_MAX_CONCURRENT_STREAMS when that is lower than 100).
+    /// HTTP/2: most streams one connection carries before another is opened (the node's
+    /// own SETTINGS_MAX_CONCURRENT_STREAMS, when lower, bounds each connection too).
     pub max_streams: u32,
 }
 

@@ -264,7 +264,6 @@ async fn a_post_with_a_body_reset_by_a_node_is_not_sent_again() {
 /// A node that allows one stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS 1): a second
 /// request while the first is held must not wait behind it inside the connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known gap: hyper does not expose the node's SETTINGS_MAX_CONCURRENT_STREAMS, so a connection is filled to 100 streams whatever the node allows"]
 async fn a_node_stream_limit_below_100_does_not_queue_requests_behind_each_other() {
     let node = hyper_node(1).await;
     let eg = Envgate::start(&yaml(

@@ -6,13 +6,16 @@
 //! timeout is discarded on checkout, so the node never closes first.
 //!
 //! HTTP/2 (`protocol: h2c | h2`): a few multiplexed connections, each carrying up to
-//! the node's `max_streams` (`MAX_STREAMS` by default) requests at once; a new one is opened when every open one is at that
-//! bound (hyper would queue the request behind the node's stream limit instead). A
-//! connection the node closed or sent GOAWAY on is not given new streams.
+//! the node's `max_streams` (`MAX_STREAMS` by default) requests at once, or fewer when the
+//! node's own SETTINGS_MAX_CONCURRENT_STREAMS (read from its first SETTINGS frame as it goes
+//! by, `SettingsSniff`) is lower; a new one is opened when every open one is at that bound
+//! (hyper would queue the request behind the node's stream limit instead). A connection the
+//! node closed or sent GOAWAY on is not given new streams.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,7 +71,9 @@ pub struct ConnPool {
 }
 
 /// An HTTP/2 connection to the node, and its streams in flight.
-type Mux = (http2::SendRequest<UpBody>, Rc<Cell<u32>>);
+/// An HTTP/2 connection: its sender, the streams open on it, and the node's stream limit
+/// (`u32::MAX` until its SETTINGS frame is read).
+type Mux = (http2::SendRequest<UpBody>, Rc<Cell<u32>>, Arc<AtomicU32>);
 
 /// Streams one HTTP/2 connection carries at once before another is opened, by default.
 pub const MAX_STREAMS: u32 = 100;
@@ -209,11 +214,13 @@ impl ConnPool {
     /// A stream on an open HTTP/2 connection with room for one, the least busy.
     pub fn take_stream(&self) -> Option<Sender> {
         let mut mux = self.mux.borrow_mut();
-        mux.retain(|(s, _)| !s.is_closed());
-        let (s, n) = mux
+        mux.retain(|(s, _, _)| !s.is_closed());
+        let (s, n, _) = mux
             .iter()
-            .filter(|(s, n)| n.get() < self.max_streams && s.is_ready())
-            .min_by_key(|(_, n)| n.get())?;
+            .filter(|(s, n, limit)| {
+                n.get() < self.max_streams.min(limit.load(Ordering::Relaxed)) && s.is_ready()
+            })
+            .min_by_key(|(_, n, _)| n.get())?;
         n.set(n.get() + 1);
         Some(Sender::H2(s.clone(), Stream(n.clone())))
     }
@@ -409,8 +416,9 @@ impl ConnPool {
             .await
             .map_err(|_| ConnectError::Timeout)??;
         let _ = stream.set_nodelay(true);
+        let limit = h2.then(|| Arc::new(AtomicU32::new(u32::MAX)));
         let sender = match &self.tls {
-            None => start(stream, write_idle, counted, h2).await?,
+            None => start(stream, write_idle, counted, limit.clone()).await?,
             Some(tls) => {
                 let stream = tokio::time::timeout_at(
                     deadline,
@@ -419,17 +427,17 @@ impl ConnPool {
                 .await
                 .map_err(|_| ConnectError::Timeout)?
                 .map_err(ConnectError::Tls)?;
-                start(stream, write_idle, counted, h2).await?
+                start(stream, write_idle, counted, limit.clone()).await?
             }
         };
-        Ok(match sender {
-            Sender::H2(s, _) => {
+        Ok(match (sender, limit) {
+            (Sender::H2(s, _), Some(limit)) => {
                 // Shared by the requests to come; this one takes the first stream.
                 let n = Rc::new(Cell::new(1));
-                self.mux.borrow_mut().push((s.clone(), n.clone()));
+                self.mux.borrow_mut().push((s.clone(), n.clone(), limit));
                 Sender::H2(s, Stream(n))
             }
-            h1 => h1,
+            (sender, _) => sender,
         })
     }
 }
@@ -508,24 +516,25 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountedIo<S> {
 }
 
 /// HTTP/1.1 (or HTTP/2) over an open connection, its task on this worker.
+/// HTTP/2 when `limit` is given: the node's stream limit is stored there once read.
 async fn start<S>(
     stream: S,
     write_idle: Duration,
     counted: Counted,
-    h2: bool,
+    limit: Option<Arc<AtomicU32>>,
 ) -> Result<Sender, ConnectError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(StallIo::new(
         CountedIo {
-            inner: stream,
+            inner: SettingsSniff::new(stream, limit.clone()),
             _counted: counted,
         },
         write_idle,
         "the node read nothing for the body idle timeout",
     ));
-    if h2 {
+    if limit.is_some() {
         let (send, conn) = http2::Builder::new(super::worker::LocalExec)
             .timer(hyper_util::rt::TokioTimer::new())
             .max_header_list_size(MAX_RESPONSE_HEAD as u32)
@@ -551,4 +560,161 @@ where
         }
     });
     Ok(Sender::H1(send))
+}
+
+/// Reads the node's SETTINGS_MAX_CONCURRENT_STREAMS from the first frame an HTTP/2 node
+/// sends (its SETTINGS, RFC 9113 3.4) as the bytes go by to hyper, which keeps it to
+/// itself; then steps aside. Nothing is buffered: the frame is parsed byte by byte. A
+/// later change of the setting is not seen (the configured `max_streams` still bounds).
+struct SettingsSniff<S> {
+    inner: S,
+    /// `None`: not HTTP/2, or the first frame is read.
+    limit: Option<Arc<AtomicU32>>,
+    /// Bytes of the first frame seen so far.
+    seen: usize,
+    head: [u8; 9],
+    /// The setting being read (6 bytes: identifier, value).
+    entry: [u8; 6],
+}
+
+impl<S> SettingsSniff<S> {
+    fn new(inner: S, limit: Option<Arc<AtomicU32>>) -> Self {
+        SettingsSniff {
+            inner,
+            limit,
+            seen: 0,
+            head: [0; 9],
+            entry: [0; 6],
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            let Some(limit) = &self.limit else { return };
+            if self.seen < 9 {
+                self.head[self.seen] = b;
+                self.seen += 1;
+                if self.seen == 9 {
+                    let len = u32::from_be_bytes([0, self.head[0], self.head[1], self.head[2]]);
+                    // SETTINGS (type 4), not an ACK, on stream 0; anything else: give up.
+                    if self.head[3] != 4 || self.head[4] & 1 != 0 || len == 0 || len % 6 != 0 {
+                        self.limit = None;
+                    }
+                }
+                continue;
+            }
+            let len = u32::from_be_bytes([0, self.head[0], self.head[1], self.head[2]]) as usize;
+            let at = (self.seen - 9) % 6;
+            self.entry[at] = b;
+            self.seen += 1;
+            if at == 5 && u16::from_be_bytes([self.entry[0], self.entry[1]]) == 3 {
+                let v = u32::from_be_bytes([
+                    self.entry[2],
+                    self.entry[3],
+                    self.entry[4],
+                    self.entry[5],
+                ]);
+                // 0 would let no stream through: one at least, so that the connection is
+                // used (the node then refuses it, and the request goes elsewhere).
+                limit.store(v.max(1), Ordering::Relaxed);
+            }
+            if self.seen >= 9 + len {
+                self.limit = None;
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SettingsSniff<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.limit.is_some() {
+            this.feed(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SettingsSniff<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod sniff_tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags, 0, 0, 0, 0]);
+        f.extend(payload);
+        f
+    }
+
+    fn sniff(bytes: &[u8], step: usize) -> u32 {
+        let limit = Arc::new(AtomicU32::new(u32::MAX));
+        let mut s = SettingsSniff::new((), Some(limit.clone()));
+        for c in bytes.chunks(step) {
+            s.feed(c);
+        }
+        limit.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn the_first_settings_frame_gives_the_stream_limit() {
+        // HEADER_TABLE_SIZE 4096, MAX_CONCURRENT_STREAMS 7, INITIAL_WINDOW_SIZE 65535.
+        let mut payload = vec![0, 1, 0, 0, 16, 0, 0, 3, 0, 0, 0, 7, 0, 4, 0, 0, 255, 255];
+        let f = frame(4, 0, &payload);
+        for step in [1, 2, 5, 64] {
+            assert_eq!(sniff(&f, step), 7, "step {step}");
+        }
+        // A second SETTINGS frame is not read.
+        let mut two = frame(4, 0, &[0, 1, 0, 0, 16, 0]);
+        two.extend(frame(4, 0, &[0, 3, 0, 0, 0, 9]));
+        assert_eq!(sniff(&two, 3), u32::MAX);
+        // Not SETTINGS first, or an ACK: nothing.
+        assert_eq!(sniff(&frame(6, 0, &[0; 8]), 1), u32::MAX);
+        assert_eq!(sniff(&frame(4, 1, &[]), 1), u32::MAX);
+        // 0 is taken as 1.
+        payload = vec![0, 3, 0, 0, 0, 0];
+        assert_eq!(sniff(&frame(4, 0, &payload), 4), 1);
+    }
 }
