@@ -71,13 +71,36 @@ struct Entry {
     answer: Answer,
     /// When the name last resolved (`None`: never).
     good_at: Option<Instant>,
+    /// When the name was first looked up (a refresh forgets only names it knew of).
+    added: Instant,
 }
+
+impl Entry {
+    fn new(now: Instant) -> Entry {
+        Entry {
+            answer: Answer::default(),
+            good_at: None,
+            added: now,
+        }
+    }
+}
+
+/// Most lookups of the system resolver running at once. A lookup that outlives the
+/// timeout keeps its thread until `getaddrinfo` returns (it cannot be stopped); the name
+/// is not looked up again meanwhile, and past this bound new lookups fail at once, so a
+/// resolver that drops packets cannot pile up threads.
+pub const MAX_RUNNING_LOOKUPS: usize = 64;
+
+/// Largest hosts file read (a bigger one is refused).
+pub const MAX_HOSTS_FILE: u64 = 4 << 20;
 
 /// The answers of every name looked up so far, shared by validation and the refresh task
 /// of one instance. Only the control plane uses it, never a request.
 #[derive(Debug, Default)]
 pub struct Cache {
     entries: Mutex<HashMap<String, Entry>>,
+    /// Names whose system lookup is still running (maybe past its timeout).
+    running: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Cache {
@@ -108,14 +131,11 @@ impl Cache {
         if new.is_empty() {
             return;
         }
-        let results = resolve_all(&new, spec);
+        let results = resolve_all(&new, spec, &self.running);
         let now = Instant::now();
         let mut entries = self.lock();
         for (host, result) in new.into_iter().zip(results) {
-            let e = entries.entry(host).or_insert(Entry {
-                answer: Answer::default(),
-                good_at: None,
-            });
+            let e = entries.entry(host).or_insert_with(|| Entry::new(now));
             update(e, result, spec.hold, now);
         }
     }
@@ -124,15 +144,17 @@ impl Cache {
     /// name that stopped resolving). Blocking, bounded by `spec.timeout`. Names not in
     /// `hosts` are forgotten.
     pub fn refresh(&self, hosts: &[String], spec: &Spec) {
-        let results = resolve_all(hosts, spec);
+        let started = Instant::now();
+        let results = resolve_all(hosts, spec, &self.running);
         let now = Instant::now();
         let mut entries = self.lock();
-        entries.retain(|h, _| hosts.contains(h));
+        // (A name an apply looked up meanwhile is kept: the topology it is for may be
+        // live by now.)
+        entries.retain(|h, e| hosts.contains(h) || e.added >= started);
         for (host, result) in hosts.iter().zip(results) {
-            let e = entries.entry(host.clone()).or_insert(Entry {
-                answer: Answer::default(),
-                good_at: None,
-            });
+            let e = entries
+                .entry(host.clone())
+                .or_insert_with(|| Entry::new(now));
             let before = e.answer.clone();
             update(e, result, spec.hold, now);
             match (&before.error, &e.answer.error) {
@@ -168,11 +190,53 @@ fn update(e: &mut Entry, result: Result<Vec<IpAddr>, String>, hold: Duration, no
     }
 }
 
-/// Resolves each of `hosts` on a thread of its own, waiting at most `spec.timeout` in all.
-fn resolve_all(hosts: &[String], spec: &Spec) -> Vec<Result<Vec<IpAddr>, String>> {
+/// Resolves each of `hosts` (the hosts file first, then the system resolver, each lookup
+/// on a thread of its own), waiting at most `spec.timeout` in all.
+fn resolve_all(
+    hosts: &[String],
+    spec: &Spec,
+    running: &Arc<Mutex<std::collections::HashSet<String>>>,
+) -> Vec<Result<Vec<IpAddr>, String>> {
+    let deadline = Instant::now() + spec.timeout;
     let table = match &spec.hosts {
         None => Ok(None),
-        Some(path) => read_hosts(path).map(Some),
+        // Read on a thread too: a file that stalls (a pipe, a hung network mount) counts
+        // against the timeout like a lookup.
+        // One read at a time (a key no name can have, among the running lookups).
+        Some(path) => {
+            let key = format!("\0{}", path.display());
+            let fresh = running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.clone());
+            if !fresh {
+                Err("hosts file: the previous read has not returned yet".into())
+            } else {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (path, done, k) = (path.clone(), running.clone(), key.clone());
+                match std::thread::Builder::new()
+                    .name("envgate-dns".into())
+                    .spawn(move || {
+                        let r = read_hosts(&path);
+                        done.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+                        let _ = tx.send(r);
+                    }) {
+                    Ok(_) => rx
+                        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                        .unwrap_or_else(|_| {
+                            Err(format!("hosts file: not read within {:?}", spec.timeout))
+                        })
+                        .map(Some),
+                    Err(e) => {
+                        running
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&key);
+                        Err(format!("cannot read the hosts file: {e}"))
+                    }
+                }
+            }
+        }
     };
     let table = match table {
         Ok(t) => t,
@@ -186,18 +250,39 @@ fn resolve_all(hosts: &[String], spec: &Spec) -> Vec<Result<Vec<IpAddr>, String>
             out[i] = Some(Ok(addrs.clone()));
             continue;
         }
-        let (tx, host) = (tx.clone(), host.clone());
+        {
+            let mut r = running.lock().unwrap_or_else(|e| e.into_inner());
+            if r.contains(host) {
+                out[i] = Some(Err("the previous lookup has not returned yet".into()));
+                continue;
+            }
+            if r.len() >= MAX_RUNNING_LOOKUPS {
+                out[i] = Some(Err(format!(
+                    "{MAX_RUNNING_LOOKUPS} lookups are still running"
+                )));
+                continue;
+            }
+            r.insert(host.clone());
+        }
+        let (tx, host, done) = (tx.clone(), host.clone(), running.clone());
         let spawned = std::thread::Builder::new()
             .name("envgate-dns".into())
             .spawn(move || {
-                let _ = tx.send((i, system(&host)));
+                let r = system(&host);
+                done.lock().unwrap_or_else(|e| e.into_inner()).remove(&host);
+                let _ = tx.send((i, r));
             });
         match spawned {
             Ok(_) => waiting += 1,
-            Err(e) => out[i] = Some(Err(format!("cannot start a lookup: {e}"))),
+            Err(e) => {
+                running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&hosts[i]);
+                out[i] = Some(Err(format!("cannot start a lookup: {e}")));
+            }
         }
     }
-    let deadline = Instant::now() + spec.timeout;
     while waiting > 0 {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
@@ -229,8 +314,19 @@ fn system(host: &str) -> Result<Vec<IpAddr>, String> {
 /// A hosts-format file: `ADDRESS NAME [NAME...]` per line, `#` comments. Names are
 /// lowercased; a name on several lines gets every address.
 fn read_hosts(path: &Path) -> Result<HashMap<String, Vec<IpAddr>>, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("hosts file {}: {e}", path.display()))?;
+    use std::io::Read;
+    let err = |e: &dyn std::fmt::Display| format!("hosts file {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| err(&e))?;
+    if !file.metadata().map_err(|e| err(&e))?.is_file() {
+        return Err(err(&"not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX_HOSTS_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| err(&e))?;
+    if text.len() as u64 > MAX_HOSTS_FILE {
+        return Err(err(&format!("larger than {MAX_HOSTS_FILE} bytes")));
+    }
     let mut table: HashMap<String, Vec<IpAddr>> = HashMap::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("");
@@ -252,14 +348,18 @@ fn read_hosts(path: &Path) -> Result<HashMap<String, Vec<IpAddr>>, String> {
 /// lowercased and without a trailing dot, and the port. `None` when it is not one.
 pub fn parse_authority(address: &str) -> Option<(String, u16)> {
     let (host, port) = address.rsplit_once(':')?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
     let host = host.strip_suffix('.').unwrap_or(host);
     valid_host(host).then(|| (host.to_ascii_lowercase(), port))
 }
 
 /// A DNS name: labels of letters, digits, `-` and `_` (1 to 63 bytes, not starting or
-/// ending with `-`), 253 bytes at most, the last label not all digits (so that a mistyped
-/// IP address such as `10.0.0.256` is not taken for a name).
+/// ending with `-`), 253 bytes at most, the last label not all digits and not every label
+/// a number (`0x7f.1`): a mistyped IP address such as `10.0.0.256`, or one in a form the
+/// resolver reads as a number, is not taken for a name.
 fn valid_host(host: &str) -> bool {
     if host.is_empty() || host.len() > 253 {
         return false;
@@ -272,11 +372,19 @@ fn valid_host(host: &str) -> bool {
             && l.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     });
+    let numeric = |l: &str| {
+        let hex = l.strip_prefix("0x").or_else(|| l.strip_prefix("0X"));
+        match hex {
+            Some(h) => h.bytes().all(|b| b.is_ascii_hexdigit()),
+            None => l.bytes().all(|b| b.is_ascii_digit()),
+        }
+    };
     labels_ok
         && !host
             .rsplit('.')
             .next()
             .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+        && !host.split('.').all(numeric)
 }
 
 /// The name a member of node `node` at `addr` goes by (in metrics, logs, status).
@@ -305,7 +413,7 @@ pub async fn refresh_loop(
 ) {
     // The answers of a refused apply, so that the same refusal is not repeated every
     // interval (a new answer is tried again).
-    let mut refused: Option<Vec<(Arc<str>, Answer)>> = None;
+    let mut refused: Vec<Vec<(Arc<str>, Answer)>> = Vec::new();
     loop {
         let topo = control.topology();
         let spec = topo.defaults.dns.clone();
@@ -317,8 +425,17 @@ pub async fn refresh_loop(
             hosts.dedup();
             let cache = control.dns().clone();
             let s = spec.clone();
-            let done = tokio::task::spawn_blocking(move || cache.refresh(&hosts, &s)).await;
-            if done.is_ok() {
+            // (The lookups are bounded by the timeout; the margin is for the thread pool.)
+            let bound = spec.timeout * 2 + Duration::from_secs(1);
+            let done = tokio::time::timeout(
+                bound,
+                tokio::task::spawn_blocking(move || cache.refresh(&hosts, &s)),
+            )
+            .await;
+            if done.is_err() {
+                tracing::warn!("a refresh of the node names did not finish in time; trying again");
+            }
+            if matches!(done, Ok(Ok(()))) {
                 let now: Vec<(Arc<str>, Answer)> = topo
                     .dns
                     .iter()
@@ -332,7 +449,7 @@ pub async fn refresh_loop(
                     .iter()
                     .zip(&now)
                     .any(|(d, (_, a))| d.answer.addrs != a.addrs);
-                if moved && refused.as_ref() != Some(&now) {
+                if moved && !refused.contains(&now) {
                     let current = control.current();
                     if current.generation == topo.generation {
                         let c = control.clone();
@@ -341,12 +458,20 @@ pub async fn refresh_loop(
                             c.apply_dns(&current, parsed)
                         })
                         .await;
-                        refused = match applied {
-                            Ok(Err(crate::control::ApplyError::Stale(..))) | Ok(Ok(_)) => None,
-                            // Refused (a hosts file gone, a listener that cannot be bound):
-                            // tried again when the answers change.
-                            _ => Some(now),
-                        };
+                        match applied {
+                            Ok(Err(crate::control::ApplyError::Stale(..))) | Ok(Ok(_)) => {
+                                refused.clear()
+                            }
+                            // Refused (a hosts file gone, a certificate broken since): not
+                            // tried again with these answers (a few remembered, so that
+                            // answers that rotate do not flood the history).
+                            _ => {
+                                if refused.len() >= 8 {
+                                    refused.remove(0);
+                                }
+                                refused.push(now);
+                            }
+                        }
                     }
                 }
             }
@@ -380,15 +505,19 @@ mod tests {
         assert_eq!(parse_authority("a b:1"), None);
         assert_eq!(parse_authority("::1:80"), None);
         assert_eq!(parse_authority(&format!("{}:1", "a".repeat(64))), None);
+        assert_eq!(parse_authority("orders.test:+9000"), None);
+        assert_eq!(parse_authority("0x7f000001:9000"), None);
+        assert_eq!(parse_authority("0x7f.0.0.0x1:9000"), None);
+        assert_eq!(
+            parse_authority("0xcafe.test:9000"),
+            Some(("0xcafe.test".into(), 9000))
+        );
     }
 
     #[test]
     fn a_failed_lookup_keeps_the_last_answer_for_the_hold_only() {
-        let mut e = Entry {
-            answer: Answer::default(),
-            good_at: None,
-        };
         let t0 = Instant::now();
+        let mut e = Entry::new(t0);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         update(&mut e, Ok(vec![ip, ip]), Duration::from_secs(10), t0);
         assert_eq!(e.answer.addrs, vec![ip]);
@@ -422,7 +551,11 @@ mod tests {
             hosts: Some(path),
             ..Spec::default()
         };
-        let r = resolve_all(&["orders.test".into(), "other".into()], &spec);
+        let r = resolve_all(
+            &["orders.test".into(), "other".into()],
+            &spec,
+            &Arc::default(),
+        );
         let mut a = r[0].clone().unwrap();
         a.sort();
         assert_eq!(

@@ -304,11 +304,19 @@ fn check(files: &[PathBuf]) -> ExitCode {
                 for w in &t.warnings {
                     println!("{}: warning: {w}", file.display());
                 }
+                // Nodes as the document defines them; those addressed by host names
+                // also by their resolved members.
+                let defined = t.nodes.iter().filter(|n| n.dns.is_none()).count() + t.dns.len();
+                let members = if t.dns.is_empty() {
+                    String::new()
+                } else {
+                    let m: usize = t.dns.iter().map(|d| d.answer.addrs.len()).sum();
+                    format!(" ({} by host name, {m} resolved addresses)", t.dns.len())
+                };
                 println!(
-                    "{}: ok ({} listeners, {} nodes, {} environments)",
+                    "{}: ok ({} listeners, {defined} nodes{members}, {} environments)",
                     file.display(),
                     t.listeners.len(),
-                    t.nodes.len(),
                     t.environments.len()
                 )
             }

@@ -552,9 +552,11 @@ impl Server {
     }
 
     /// Drains a node (`true`): it gets no new requests, finishes those in flight, and
-    /// keeps being health-checked; `false` returns it to service. Applies wherever the node
-    /// is used, until the next apply, which sets drain from the document (the node's
-    /// `drain` key, which the control API patches).
+    /// keeps being health-checked; `false` returns it to service. `node` is a document
+    /// name (every member of a node addressed by a host name, those to come included) or
+    /// one member's. Applies wherever the node is used, until the next apply an operator
+    /// makes, which sets drain from the document (the node's `drain` key, which the
+    /// control API patches); applies of new host-name answers or certificates keep it.
     pub fn set_drained(&self, node: &str, drained: bool) -> Result<(), UnknownNode> {
         let topo = self.shared.topology.load();
         // A node's name, or one member's of a node addressed by a host name.
@@ -570,6 +572,7 @@ impl Server {
         if !found {
             return Err(UnknownNode(node.to_string()));
         }
+        self.shared.registry.note_drain(node, drained);
         tracing::info!(node, drained, "node drain changed");
         Ok(())
     }

@@ -987,10 +987,13 @@ fn dns_spec(raw: &RawDns, base: &Path, errs: &mut Errors) -> crate::dns::Spec {
         interval: duration(&at("interval"), &raw.interval, d.interval, errs),
         hold: duration(&at("hold"), &raw.hold, d.hold, errs),
         timeout,
+        // (Only a regular file is read: a refused document must not have a pipe or a
+        // device read either.)
         hosts: raw
             .hosts
             .as_deref()
-            .map(|h| existing_file(base, h, &at("hosts"), errs)),
+            .map(|h| existing_file(base, h, &at("hosts"), errs))
+            .filter(|p| p.is_file()),
     }
 }
 

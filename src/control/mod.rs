@@ -169,6 +169,8 @@ pub struct Current {
     /// `"g<generation>-<hash of the document>"`, computed once per apply (the document
     /// may be megabytes; readers compare tags, they do not hash it again).
     pub etag: String,
+    /// The hash in the tag.
+    doc_hash: u64,
 }
 
 impl Current {
@@ -176,11 +178,13 @@ impl Current {
         use std::hash::{Hash, Hasher};
         let mut h = rustc_hash::FxHasher::default();
         document.hash(&mut h);
-        let etag = format!("\"g{generation}-{:016x}\"", h.finish());
+        let doc_hash = h.finish();
+        let etag = format!("\"g{generation}-{doc_hash:016x}\"");
         Current {
             generation,
             document,
             etag,
+            doc_hash,
         }
     }
 }
@@ -200,7 +204,8 @@ pub struct Control {
     inner: Mutex<Inner>,
     /// The URL this instance follows (fleet mode): local writes are refused.
     follows: std::sync::OnceLock<String>,
-    /// The generation the last document from the source became, and that document's hash.
+    /// The hash of the local document the source's last document became, and the hash of
+    /// the source's.
     fleet_hash: Mutex<Option<(u64, u64)>>,
     /// The answers for node host names (validation reads them; `dns::refresh_loop`
     /// renews them).
@@ -258,9 +263,14 @@ impl Control {
         self.follows.get().map(String::as_str)
     }
 
-    /// The source's document (of hash `hash`) became generation `generation`.
+    /// The source's document (of hash `hash`) became generation `generation`. Kept with
+    /// the local document it gave, so that re-applies of that same document (new answers
+    /// for host names, renewed certificates) keep reporting it.
     pub fn set_fleet_hash(&self, generation: u64, hash: u64) {
-        *self.fleet_hash.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, hash));
+        let now = self.current();
+        if now.generation == generation {
+            *self.fleet_hash.lock().unwrap_or_else(|e| e.into_inner()) = Some((now.doc_hash, hash));
+        }
     }
 
     /// The hash instances compare to see that they converged: of the document as the
@@ -270,7 +280,7 @@ impl Control {
         let now = self.current();
         let fleet = *self.fleet_hash.lock().unwrap_or_else(|e| e.into_inner());
         let h = match fleet {
-            Some((generation, h)) if generation == now.generation => h,
+            Some((doc, h)) if doc == now.doc_hash => h,
             _ => fleet::hash(&now.document),
         };
         format!("{h:016x}")
@@ -562,7 +572,7 @@ impl Control {
         for w in &topology.warnings {
             tracing::warn!(source = source.as_str(), "{w}");
         }
-        let generation = self.swap(&live, topology);
+        let generation = self.swap(&live, topology, source);
         inner.retired.push(live);
         // Those only this list still holds are freed on a thread of their own.
         let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut inner.retired)
@@ -621,9 +631,11 @@ impl Control {
     }
 
     /// Binds node state, carries the in-flight counters over, and publishes `topology`.
-    fn swap(&self, live: &Topology, mut topology: Topology) -> u64 {
+    fn swap(&self, live: &Topology, mut topology: Topology, source: Source) -> u64 {
         topology.generation = live.generation + 1;
-        self.shared.registry.bind(&mut topology);
+        // Run-time drains stay through applies nobody made by hand.
+        let automatic = matches!(source, Source::Dns | Source::Certificates);
+        self.shared.registry.bind_keeping(&mut topology, automatic);
         // An environment that stays keeps counting its requests in flight, so a reload
         // does not open a second allowance next to the first.
         for env in &mut topology.environments {

@@ -391,6 +391,10 @@ type NodeKey = (Arc<str>, SocketAddr);
 #[derive(Debug, Default)]
 pub struct NodeRegistry {
     states: Mutex<rustc_hash::FxHashMap<NodeKey, Arc<NodeState>>>,
+    /// Drains set at run time (`Server::set_drained`), by node name (a document name, or
+    /// a member's): they hold over the document's `drain` until an apply an operator made
+    /// (not one that only re-read certificates or host names).
+    drains: Mutex<rustc_hash::FxHashMap<Arc<str>, bool>>,
 }
 
 impl NodeRegistry {
@@ -400,6 +404,19 @@ impl NodeRegistry {
     /// step calls it once the topology was accepted: validation itself never touches live
     /// state. Linear in the number of nodes, under one lock.
     pub fn bind(&self, topology: &mut crate::topology::Topology) {
+        self.bind_keeping(topology, false)
+    }
+
+    /// `bind`; with `keep_drains`, drains set at run time stay (an apply of the running
+    /// document with new host-name answers or certificates), else they are forgotten.
+    pub fn bind_keeping(&self, topology: &mut crate::topology::Topology, keep_drains: bool) {
+        let drains = {
+            let mut d = self.drains.lock().unwrap_or_else(|e| e.into_inner());
+            if !keep_drains {
+                d.clear();
+            }
+            d.clone()
+        };
         // The lock is only taken while applying a topology, off the hot path.
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         let mut old = std::mem::take(&mut *states);
@@ -416,9 +433,22 @@ impl NodeRegistry {
                 }
             };
             state.set_trust_unknown(n.health.trust_unknown);
-            state.set_drained(n.drain);
+            let drained = drains
+                .get(&*n.name)
+                .or_else(|| drains.get(&*n.defined))
+                .copied()
+                .unwrap_or(n.drain);
+            state.set_drained(drained);
             n.state = state;
         }
+    }
+
+    /// Records a drain set at run time on node `name` (see `drains`).
+    pub fn note_drain(&self, name: &str, drained: bool) {
+        self.drains
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(Arc::from(name), drained);
     }
 
     /// The live state of node `name` at `addr`, if a topology has it.
