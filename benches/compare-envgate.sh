@@ -28,7 +28,7 @@ conf=$dir/envgate-bench.yaml
   echo "version: 1"
   echo "listeners:"
   echo "  - { name: http, bind: \"$LISTEN\" }"
-  if [ -n "${TLS_LISTEN:-}" ]; then
+  if [ -n "${TLS_LISTEN:-}" ] && [ -n "${TLS_CERT:-}" ]; then
     echo "  - { name: https, bind: \"$TLS_LISTEN\", tls: { certificates: [ { cert: \"$TLS_CERT\", key: \"$TLS_KEY\" } ], session_resumption: ${TLS_RESUMPTION:-false} } }"
   fi
   echo "defaults:"
@@ -41,7 +41,7 @@ conf=$dir/envgate-bench.yaml
   done
   echo "environments:"
   echo "  bench:"
-  if [ -n "${TLS_LISTEN:-}" ]; then
+  if [ -n "${TLS_LISTEN:-}" ] && [ -n "${TLS_CERT:-}" ]; then
     echo "    entries: [\":$port\", \":${TLS_LISTEN##*:}\"]"
   else
     echo "    entries: [\":$port\"]"
