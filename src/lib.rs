@@ -7,6 +7,7 @@
 //! - `routing`   the routing decision: entry, tenant ranges, canary, application, candidates
 //! - `balance`   smooth weighted round-robin and the failover order of candidates
 //! - `dns`       nodes addressed by host names: resolution, members, refresh
+//! - `h1`        parts of an own HTTP/1.1 codec (message framing)
 //! - `health`    per-node state (health, drain) carried across reloads
 //! - `proxy`     listeners, the per-request handler, upstream connection pools
 //! - `control`   the apply path (every topology change), its history, the file watch
@@ -20,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod dns;
+pub mod h1;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
