@@ -126,7 +126,7 @@ fn decision(c: &mut Criterion) {
             path: "/api/orders/42",
             query: None,
             method: &get,
-            headers,
+            headers: envgate::routing::Fields::Map(headers),
             client,
             trusted: false,
             random: 0x9e37_79b9_7f4a_7c15,

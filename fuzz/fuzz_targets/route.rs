@@ -82,7 +82,7 @@ fuzz_target!(|data: &[u8]| {
         path,
         query: (!query.is_empty()).then_some(query),
         method: &method,
-        headers: &headers,
+        headers: envgate::routing::Fields::Map(&headers),
         client: "192.0.2.1".parse().unwrap(),
         trusted: extra.len() % 3 == 0,
         random: data.iter().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(*b as u64)),

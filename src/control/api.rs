@@ -690,7 +690,7 @@ fn explain(api: &Api, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         path: &normal,
         query: query.as_deref(),
         method: &method,
-        headers: &headers,
+        headers: crate::routing::Fields::Map(&headers),
         client,
         trusted: false,
         random: 0,

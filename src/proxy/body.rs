@@ -84,7 +84,7 @@ impl Blame {
     }
 
     #[cold]
-    fn fail(&self, why: &'static str) {
+    pub(crate) fn fail(&self, why: &'static str) {
         let topo = &self.snap.topo;
         tracing::debug!(node = %topo.nodes[self.node].name, why, "node failed mid-body");
         super::handler::passive_failure(topo, self.scope, self.node);

@@ -37,12 +37,17 @@ use super::error::{io_kind, is_local_resource_error, own, refused_stream, Client
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::pool::{ConnPool, ConnectError, Room, Sender};
 use super::record::Record;
+use super::worker::LocalSnap;
 use super::worker::{Worker, MAX_HEADERS};
 use crate::metrics::tally::Failover;
 use crate::routing::host::valid_authority;
-use crate::routing::{self, canary, path, Candidates, RequestView, RouteError};
+use crate::routing::Route;
+use crate::routing::{self, canary, path, Candidates, Fields, RequestView, RouteError};
 use crate::server::TrackerGuard;
-use crate::topology::{InFlight, Member, NodeId, TenantKey, Tenants, Timeouts, Topology};
+use crate::topology::{
+    Application, Environment, InFlight, Member, NodeId, PoolId, TenantKey, Tenants, Timeouts,
+    Topology,
+};
 
 /// What envgate knows of the downstream connection, computed once per connection.
 pub struct ConnInfo {
@@ -405,7 +410,7 @@ pub async fn exchange(
         path: new_path.as_deref().unwrap_or(req.uri().path()),
         query: req.uri().query(),
         method: req.method(),
-        headers: req.headers(),
+        headers: Fields::Map(req.headers()),
         client: conn.peer.ip(),
         trusted: conn.trusted,
         random: worker.random(),
@@ -500,7 +505,10 @@ pub async fn exchange(
         prepare(
             &mut req, &conn, &worker, target, new_path, upgrade, connect, keep,
         );
-        rec.sent(req.headers().get(&X_REQUEST_ID), watch.as_ref());
+        rec.sent(
+            req.headers().get(&X_REQUEST_ID).map(|v| v.as_bytes()),
+            watch.as_ref(),
+        );
         // A request without a body and with an idempotent method can be sent again after it
         // reached a node that failed; any other only when it surely never left envgate.
         let replayable =
@@ -509,12 +517,7 @@ pub async fn exchange(
         // Panic mode spreads over every primary of the application's nodes, healthy or not,
         // but only when no backup can serve either: healthy backups come first. (Read nodes
         // are never in panic: when none is usable, reads go to the application's nodes.)
-        let primaries = &topo.pools[app.pool].members;
-        let panic_mode = env.panic_threshold > 0.0
-            && in_panic(topo, primaries, env.panic_threshold)
-            && !primaries
-                .iter()
-                .any(|m| m.backup && topo.nodes[m.node].state.usable());
+        let panic_mode = panic_mode(topo, env, app);
         // Set by the first attempt from the clock read it makes anyway.
         let overall = Cell::new(grpc_deadline);
         let mut tried = [NodeId::MAX; MAX_ATTEMPTS];
@@ -528,46 +531,9 @@ pub async fn exchange(
         let times = AttemptTimes::default();
         snap.earn_retry(env_id);
         for attempt in 0..attempts {
-            let tried_so_far = &tried[..attempt];
-            // A node at its `max_connections` is passed over for another of its tier
-            // (primaries, or backups) that has room; when none has, the request waits at
-            // the node picked (`forward`). Backups stay for when no primary is usable.
-            let room =
-                |n: NodeId| topo.nodes[n].max_connections.is_none() || snap.conns[n].has_room();
-            let pick = |with_room: bool, primaries: bool| {
-                route.candidates.iter().find_map(|p| {
-                    let members = &topo.pools[p].members;
-                    let wrr = &snap.wrr[p];
-                    let i = if panic_mode && p == app.pool {
-                        wrr.pick_primary(members, |n| {
-                            !topo.nodes[n].state.is_drained()
-                                && !tried_so_far.contains(&n)
-                                && (!with_room || room(n))
-                        })
-                    } else {
-                        let ok = |n: NodeId| {
-                            topo.nodes[n].state.usable()
-                                && !tried_so_far.contains(&n)
-                                && (!with_room || room(n))
-                        };
-                        if primaries {
-                            wrr.pick_primary(members, ok)
-                        } else {
-                            wrr.pick(members, ok)
-                        }
-                    }?;
-                    Some((p, i, members[i].node))
-                })
-            };
-            let Some(mut picked) = pick(false, false) else {
+            let Some(picked) = pick_node(topo, &snap, &route, panic_mode, &tried[..attempt]) else {
                 break;
             };
-            if !room(picked.2) {
-                let primary = !topo.pools[picked.0].members[picked.1].backup;
-                if let Some(other) = pick(true, primary) {
-                    picked = other;
-                }
-            }
             let (p, i, node) = picked;
             if tunnelled && snap.conns[node].protocol.is_h2() {
                 // WebSocket and CONNECT over HTTP/2 to a node are not relayed.
@@ -805,6 +771,66 @@ fn misdirected() -> Response<ProxyBody> {
 fn no_route() -> Response<ProxyBody> {
     static NO_ROUTE: &[u8] = br#"{"error":"no_route"}"#;
     own(StatusCode::NOT_FOUND, Bytes::from_static(NO_ROUTE))
+}
+
+/// Panic mode spreads over every primary of the application's nodes, healthy or not, but
+/// only when no backup can serve either: healthy backups come first. (Read nodes are never
+/// in panic: when none is usable, reads go to the application's nodes.)
+#[inline]
+pub(crate) fn panic_mode(topo: &Topology, env: &Environment, app: &Application) -> bool {
+    let primaries = &topo.pools[app.pool].members;
+    env.panic_threshold > 0.0
+        && in_panic(topo, primaries, env.panic_threshold)
+        && !primaries
+            .iter()
+            .any(|m| m.backup && topo.nodes[m.node].state.usable())
+}
+
+/// The node of the next attempt, of the route's candidates (pool, position, node), not
+/// one of `tried`. A node at its `max_connections` is passed over for another of its tier
+/// (primaries, or backups) that has room; when none has, the request waits at the node
+/// picked. Backups stay for when no primary is usable. Shared by both HTTP/1.1 codecs.
+#[inline]
+pub(crate) fn pick_node(
+    topo: &Topology,
+    snap: &LocalSnap,
+    route: &Route<'_>,
+    panic_mode: bool,
+    tried: &[NodeId],
+) -> Option<(PoolId, usize, NodeId)> {
+    let app = route.app;
+    let room = |n: NodeId| topo.nodes[n].max_connections.is_none() || snap.conns[n].has_room();
+    let pick = |with_room: bool, primaries: bool| {
+        route.candidates.iter().find_map(|p| {
+            let members = &topo.pools[p].members;
+            let wrr = &snap.wrr[p];
+            let i = if panic_mode && p == app.pool {
+                wrr.pick_primary(members, |n| {
+                    !topo.nodes[n].state.is_drained()
+                        && !tried.contains(&n)
+                        && (!with_room || room(n))
+                })
+            } else {
+                let ok = |n: NodeId| {
+                    topo.nodes[n].state.usable() && !tried.contains(&n) && (!with_room || room(n))
+                };
+                if primaries {
+                    wrr.pick_primary(members, ok)
+                } else {
+                    wrr.pick(members, ok)
+                }
+            }?;
+            Some((p, i, members[i].node))
+        })
+    };
+    let mut picked = pick(false, false)?;
+    if !room(picked.2) {
+        let primary = !topo.pools[picked.0].members[picked.1].backup;
+        if let Some(other) = pick(true, primary) {
+            picked = other;
+        }
+    }
+    Some(picked)
 }
 
 /// The outcome of the last attempt, for the answer when no attempt succeeded.

@@ -237,7 +237,12 @@ pub fn append_forwarded_for(headers: &HeaderMap, peer: &HeaderValue) -> Option<H
 /// Whether a client's `X-Request-Id` may be passed on as it is.
 #[inline]
 pub fn sane_request_id(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
+    sane_request_id_bytes(v.as_bytes())
+}
+
+/// `sane_request_id` of raw bytes.
+#[inline]
+pub fn sane_request_id_bytes(b: &[u8]) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && b.iter()

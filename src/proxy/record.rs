@@ -7,7 +7,7 @@
 use std::rc::Rc;
 use std::time::SystemTime;
 
-use http::{HeaderValue, Method, Version};
+use http::{Method, Version};
 use tokio::time::Instant;
 
 use super::body::BodyWatch;
@@ -122,27 +122,73 @@ impl Record {
         conn: &Rc<ConnInfo>,
         req: &http::Request<B>,
     ) -> Record {
-        let logged = (worker.log.is_some() && snap.topo.access_log.enabled).then(|| {
-            let uri = req.uri();
-            let mut text = Copied::new();
-            let host = req
-                .headers()
+        let uri = req.uri();
+        let host = || {
+            req.headers()
                 .get(http::header::HOST)
                 .map(|h| h.as_bytes())
                 .or_else(|| uri.authority().map(|a| a.as_str().as_bytes()))
-                .unwrap_or(b"");
-            let host = text.push(host);
-            let target = if req.method() == Method::CONNECT {
+                .unwrap_or(b"")
+        };
+        let target = || {
+            if req.method() == Method::CONNECT {
                 uri.authority().map_or("", |a| a.as_str())
             } else {
                 uri.path_and_query()
                     .map_or_else(|| uri.path(), |pq| pq.as_str())
-            };
-            let target = text.push(target.as_bytes());
+            }
+            .as_bytes()
+        };
+        Self::make(
+            worker,
+            snap,
+            conn,
+            req.method(),
+            req.version(),
+            host,
+            target,
+        )
+    }
+
+    /// A record of a request read by the own HTTP/1.1 codec (Host and target as sent).
+    #[inline]
+    pub fn raw(
+        worker: &Rc<Worker>,
+        snap: &Rc<LocalSnap>,
+        conn: &Rc<ConnInfo>,
+        method: &Method,
+        host: &[u8],
+        target: &[u8],
+    ) -> Record {
+        Self::make(
+            worker,
+            snap,
+            conn,
+            method,
+            Version::HTTP_11,
+            || host,
+            || target,
+        )
+    }
+
+    #[inline]
+    fn make<'a>(
+        worker: &Rc<Worker>,
+        snap: &Rc<LocalSnap>,
+        conn: &Rc<ConnInfo>,
+        method: &Method,
+        version: Version,
+        host: impl FnOnce() -> &'a [u8],
+        target: impl FnOnce() -> &'a [u8],
+    ) -> Record {
+        let logged = (worker.log.is_some() && snap.topo.access_log.enabled).then(|| {
+            let mut text = Copied::new();
+            let host = text.push(host());
+            let target = text.push(target());
             let request_id = target.end..target.end;
             Box::new(Logged {
-                method: req.method().clone(),
-                version: req.version(),
+                method: method.clone(),
+                version,
                 text,
                 host,
                 target,
@@ -160,7 +206,7 @@ impl Record {
             attempts: 0,
             upload: None,
             logged,
-            head: req.method() == Method::HEAD,
+            head: *method == Method::HEAD,
             code: 0,
             done: false,
         }
@@ -203,10 +249,10 @@ impl Record {
 
     /// The request as sent to nodes: its id and its body's watch.
     #[inline]
-    pub fn sent(&mut self, request_id: Option<&HeaderValue>, upload: Option<&Rc<BodyWatch>>) {
+    pub fn sent(&mut self, request_id: Option<&[u8]>, upload: Option<&Rc<BodyWatch>>) {
         self.upload = upload.cloned();
         if let (Some(l), Some(id)) = (&mut self.logged, request_id) {
-            l.request_id = l.text.push(id.as_bytes());
+            l.request_id = l.text.push(id);
         }
     }
 

@@ -20,9 +20,9 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap};
+use http::header;
 
-use super::RequestView;
+use super::{Fields, RequestView};
 use crate::topology::{Canary, CanaryHash};
 
 /// Number of buckets: weights have two decimals.
@@ -122,7 +122,6 @@ pub struct Assignment {
 pub fn assign(canary: &Canary, req: &RequestView<'_>) -> Assignment {
     if let Some(h) = &canary.header {
         if let Some(v) = req.headers.get(h) {
-            let v = v.as_bytes();
             let arm = if v.eq_ignore_ascii_case(b"always") {
                 Some(Arm::Canary)
             } else if v.eq_ignore_ascii_case(b"never") {
@@ -167,7 +166,7 @@ pub fn assign(canary: &Canary, req: &RequestView<'_>) -> Assignment {
 fn hash_key(canary: &Canary, key: &CanaryHash, req: &RequestView<'_>) -> Option<u16> {
     match key {
         CanaryHash::Header(h) => {
-            let v = req.headers.get(h)?.as_bytes();
+            let v = req.headers.get(h)?;
             (!v.is_empty()).then(|| bucket_of(canary.salt, v))
         }
         CanaryHash::Cookie(name) => {
@@ -193,10 +192,8 @@ fn client_address(req: &RequestView<'_>) -> IpAddr {
     if req.trusted {
         let last = req
             .headers
-            .get_all(&super::X_FORWARDED_FOR_NAME)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
+            .last(&super::X_FORWARDED_FOR_NAME)
+            .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.rsplit(',').next())
             .and_then(|v| v.trim().parse::<IpAddr>().ok());
         if let Some(ip) = last {
@@ -218,10 +215,10 @@ fn parse_bucket(v: &[u8]) -> Option<u16> {
 /// The value of cookie `name` in the request's `Cookie` fields (the first if repeated),
 /// without surrounding quotes.
 #[inline]
-pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
+pub fn cookie<'h>(headers: Fields<'h>, name: &str) -> Option<&'h [u8]> {
     let name = name.as_bytes();
-    for field in headers.get_all(header::COOKIE) {
-        for pair in field.as_bytes().split(|b| *b == b';') {
+    for field in headers.get_all(&header::COOKIE) {
+        for pair in field.split(|b| *b == b';') {
             let pair = pair.trim_ascii();
             let Some(eq) = pair.iter().position(|b| *b == b'=') else {
                 continue;
@@ -314,17 +311,35 @@ mod tests {
 
     #[test]
     fn cookies_are_found_in_any_field() {
+        use http::HeaderMap;
         let mut h = HeaderMap::new();
         h.append(header::COOKIE, HeaderValue::from_static("a=1; b=\"2\""));
         h.append(
             header::COOKIE,
             HeaderValue::from_static("envgate_canary=412;c=3"),
         );
-        assert_eq!(cookie(&h, "a"), Some(&b"1"[..]));
-        assert_eq!(cookie(&h, "b"), Some(&b"2"[..]));
-        assert_eq!(cookie(&h, "envgate_canary"), Some(&b"412"[..]));
-        assert_eq!(cookie(&h, "c"), Some(&b"3"[..]));
-        assert_eq!(cookie(&h, "envgate"), None);
+        // The same fields as the own HTTP/1.1 codec hands them over (names in any case).
+        let raw = [
+            httparse::Header {
+                name: "Cookie",
+                value: b"a=1; b=\"2\"",
+            },
+            httparse::Header {
+                name: "x-other",
+                value: b"a=9",
+            },
+            httparse::Header {
+                name: "COOKIE",
+                value: b"envgate_canary=412;c=3",
+            },
+        ];
+        for fields in [Fields::Map(&h), Fields::Raw(&raw)] {
+            assert_eq!(cookie(fields, "a"), Some(&b"1"[..]));
+            assert_eq!(cookie(fields, "b"), Some(&b"2"[..]));
+            assert_eq!(cookie(fields, "envgate_canary"), Some(&b"412"[..]));
+            assert_eq!(cookie(fields, "c"), Some(&b"3"[..]));
+            assert_eq!(cookie(fields, "envgate"), None);
+        }
     }
 
     #[test]

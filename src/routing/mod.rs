@@ -39,6 +39,66 @@ use tenant::TenantDecision;
 
 static X_FORWARDED_FOR_NAME: HeaderName = HeaderName::from_static("x-forwarded-for");
 
+/// A request's header fields as routing reads them, whichever codec parsed the request:
+/// hyper's map, or the own HTTP/1.1 codec's raw fields (names in any case, in order).
+#[derive(Debug, Clone, Copy)]
+pub enum Fields<'a> {
+    Map(&'a HeaderMap),
+    Raw(&'a [httparse::Header<'a>]),
+}
+
+impl<'a> Fields<'a> {
+    /// The value of the first field named `name`.
+    #[inline]
+    pub fn get(&self, name: &HeaderName) -> Option<&'a [u8]> {
+        match *self {
+            Fields::Map(m) => m.get(name).map(|v| v.as_bytes()),
+            Fields::Raw(r) => r
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name.as_str()))
+                .map(|h| h.value),
+        }
+    }
+
+    /// The value of the last field named `name`.
+    #[inline]
+    pub fn last(&self, name: &HeaderName) -> Option<&'a [u8]> {
+        match *self {
+            Fields::Map(m) => m.get_all(name).iter().next_back().map(|v| v.as_bytes()),
+            Fields::Raw(r) => r
+                .iter()
+                .rev()
+                .find(|h| h.name.eq_ignore_ascii_case(name.as_str()))
+                .map(|h| h.value),
+        }
+    }
+
+    /// Every field named `name`, in order.
+    #[inline]
+    pub fn get_all<'n>(&self, name: &'n HeaderName) -> impl Iterator<Item = &'a [u8]> + 'n
+    where
+        'a: 'n,
+    {
+        let (map, raw) = match *self {
+            Fields::Map(m) => (Some(m.get_all(name).iter().map(|v| v.as_bytes())), None),
+            Fields::Raw(r) => (
+                None,
+                Some(
+                    r.iter()
+                        .filter(move |h| h.name.eq_ignore_ascii_case(name.as_str()))
+                        .map(|h| h.value),
+                ),
+            ),
+        };
+        map.into_iter().flatten().chain(raw.into_iter().flatten())
+    }
+
+    #[inline]
+    pub fn contains(&self, name: &HeaderName) -> bool {
+        self.get(name).is_some()
+    }
+}
+
 /// What routing reads of a request.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestView<'a> {
@@ -50,7 +110,7 @@ pub struct RequestView<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub method: &'a Method,
-    pub headers: &'a HeaderMap,
+    pub headers: Fields<'a>,
     /// The peer's address.
     pub client: IpAddr,
     /// Whether the peer is a trusted proxy (whose `X-Forwarded-For` names the client).
@@ -167,9 +227,9 @@ impl Route<'_> {
 /// Whether a request only reads (goes to read nodes when the application has them): GET,
 /// HEAD or OPTIONS, and not a protocol upgrade (a WebSocket is a two-way channel).
 #[inline]
-pub fn is_read(m: &Method, headers: &HeaderMap) -> bool {
+pub fn is_read(m: &Method, headers: Fields<'_>) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
-        && !headers.contains_key(http::header::UPGRADE)
+        && !headers.contains(&http::header::UPGRADE)
 }
 
 /// Routes one request.
@@ -436,7 +496,7 @@ environments:
                 path: self.path,
                 query: self.query,
                 method: &self.method,
-                headers: &self.headers,
+                headers: Fields::Map(&self.headers),
                 client: "192.0.2.1".parse().unwrap(),
                 trusted: false,
                 random: self.random,

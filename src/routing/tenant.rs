@@ -55,13 +55,13 @@ pub fn decide(rule: &Tenants, req: &RequestView<'_>) -> TenantDecision {
 pub fn extract(key: &TenantKey, req: &RequestView<'_>) -> TenantId {
     match key {
         TenantKey::Header(name) => {
-            let mut values = req.headers.get_all(name).iter();
+            let mut values = req.headers.get_all(name);
             let Some(first) = values.next() else {
                 return TenantId::Missing;
             };
-            let id = plain(first.as_bytes());
+            let id = plain(first);
             for other in values {
-                if plain(other.as_bytes()) != id {
+                if plain(other) != id {
                     return TenantId::Malformed;
                 }
             }
