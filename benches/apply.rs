@@ -96,6 +96,7 @@ fn apply(c: &mut Criterion) {
             file: None,
             access_log: None,
             inherited: Vec::new(),
+            http1: envgate::server::Http1::from_env(),
         },
     )
     .unwrap();

@@ -112,6 +112,7 @@ pub fn run(port: u16, workers: usize) -> anyhow::Result<()> {
             file: None,
             access_log: Some(log.sink()),
             inherited: Vec::new(),
+            http1: crate::server::Http1::from_env(),
         },
     )?;
     let h = port;

@@ -35,6 +35,11 @@ enum Command {
         /// Worker threads (default: one per CPU; the WORKERS variable also sets it).
         #[arg(long, env = "WORKERS")]
         workers: Option<usize>,
+        /// Which codec serves HTTP/1.1 connections: `hyper`, or `fast`, envgate's own for
+        /// what it takes (cleartext requests without a body to cleartext HTTP/1.1 nodes),
+        /// hyper for the rest. The ENVGATE_HTTP1 variable also sets it.
+        #[arg(long, value_enum, env = "ENVGATE_HTTP1", default_value_t = Http1Arg::Hyper)]
+        http1: Http1Arg,
         /// Format of the diagnostic log (stderr) and the access log.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
@@ -124,6 +129,12 @@ struct Endpoint {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum Http1Arg {
+    Hyper,
+    Fast,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -148,6 +159,7 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             workers,
+            http1,
             log_format,
             access_log,
             topology_url,
@@ -182,6 +194,10 @@ fn main() -> ExitCode {
             match run(
                 config,
                 workers.unwrap_or(0),
+                match http1 {
+                    Http1Arg::Hyper => server::Http1::Hyper,
+                    Http1Arg::Fast => server::Http1::Fast,
+                },
                 target.map(|t| (t, format)),
                 follow,
                 Upgrade {
@@ -348,6 +364,7 @@ struct Upgrade {
 fn run(
     path: PathBuf,
     workers: usize,
+    http1: server::Http1,
     access_log: Option<(accesslog::Target, accesslog::Format)>,
     follow: Option<fleet::Follow>,
     upgrade: Upgrade,
@@ -462,6 +479,7 @@ fn run(
             file: Some(path.clone()),
             access_log: access_log.as_ref().map(|l| l.sink()),
             inherited: handed,
+            http1,
         },
     )?;
     let (handed_over, handoff) = tokio::sync::mpsc::unbounded_channel::<()>();

@@ -168,6 +168,29 @@ pub struct Options {
     /// Listening sockets received from the instance this one replaces, by listener name
     /// (`upgrade::CONTROL` for the control endpoint's): served instead of binding.
     pub inherited: Vec<(String, StdListener)>,
+    /// Which codec serves HTTP/1.1 connections.
+    pub http1: Http1,
+}
+
+/// Which codec serves HTTP/1.1 connections (`--http1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Http1 {
+    /// hyper, for every connection.
+    #[default]
+    Hyper,
+    /// The own codec (`h1::fast`) for what it takes; hyper for the rest.
+    Fast,
+}
+
+impl Http1 {
+    /// From `ENVGATE_HTTP1` (`fast` or `hyper`; hyper when unset), the variable `--http1`
+    /// also reads: the test suite runs against either codec with it.
+    pub fn from_env() -> Self {
+        match std::env::var("ENVGATE_HTTP1").as_deref() {
+            Ok("fast") => Http1::Fast,
+            _ => Http1::Hyper,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -404,6 +427,7 @@ pub fn start(
         let rx = rx.clone();
         let cmds = receivers.remove(0);
         let log = options.access_log.clone();
+        let fast = options.http1 == Http1::Fast;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -414,7 +438,7 @@ pub fn start(
                     let local = tokio::task::LocalSet::new();
                     local.block_on(
                         &rt,
-                        worker_main(shared, socks, rx, cmds, ready_bound, log, i),
+                        worker_main(shared, socks, rx, cmds, ready_bound, log, i, fast),
                     );
                 })?,
         );
@@ -427,6 +451,7 @@ pub fn start(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn worker_main(
     shared: Arc<Shared>,
     socks: Vec<(StdListener, ListenerMeta)>,
@@ -435,6 +460,7 @@ async fn worker_main(
     ready_bound: Duration,
     log: Option<crate::accesslog::Sink>,
     index: usize,
+    fast: bool,
 ) {
     let mut ready = shared.ready.subscribe();
     let _ = tokio::time::timeout(
@@ -443,7 +469,13 @@ async fn worker_main(
     )
     .await;
     let tracker = Rc::new(Tracker::default());
-    let worker = Rc::new(Worker::new(shared.clone(), tracker.clone(), log, index));
+    let worker = Rc::new(Worker::new(
+        shared.clone(),
+        tracker.clone(),
+        log,
+        index,
+        fast,
+    ));
     if worker.log.is_some() {
         let worker = worker.clone();
         tokio::task::spawn_local(async move {

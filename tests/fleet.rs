@@ -58,6 +58,7 @@ fn follower(port: u16, node: SocketAddr, token: &std::path::Path) -> Follower {
             file: None,
             access_log: None,
             inherited: Vec::new(),
+            http1: envgate::server::Http1::from_env(),
         },
     )
     .unwrap();

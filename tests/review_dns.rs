@@ -354,6 +354,7 @@ async fn a_follower_whose_name_moves_still_reports_the_source_hash() {
             file: None,
             access_log: None,
             inherited: Vec::new(),
+            http1: envgate::server::Http1::from_env(),
         },
     )
     .unwrap();

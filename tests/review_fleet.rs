@@ -82,6 +82,7 @@ async fn a_follower_never_takes_the_sources_listeners() {
             file: None,
             access_log: None,
             inherited: Vec::new(),
+            http1: envgate::server::Http1::from_env(),
         },
     )
     .unwrap();

@@ -313,6 +313,11 @@ impl Control {
         self.shared.stats.totals(&self.topology())
     }
 
+    /// Requests the own HTTP/1.1 codec served, and those it handed to hyper.
+    pub fn http1_fast(&self) -> [u64; 2] {
+        self.shared.stats.http1_fast()
+    }
+
     /// Access log lines dropped so far.
     pub fn log_dropped(&self) -> u64 {
         self.shared

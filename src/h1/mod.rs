@@ -1,6 +1,7 @@
-//! Parts of an HTTP/1.1 codec of envgate's own, to serve the common case without hyper's
-//! per-request machinery: message framing (`framing`). The request path still runs on
-//! hyper; these parts follow the rules it keeps today, so that either codec frames every
-//! message alike.
+//! envgate's own HTTP/1.1 codec, to serve the common case without hyper's per-request
+//! machinery: message framing (`framing`) and the fast path that serves connections with
+//! it (`fast`, chosen with `--http1 fast`). Both follow the rules the hyper path keeps, so
+//! that either codec frames every message alike.
 
+pub mod fast;
 pub mod framing;

@@ -369,6 +369,14 @@ impl Metrics {
             MetricType::COUNTER,
         )
         .sample(&[], self.control.log_dropped() as f64);
+        let [served, declined] = self.control.http1_fast();
+        out.family(
+            "envgate_http1_fast_requests_total",
+            "HTTP/1.1 requests under --http1 fast: served by the own codec, or handed to hyper (declined) before a byte was relayed.",
+            MetricType::COUNTER,
+        );
+        out.sample(&[("outcome", "served")], served as f64);
+        out.sample(&[("outcome", "declined")], declined as f64);
 
         process::collect(&mut out);
         out

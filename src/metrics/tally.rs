@@ -573,6 +573,9 @@ impl Totals {
 #[derive(Default)]
 pub struct WorkerStats {
     inner: Mutex<Inner>,
+    /// HTTP/1.1 requests the own codec served, and those it handed to hyper (`--http1
+    /// fast`); written by the worker alone.
+    http1_fast: [AtomicU64; 2],
 }
 
 #[derive(Default)]
@@ -595,6 +598,13 @@ impl WorkerStats {
         }
         inner.carried.retain(&next.topo);
         inner.current = Some(next);
+    }
+
+    /// One request the own HTTP/1.1 codec served (`declined`: handed to hyper).
+    #[inline]
+    pub fn count_fast(&self, declined: bool) {
+        let c = &self.http1_fast[declined as usize];
+        c.store(c.load(Relaxed) + 1, Relaxed);
     }
 
     /// Adds one exchange counted against `tally` (the generation it began in).
@@ -663,6 +673,18 @@ impl Stats {
             .unwrap_or_else(|e| e.into_inner())
             .push(w.clone());
         w
+    }
+
+    /// Requests the own HTTP/1.1 codec served and handed to hyper, over every worker.
+    pub fn http1_fast(&self) -> [u64; 2] {
+        let workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = [0u64; 2];
+        for w in workers.iter() {
+            for (i, c) in w.http1_fast.iter().enumerate() {
+                n[i] += c.load(Relaxed);
+            }
+        }
+        n
     }
 
     /// Every worker's counters, by name, restricted to what `topo` has.

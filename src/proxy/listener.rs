@@ -51,7 +51,7 @@ pub struct ListenerMeta {
 
 /// How long a connection accepted before shutdown, that has not sent its first request
 /// yet, is given to send it.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 pub async fn accept_loop(
     worker: Rc<Worker>,
@@ -119,7 +119,7 @@ async fn serve(
     drop(topo);
 
     let accepted = Instant::now();
-    let (stream, first, h2, waited_since, tls) = match server_tls {
+    let (mut stream, mut first, h2, waited_since, tls) = match server_tls {
         Some(server) => {
             // The handshake counts in `client_header`; HTTP/2 or HTTP/1.1 is ALPN's choice.
             let acceptor = tokio_rustls::TlsAcceptor::from(server.config.clone());
@@ -175,6 +175,32 @@ async fn serve(
         h2: h2.then(H2Conn::new),
         tls,
     });
+    // The own HTTP/1.1 codec serves what it takes; what it declines goes on to hyper with
+    // the bytes read so far.
+    if worker.fast && !h2 {
+        stream = match stream {
+            ClientStream::Plain(s) => {
+                match crate::h1::fast::serve(
+                    &worker,
+                    &info,
+                    s,
+                    first,
+                    &timeouts,
+                    accepted,
+                    &mut shutdown,
+                )
+                .await
+                {
+                    crate::h1::fast::Served::Done => return,
+                    crate::h1::fast::Served::Decline(s, rest) => {
+                        first = rest;
+                        ClientStream::Plain(s)
+                    }
+                }
+            }
+            other => other,
+        };
+    }
     let io = TokioIo::new(ClientIo {
         prefix: first,
         pos: 0,

@@ -53,6 +53,8 @@ pub struct ConnPool {
     /// The node's `max_connections`.
     pub max: Option<u32>,
     idle: RefCell<Vec<(SendRequest<UpBody>, Instant)>>,
+    /// Idle connections of the own HTTP/1.1 codec (`h1::fast`).
+    fast: RefCell<Vec<(crate::h1::fast::NodeConn, Instant)>>,
     /// The upstream idle timeout last used (for the sweep of a capped pool).
     max_idle: std::cell::Cell<Duration>,
     /// Woken when a connection comes back to this pool (for a request waiting for room).
@@ -162,6 +164,7 @@ impl ConnPool {
             state: node.state.clone(),
             max: node.max_connections,
             idle: RefCell::new(Vec::new()),
+            fast: RefCell::new(Vec::new()),
             max_idle: std::cell::Cell::new(Duration::from_secs(4)),
             returned: Notify::new(),
             waiting: std::cell::Cell::new(0),
@@ -327,6 +330,29 @@ impl ConnPool {
             return Some(conn);
         }
         None
+    }
+
+    /// A pooled connection of the own codec that is still usable and was idle less than
+    /// `max_idle` (most recently used first).
+    #[inline]
+    pub fn take_fast(&self, max_idle: Duration) -> Option<crate::h1::fast::NodeConn> {
+        let mut idle = self.fast.borrow_mut();
+        while let Some((conn, since)) = idle.pop() {
+            if since.elapsed() > max_idle || !conn.is_fresh() {
+                continue;
+            }
+            return Some(conn);
+        }
+        None
+    }
+
+    /// Gives a connection of the own codec back after its exchange ended whole.
+    #[inline]
+    pub fn put_fast(&self, conn: crate::h1::fast::NodeConn) {
+        let mut idle = self.fast.borrow_mut();
+        if idle.len() < MAX_IDLE {
+            idle.push((conn, Instant::now()));
+        }
     }
 
     /// Gives a connection back after its response ended. At a node's cap, a connection a

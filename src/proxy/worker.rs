@@ -47,6 +47,9 @@ pub struct LocalSnap {
     pub retry_tokens: Vec<Cell<f64>>,
     /// This worker's request counters for this generation.
     pub tally: Arc<GenTally>,
+    /// The own HTTP/1.1 codec serves requests to this topology (`--http1 fast`, and every
+    /// node is spoken to over cleartext HTTP/1.1 without a cap).
+    pub fast: bool,
 }
 
 impl LocalSnap {
@@ -88,6 +91,8 @@ pub struct Worker {
     pub log: Option<LogBuf>,
     /// This worker's position among the process's workers.
     index: usize,
+    /// HTTP/1.1 connections are served by the own codec where it can (`--http1 fast`).
+    pub fast: bool,
 }
 
 /// A different non-zero seed per worker and per process.
@@ -113,7 +118,13 @@ impl Worker {
     /// The HTTP builders take the timeouts of the topology at start: hyper's header-read
     /// timer runs from the moment a connection waits for a request head, so it bounds both
     /// a slow head and an idle keep-alive connection: min(client_header, idle).
-    pub fn new(shared: Arc<Shared>, tracker: Rc<Tracker>, log: Option<Sink>, index: usize) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        tracker: Rc<Tracker>,
+        log: Option<Sink>,
+        index: usize,
+        fast: bool,
+    ) -> Self {
         let timeouts = shared.topology.load().defaults.timeouts.clone();
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
@@ -142,6 +153,7 @@ impl Worker {
             stats: shared.stats.worker(),
             log: log.map(LogBuf::new),
             index,
+            fast,
             shared,
         }
     }
@@ -259,6 +271,7 @@ impl Worker {
         let tally = Arc::new(GenTally::new(topo.clone()));
         self.stats.advance(tally.clone());
         LocalSnap {
+            fast: self.fast && crate::h1::fast::takes(&topo),
             topo,
             wrr,
             conns,

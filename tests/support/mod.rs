@@ -433,6 +433,23 @@ impl Envgate {
         format: envgate::accesslog::Format,
         file: Option<std::path::PathBuf>,
     ) -> Envgate {
+        Self::start_codec(
+            yaml,
+            workers,
+            format,
+            file,
+            envgate::server::Http1::from_env(),
+        )
+    }
+
+    /// Starts envgate with HTTP/1.1 served by `http1`, whatever `ENVGATE_HTTP1` says.
+    pub fn start_codec(
+        yaml: &str,
+        workers: usize,
+        format: envgate::accesslog::Format,
+        file: Option<std::path::PathBuf>,
+        http1: envgate::server::Http1,
+    ) -> Envgate {
         let mut ports = HashMap::new();
         let mut socks = Vec::new();
         let mut text = yaml.to_string();
@@ -469,6 +486,7 @@ impl Envgate {
                 file: Some(path.clone()),
                 access_log: Some(log.sink()),
                 inherited: Vec::new(),
+                http1,
             },
         )
         .unwrap();

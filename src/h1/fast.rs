@@ -1,0 +1,1220 @@
+//! The own HTTP/1.1 fast path (`--http1 fast`): cleartext HTTP/1.1 keep-alive exchanges
+//! served without hyper's per-request machinery, under the same seams as the hyper path
+//! (one routing decision, `routing::route`; one exchange record, `Record`; the same node
+//! pick, `handler::pick_node`; the same failure rules and answers of envgate's own).
+//!
+//! What it takes: HTTP/1.1 requests in origin form without a body (none, or
+//! `Content-Length: 0`), with one valid Host, to a topology whose nodes are all spoken to
+//! over cleartext HTTP/1.1 without a connection cap. Anything else (a body, `Expect`,
+//! `Upgrade`, `CONNECT`, a `Transfer-Encoding`, a `Connection` option other than
+//! `keep-alive` or `close`, `TE`, HTTP/1.0, a head httparse refuses or that is too large,
+//! an odd byte in the target) is *declined* before a byte is relayed: the connection goes
+//! to hyper with every byte read so far, so hyper answers it exactly as it would have, and
+//! serves the connection from then on. Heads are parsed by httparse, as hyper parses them.
+//!
+//! Per request: one read of the head (usually), one write to the node (the rewritten
+//! head), one read of the answer, one write to the client (head and body together when
+//! the body came with the head). Buffers belong to the connection and are reused; node
+//! connections are pooled per worker and node (`ConnPool`), checked for staleness without
+//! blocking when taken.
+//!
+//! Failover and blame follow the hyper path: a request that never reached a node goes to
+//! the next; a body-less idempotent one also after a reset or a response-head timeout; a
+//! node's malformed or cut answer counts against it; a client that stops reading is not
+//! the node's fault. Responses of unknown length go to the client chunked (as hyper sends
+//! them), node trailers are not passed on (requests with `TE` are declined, so no client
+//! here asked for them), and 1xx answers of the node are skipped (as hyper's client does).
+
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+
+use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::framing::{self, ChunkedDecoder, Framing};
+use crate::metrics::tally::Failover;
+use crate::proxy::body::{Blame, ProxyBody};
+use crate::proxy::error::{is_local_resource_error, own, Refusal};
+use crate::proxy::handler::{self, ConnInfo};
+use crate::proxy::headers;
+use crate::proxy::pool::{ConnPool, Counted};
+use crate::proxy::record::Record;
+use crate::proxy::worker::{Worker, MAX_HEADERS, MAX_HEAD_BYTES};
+use crate::routing::host::valid_authority;
+use crate::routing::{self, canary, path, Fields, RequestView, RouteError};
+use crate::topology::{NodeId, Timeouts, Topology};
+
+/// Largest response head a node may send (as on the hyper path).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Read size for bodies.
+const CHUNK: usize = 16 * 1024;
+/// Most attempts one request makes.
+const MAX_ATTEMPTS: usize = 1 + crate::config::validate::MAX_RETRIES as usize;
+
+/// How a connection's service by the fast path ended.
+pub enum Served {
+    /// The connection is over.
+    Done,
+    /// The fast path does not take the request at the start of `buf`: hyper serves the
+    /// connection from here, with these bytes first.
+    Decline(TcpStream, Vec<u8>),
+}
+
+/// A connection to a node, spoken to by the own codec.
+pub struct NodeConn {
+    io: TcpStream,
+    /// Bytes read from the node and not used yet (empty while pooled).
+    buf: Vec<u8>,
+    _counted: Counted,
+}
+
+impl NodeConn {
+    /// Whether the connection is still usable: nothing to read (the node neither closed
+    /// it nor sent anything unasked).
+    #[inline]
+    pub fn is_fresh(&self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.io.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Serves a cleartext HTTP/1.1 connection whose first bytes are `buf`, until it ends or
+/// a request is declined.
+pub async fn serve(
+    worker: &Rc<Worker>,
+    info: &Rc<ConnInfo>,
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    timeouts: &Timeouts,
+    accepted: Instant,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Served {
+    if buf.capacity() < 4096 {
+        buf.reserve(4096 - buf.len());
+    }
+    let mut up = Vec::with_capacity(1024);
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        // The head: within `client_header` of the accept for the first request, within
+        // min(client_header, idle) of the wait's start for later ones (hyper's bounds).
+        let deadline = if info.requests.get() == 0 {
+            accepted + timeouts.client_header
+        } else {
+            Instant::now() + timeouts.client_header.min(timeouts.idle)
+        };
+        let mut scanned = 0;
+        loop {
+            if head_end(&buf, &mut scanned) {
+                break;
+            }
+            if buf.len() >= MAX_HEAD_BYTES {
+                worker.stats.count_fast(true);
+                return Served::Decline(stream, buf);
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(4096);
+            }
+            let read = tokio::select! {
+                biased;
+                r = stream.read_buf(&mut buf) => r,
+                () = tokio::time::sleep_until(deadline) => return Served::Done,
+                _ = shutdown.changed() => {
+                    if !buf.is_empty() || info.requests.get() > 0 {
+                        return Served::Done;
+                    }
+                    // Not a byte of the first request yet: a short grace to send it.
+                    match tokio::time::timeout(
+                        crate::proxy::listener::FIRST_REQUEST_GRACE,
+                        stream.read_buf(&mut buf),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => return Served::Done,
+                    }
+                }
+            };
+            match read {
+                Ok(0) | Err(_) => return Served::Done,
+                Ok(_) => {}
+            }
+        }
+        let step = exchange(worker, info, &mut stream, &buf, &mut up, &mut out, timeouts).await;
+        match step {
+            Step::Next(n) => {
+                buf.drain(..n);
+                if *shutdown.borrow() {
+                    return Served::Done;
+                }
+            }
+            Step::Close => return Served::Done,
+            Step::Decline => {
+                worker.stats.count_fast(true);
+                return Served::Decline(stream, buf);
+            }
+        }
+    }
+}
+
+/// Whether `buf` holds a whole head (an empty line ends it; httparse takes LF alone as a
+/// line end, as hyper does). `scanned` keeps how far the search went.
+#[inline]
+fn head_end(buf: &[u8], scanned: &mut usize) -> bool {
+    let from = scanned.saturating_sub(3);
+    let mut i = from;
+    while let Some(p) = buf[i..].iter().position(|b| *b == b'\n') {
+        let at = i + p;
+        let rest = &buf[at + 1..];
+        if rest.first() == Some(&b'\n') || rest.starts_with(b"\r\n") {
+            return true;
+        }
+        i = at + 1;
+    }
+    *scanned = buf.len();
+    false
+}
+
+/// What the connection does after one request.
+enum Step {
+    /// Answered; the request took this many bytes of the buffer.
+    Next(usize),
+    Close,
+    Decline,
+}
+
+/// Names compared without regard to case.
+#[inline]
+fn is(name: &str, lower: &str) -> bool {
+    name.eq_ignore_ascii_case(lower)
+}
+
+/// A target byte the fast path passes on as it is: unreserved, sub-delims, `:`, `@`, `/`,
+/// `?`, `%` (a subset of what `http::Uri` takes; anything else is left to hyper).
+#[inline]
+fn plain_target_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+}
+
+/// What the head scan found.
+#[derive(Default)]
+struct Seen {
+    host: Option<usize>,
+    close: bool,
+    forwarded_for: bool,
+    forwarded_host: bool,
+    forwarded_proto: bool,
+    forwarded: bool,
+    request_id: Option<usize>,
+    request_ids: u8,
+}
+
+async fn exchange(
+    worker: &Rc<Worker>,
+    info: &Rc<ConnInfo>,
+    client: &mut TcpStream,
+    buf: &[u8],
+    up: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    timeouts: &Timeouts,
+) -> Step {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return Step::Decline,
+    };
+    let (Some(m), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Step::Decline;
+    };
+    if !target.starts_with('/') || !target.bytes().all(plain_target_byte) {
+        return Step::Decline;
+    }
+    let fields: &[httparse::Header<'_>] = req.headers;
+    let mut seen = Seen::default();
+    for (i, h) in fields.iter().enumerate() {
+        let n = h.name;
+        match n.len() {
+            4 if is(n, "host") => {
+                if seen.host.is_some() {
+                    return Step::Decline;
+                }
+                seen.host = Some(i);
+            }
+            10 if is(n, "connection") => {
+                for t in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        seen.close = true;
+                    } else if !t.is_empty() && !t.eq_ignore_ascii_case(b"keep-alive") {
+                        return Step::Decline;
+                    }
+                }
+            }
+            14 if is(n, "content-length") && h.value != b"0" => return Step::Decline,
+            15 if is(n, "x-forwarded-for") => seen.forwarded_for = true,
+            16 if is(n, "x-forwarded-host") => seen.forwarded_host = true,
+            17 if is(n, "x-forwarded-proto") => seen.forwarded_proto = true,
+            17 if is(n, "transfer-encoding") => return Step::Decline,
+            9 if is(n, "forwarded") => seen.forwarded = true,
+            12 if is(n, "x-request-id") => {
+                seen.request_id = Some(i);
+                seen.request_ids = seen.request_ids.saturating_add(1);
+            }
+            2 if is(n, "te") => return Step::Decline,
+            6 if is(n, "expect") || is(n, "upgrade") => return Step::Decline,
+            7 if is(n, "upgrade") || is(n, "trailer") => return Step::Decline,
+            10 if is(n, "keep-alive") => return Step::Decline,
+            16 if is(n, "proxy-connection") => return Step::Decline,
+            18 if is(n, "proxy-authenticate") => return Step::Decline,
+            19 if is(n, "proxy-authorization") => return Step::Decline,
+            _ => {}
+        }
+    }
+    let Some(host_at) = seen.host else {
+        return Step::Decline;
+    };
+    let host = fields[host_at].value;
+    if !valid_authority(host) {
+        return Step::Decline;
+    }
+    let Ok(method) = Method::from_bytes(m.as_bytes()) else {
+        return Step::Decline;
+    };
+    if method == Method::CONNECT {
+        return Step::Decline;
+    }
+    let snap = worker.snapshot();
+    if !snap.fast {
+        return Step::Decline;
+    }
+    // From here on the request is the fast path's.
+    info.requests.set(info.requests.get() + 1);
+    worker.stats.count_fast(false);
+    let topo = &*snap.topo;
+    let mut rec = Record::raw(worker, &snap, info, &method, host, target.as_bytes());
+    let (path_part, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let new_path = match path::normalize(path_part, topo.defaults.allow_encoded_slash) {
+        Ok(p) => p,
+        Err(e) => {
+            return answer(
+                client,
+                out,
+                rec,
+                Refusal::BadPath(e).response(true),
+                &method,
+                timeouts,
+                len,
+            )
+            .await
+        }
+    };
+    let view = RequestView {
+        host: Some(host),
+        port: info.local_port,
+        path: new_path.as_deref().unwrap_or(path_part),
+        query,
+        method: &method,
+        headers: Fields::Raw(fields),
+        client: info.peer.ip(),
+        trusted: info.trusted,
+        random: worker.random(),
+    };
+    let route = match routing::route(topo, &view) {
+        Ok(r) => r,
+        Err(RouteError::NoRoute) => {
+            static NO_ROUTE: &[u8] = br#"{"error":"no_route"}"#;
+            let resp = own(StatusCode::NOT_FOUND, bytes::Bytes::from_static(NO_ROUTE));
+            return answer(client, out, rec, resp, &method, timeouts, len).await;
+        }
+        Err(e @ (RouteError::TenantRequired | RouteError::BadTenant)) => {
+            let missing = e == RouteError::TenantRequired;
+            if let Some(entry) = topo.entries.lookup(view.host, view.port) {
+                rec.tenant_refused(entry.env, missing);
+            }
+            let r = if missing {
+                Refusal::TenantRequired
+            } else {
+                Refusal::BadTenant
+            };
+            return answer(client, out, rec, r.response(true), &method, timeouts, len).await;
+        }
+    };
+    rec.route(&route);
+    if let Some(tls) = &info.tls {
+        if !tls.covers(host) {
+            static MISDIRECTED: &[u8] = br#"{"error":"misdirected_request"}"#;
+            let resp = own(
+                StatusCode::MISDIRECTED_REQUEST,
+                bytes::Bytes::from_static(MISDIRECTED),
+            );
+            return answer(client, out, rec, resp, &method, timeouts, len).await;
+        }
+    }
+    let mut cookie_buf = [0u8; canary::SET_COOKIE_MAX];
+    let cookie = route.canary.and_then(|c| c.set_cookie).and_then(|bucket| {
+        let name = topo.environments[route.origin()]
+            .canary
+            .as_ref()?
+            .cookie
+            .as_deref()?;
+        let secure = info.proto.as_bytes() == b"https"
+            || (info.trusted
+                && Fields::Raw(fields)
+                    .get(&headers::X_FORWARDED_PROTO)
+                    .is_some_and(|p| p.eq_ignore_ascii_case(b"https")));
+        Some(canary::set_cookie(&mut cookie_buf, name, bucket, secure))
+    });
+    let cookie = cookie.map(|n| &cookie_buf[..n]);
+    let env = route.environment;
+    let env_id = route.env;
+    let app = route.app;
+    let Some(slot) = env.try_enter() else {
+        let resp = own(
+            StatusCode::SERVICE_UNAVAILABLE,
+            env.bodies().over_limit.clone(),
+        );
+        return answer(client, out, rec, resp, &method, timeouts, len).await;
+    };
+
+    // The request for the node.
+    up.clear();
+    up.extend_from_slice(m.as_bytes());
+    up.push(b' ');
+    match &new_path {
+        Some(p) => {
+            up.extend_from_slice(p.as_bytes());
+            if let Some(q) = query {
+                up.push(b'?');
+                up.extend_from_slice(q.as_bytes());
+            }
+        }
+        None => up.extend_from_slice(target.as_bytes()),
+    }
+    up.extend_from_slice(b" HTTP/1.1\r\n");
+    let trusted = info.trusted;
+    let keep_id = seen.request_ids == 1
+        && seen
+            .request_id
+            .is_some_and(|i| headers::sane_request_id_bytes(fields[i].value));
+    let mut xff_joined = false;
+    for h in fields {
+        let n = h.name;
+        let skip = match n.len() {
+            10 => is(n, "connection"),
+            15 if is(n, "x-forwarded-for") => {
+                if trusted {
+                    // The trusted proxy's fields, joined, with the peer appended.
+                    if !xff_joined {
+                        xff_joined = true;
+                        up.extend_from_slice(b"x-forwarded-for: ");
+                        let mut first = true;
+                        for v in fields.iter().filter(|f| is(f.name, "x-forwarded-for")) {
+                            if !first {
+                                up.extend_from_slice(b", ");
+                            }
+                            first = false;
+                            up.extend_from_slice(v.value);
+                        }
+                        up.extend_from_slice(b", ");
+                        up.extend_from_slice(info.peer_value.as_bytes());
+                        up.extend_from_slice(b"\r\n");
+                    }
+                }
+                true
+            }
+            16 => is(n, "x-forwarded-host") && !trusted,
+            17 => is(n, "x-forwarded-proto") && !trusted,
+            9 => is(n, "forwarded") && !trusted,
+            12 => is(n, "x-request-id") && !keep_id,
+            _ => false,
+        };
+        if !skip {
+            push_field(up, n.as_bytes(), h.value);
+        }
+    }
+    if !(trusted && seen.forwarded_host) {
+        up.extend_from_slice(b"x-forwarded-host: ");
+        up.extend_from_slice(host);
+        up.extend_from_slice(b"\r\n");
+    }
+    if !xff_joined {
+        up.extend_from_slice(b"x-forwarded-for: ");
+        up.extend_from_slice(info.peer_value.as_bytes());
+        up.extend_from_slice(b"\r\n");
+    }
+    if !(trusted && seen.forwarded_proto) {
+        up.extend_from_slice(b"x-forwarded-proto: ");
+        up.extend_from_slice(info.proto.as_bytes());
+        up.extend_from_slice(b"\r\n");
+    }
+    let id_at = if keep_id {
+        let v = fields[seen.request_id.unwrap_or(0)].value;
+        rec.sent(Some(v), None);
+        None
+    } else {
+        let id = worker.request_ids.next(&worker.values);
+        up.extend_from_slice(b"x-request-id: ");
+        let start = up.len();
+        up.extend_from_slice(id.as_bytes());
+        let end = up.len();
+        up.extend_from_slice(b"\r\n");
+        Some(start..end)
+    };
+    if let Some(r) = id_at {
+        rec.sent(Some(&up[r]), None);
+    }
+    up.extend_from_slice(b"\r\n");
+
+    // Attempts, as on the hyper path (body-less requests only here).
+    let panic_mode = handler::panic_mode(topo, env, app);
+    let mut tried = [NodeId::MAX; MAX_ATTEMPTS];
+    let attempts = (env.retries as usize + 1).min(MAX_ATTEMPTS);
+    let replayable = idempotent(&method);
+    let mut last = Last::NoNode;
+    let mut free = true;
+    let mut after = None;
+    let mut overall: Option<Instant> = None;
+    snap.earn_retry(env_id);
+    let head = method == Method::HEAD;
+    for attempt in 0..attempts {
+        let Some((p, i, node)) =
+            handler::pick_node(topo, &snap, &route, panic_mode, &tried[..attempt])
+        else {
+            break;
+        };
+        if !free && !snap.spend_retry(env_id) {
+            break;
+        }
+        free = false;
+        if attempt > 0 {
+            env.retried
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        tried[attempt] = node;
+        let counters = app.slot
+            + if p == app.pool {
+                i
+            } else {
+                topo.pools[app.pool].members.len() + i
+            };
+        rec.attempt(counters, node, after.take());
+        let pool = &snap.conns[node];
+        // A client that goes away while its request is at the node abandons the exchange
+        // (its record says 499, the node connection closes), as on the hyper path.
+        let attempt_result = tokio::select! {
+            biased;
+            r = forward(pool, up, head, timeouts, &mut overall) => r,
+            () = client_gone(client) => return Step::Close,
+        };
+        match attempt_result {
+            Ok((conn, resp, began, connect_ns)) => {
+                rec.answered(Some(began), connect_ns);
+                let blame = Blame {
+                    snap: snap.clone(),
+                    scope: route.candidates,
+                    node,
+                };
+                let close = seen.close;
+                return relay(
+                    client, out, pool, conn, resp, blame, rec, cookie, close, timeouts, len, slot,
+                )
+                .await;
+            }
+            Err(f) => {
+                let again = match f {
+                    Failure::NotSent(Cause::Local) => {
+                        after = Some(Failover::Local);
+                        tracing::warn!(node = %topo.nodes[node].name, "connect failed for lack of local resources (file descriptors, ports or buffers); not counted against the node");
+                        last = Last::Local;
+                        free = true;
+                        true
+                    }
+                    Failure::NotSent(Cause::Node) => {
+                        after = Some(Failover::Connect);
+                        handler::passive_failure(topo, route.candidates, node);
+                        last = Last::BadGateway;
+                        free = true;
+                        true
+                    }
+                    Failure::Timeout => {
+                        after = Some(Failover::Timeout);
+                        handler::passive_failure(topo, route.candidates, node);
+                        last = Last::Timeout;
+                        replayable
+                    }
+                    Failure::Deadline => {
+                        last = Last::Timeout;
+                        false
+                    }
+                    Failure::Failed => {
+                        after = Some(Failover::Reset);
+                        handler::passive_failure(topo, route.candidates, node);
+                        last = Last::BadGateway;
+                        replayable
+                    }
+                };
+                if !again || overall.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+            }
+        }
+    }
+    drop(slot);
+    let b = env.bodies();
+    let resp = match last {
+        Last::NoNode => own(StatusCode::SERVICE_UNAVAILABLE, b.no_healthy_node.clone()),
+        Last::Local => own(StatusCode::SERVICE_UNAVAILABLE, b.no_capacity.clone()),
+        Last::BadGateway => own(StatusCode::BAD_GATEWAY, b.bad_gateway.clone()),
+        Last::Timeout => own(StatusCode::GATEWAY_TIMEOUT, b.gateway_timeout.clone()),
+    };
+    let mut resp = resp;
+    if let Some(c) = cookie {
+        if let Ok(v) = http::HeaderValue::from_bytes(c) {
+            resp.headers_mut().append(http::header::SET_COOKIE, v);
+        }
+    }
+    answer(client, out, rec, resp, &method, timeouts, len).await
+}
+
+/// Ends when the client closed its connection (or it failed). Pipelined bytes of a next
+/// request do not count: then it never ends.
+async fn client_gone(client: &TcpStream) {
+    let mut b = [0u8; 1];
+    if let Ok(1..) = client.peek(&mut b).await {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[inline]
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+#[derive(Clone, Copy)]
+enum Last {
+    NoNode,
+    Local,
+    BadGateway,
+    Timeout,
+}
+
+#[derive(Clone, Copy)]
+enum Cause {
+    Node,
+    Local,
+}
+
+#[derive(Clone, Copy)]
+enum Failure {
+    /// The request never reached the node.
+    NotSent(Cause),
+    /// No response head within `response_header`.
+    Timeout,
+    /// The overall request deadline passed.
+    Deadline,
+    /// The node failed after the request was (maybe) sent.
+    Failed,
+}
+
+/// A node's response head, as positions in the connection's buffer.
+struct UpHead {
+    status: u16,
+    /// The head's length in the buffer.
+    len: usize,
+    framing: Framing,
+    /// The node said `Connection: close` (or answered HTTP/1.0 without keep-alive).
+    close: bool,
+}
+
+/// One attempt: a pooled connection or a new one, the request written whole, then the
+/// response head (1xx skipped), within `response_header` and the overall deadline.
+async fn forward(
+    pool: &ConnPool,
+    request: &[u8],
+    head_request: bool,
+    t: &Timeouts,
+    overall: &mut Option<Instant>,
+) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
+    loop {
+        let start = Instant::now();
+        let deadline = *overall.get_or_insert(start + t.request);
+        let (mut conn, reused, connect_ns) = match pool.take_fast(t.upstream_idle) {
+            Some(c) => (c, true, None),
+            None => {
+                if start >= deadline {
+                    return Err(Failure::Deadline);
+                }
+                let Some(counted) = pool.reserve() else {
+                    // Not reached: topologies with caps are not taken by the fast path.
+                    return Err(Failure::NotSent(Cause::Local));
+                };
+                let until = start + t.connect.min(deadline - start);
+                let io = match tokio::time::timeout_at(until, TcpStream::connect(pool.addr)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) if is_local_resource_error(&e) => {
+                        return Err(Failure::NotSent(Cause::Local))
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(node = %pool.addr, error = %e, "connect failed");
+                        return Err(Failure::NotSent(Cause::Node));
+                    }
+                    Err(_) => {
+                        tracing::debug!(node = %pool.addr, "connect timed out");
+                        return Err(Failure::NotSent(Cause::Node));
+                    }
+                };
+                let _ = io.set_nodelay(true);
+                let ns = start.elapsed().as_nanos() as u64;
+                (
+                    NodeConn {
+                        io,
+                        buf: Vec::with_capacity(CHUNK),
+                        _counted: counted,
+                    },
+                    false,
+                    Some(ns),
+                )
+            }
+        };
+        let sent_at = Instant::now();
+        // A head the node does not take within the body idle time: it does not read.
+        let written = tokio::time::timeout(t.body_idle, conn.io.write_all(request)).await;
+        match written {
+            Ok(Ok(())) => {}
+            // A pooled connection the node closed meanwhile: the request did not go; a
+            // fresh connection to the same node takes it.
+            Ok(Err(_)) if reused => continue,
+            Ok(Err(_)) => return Err(Failure::NotSent(Cause::Node)),
+            Err(_) => return Err(Failure::Failed),
+        }
+        let head_due = (sent_at + t.response_header).min(deadline);
+        conn.buf.clear();
+        match read_head(&mut conn, head_request, head_due).await {
+            Ok(h) => return Ok((conn, h, start, connect_ns)),
+            Err(HeadError::Closed) if reused && conn.buf.is_empty() => {
+                // The node closed a kept-alive connection as the request went: as hyper
+                // does, this counts as a failed attempt (retried if idempotent).
+                return Err(Failure::Failed);
+            }
+            Err(HeadError::Closed | HeadError::Malformed) => return Err(Failure::Failed),
+            Err(HeadError::Timeout) => {
+                return Err(
+                    if Instant::now() >= deadline && deadline < sent_at + t.response_header {
+                        Failure::Deadline
+                    } else {
+                        Failure::Timeout
+                    },
+                )
+            }
+        }
+    }
+}
+
+enum HeadError {
+    Closed,
+    Malformed,
+    Timeout,
+}
+
+/// Reads the node's response head into `conn.buf` (informational answers are dropped).
+async fn read_head(
+    conn: &mut NodeConn,
+    head_request: bool,
+    due: Instant,
+) -> Result<UpHead, HeadError> {
+    let mut scanned = 0;
+    loop {
+        if head_end(&conn.buf, &mut scanned) {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut fields);
+            let len = match resp.parse(&conn.buf) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => return Err(HeadError::Malformed),
+                Err(_) => return Err(HeadError::Malformed),
+            };
+            let status = resp.code.unwrap_or(0);
+            let http10 = resp.version == Some(0);
+            if (100..200).contains(&status) && status != 101 {
+                conn.buf.drain(..len);
+                scanned = 0;
+                continue;
+            }
+            if status == 101 {
+                // A switch nobody asked for.
+                return Err(HeadError::Malformed);
+            }
+            let mut te: [&[u8]; 4] = [b""; 4];
+            let mut cl: [&[u8]; 4] = [b""; 4];
+            let (mut nte, mut ncl) = (0, 0);
+            let mut close = http10;
+            for h in resp.headers.iter() {
+                if is(h.name, "transfer-encoding") {
+                    if nte == te.len() {
+                        return Err(HeadError::Malformed);
+                    }
+                    te[nte] = h.value;
+                    nte += 1;
+                } else if is(h.name, "content-length") {
+                    if ncl == cl.len() {
+                        return Err(HeadError::Malformed);
+                    }
+                    cl[ncl] = h.value;
+                    ncl += 1;
+                } else if is(h.name, "connection") {
+                    for t in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
+                        if t.eq_ignore_ascii_case(b"close") {
+                            close = true;
+                        } else if http10 && t.eq_ignore_ascii_case(b"keep-alive") {
+                            close = false;
+                        }
+                    }
+                }
+            }
+            let framing = framing::response(head_request, status, &te[..nte], &cl[..ncl])
+                .map_err(|_| HeadError::Malformed)?;
+            return Ok(UpHead {
+                status,
+                len,
+                framing,
+                close,
+            });
+        }
+        if conn.buf.len() >= MAX_RESPONSE_HEAD {
+            return Err(HeadError::Malformed);
+        }
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(CHUNK);
+        }
+        match tokio::time::timeout_at(due, conn.io.read_buf(&mut conn.buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(HeadError::Closed),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err(HeadError::Timeout),
+        }
+    }
+}
+
+/// Hop-by-hop fields of a response (those `Connection` names are found separately).
+#[inline]
+fn hop_by_hop(name: &str) -> bool {
+    match name.len() {
+        2 => is(name, "te"),
+        7 => is(name, "upgrade"),
+        10 => is(name, "connection") || is(name, "keep-alive"),
+        16 => is(name, "proxy-connection"),
+        17 => is(name, "transfer-encoding"),
+        18 => is(name, "proxy-authenticate"),
+        19 => is(name, "proxy-authorization"),
+        _ => false,
+    }
+}
+
+/// Whether `name` is one of the options of the response's `Connection` fields.
+fn named_by_connection(fields: &[httparse::Header<'_>], name: &str) -> bool {
+    fields
+        .iter()
+        .filter(|h| is(h.name, "connection"))
+        .flat_map(|h| h.value.split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+}
+
+/// Writes the node's answer to the client, then its body, and gives the node connection
+/// back when the exchange ended whole.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    pool: &ConnPool,
+    mut conn: NodeConn,
+    resp: UpHead,
+    blame: Blame,
+    mut rec: Record,
+    cookie: Option<&[u8]>,
+    client_close: bool,
+    t: &Timeouts,
+    len: usize,
+    slot: crate::topology::InFlight,
+) -> Step {
+    let close = client_close;
+    out.clear();
+    {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut fields);
+        // Parsed before, so it parses again.
+        let _ = r.parse(&conn.buf[..resp.len]);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        push_status(out, resp.status, r.reason);
+        let has_connection_options = r
+            .headers
+            .iter()
+            .any(|h| is(h.name, "connection") && !h.value.trim_ascii().is_empty());
+        let mut date = false;
+        for h in r.headers.iter() {
+            if hop_by_hop(h.name) {
+                continue;
+            }
+            if matches!(resp.framing, Framing::Chunked | Framing::Close)
+                && is(h.name, "content-length")
+            {
+                continue;
+            }
+            if has_connection_options && named_by_connection(r.headers, h.name) {
+                continue;
+            }
+            date |= is(h.name, "date");
+            push_field(out, h.name.as_bytes(), h.value);
+        }
+        if matches!(resp.framing, Framing::Chunked | Framing::Close) {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        if !date {
+            push_date(out);
+        }
+        if let Some(c) = cookie {
+            push_field(out, b"set-cookie", c);
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    rec.status(resp.status);
+    conn.buf.drain(..resp.len);
+    let mut sent: u64 = 0;
+    // The body: what came with the head goes out with it.
+    let outcome = match resp.framing {
+        Framing::Empty => Ok(true),
+        Framing::Length(n) => relay_length(client, out, &mut conn, n, t, &mut sent).await,
+        Framing::Chunked | Framing::Close => {
+            relay_chunked(
+                client,
+                out,
+                &mut conn,
+                resp.framing == Framing::Chunked,
+                t,
+                &mut sent,
+            )
+            .await
+        }
+    };
+    rec.add_out(sent);
+    let step = match outcome {
+        Ok(reusable) => {
+            if !out.is_empty() && write_client(client, out, t).await.is_err() {
+                rec.finish(false);
+                return Step::Close;
+            }
+            blame.succeed();
+            drop(slot);
+            if reusable && !resp.close && conn.buf.is_empty() {
+                pool.put_fast(conn);
+            }
+            rec.finish(true);
+            if close {
+                Step::Close
+            } else {
+                Step::Next(len)
+            }
+        }
+        Err(BodyFault::Node(why)) => {
+            blame.fail(why);
+            rec.finish(false);
+            Step::Close
+        }
+        Err(BodyFault::Client) => {
+            rec.finish(false);
+            Step::Close
+        }
+    };
+    step
+}
+
+enum BodyFault {
+    Node(&'static str),
+    Client,
+}
+
+/// Writes `out` to the client whole, within the body idle time (a client that stops
+/// reading loses its connection, and is not the node's fault).
+#[inline]
+async fn write_client(client: &mut TcpStream, out: &mut Vec<u8>, t: &Timeouts) -> io::Result<()> {
+    let r = tokio::time::timeout(t.body_idle, client.write_all(out)).await;
+    out.clear();
+    match r {
+        Ok(r) => r,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Reads more of the node's answer within the body idle time; 0 at its end.
+#[inline]
+async fn read_node(conn: &mut NodeConn, t: &Timeouts) -> Result<usize, BodyFault> {
+    if conn.buf.capacity() - conn.buf.len() < 1024 {
+        conn.buf.reserve(CHUNK);
+    }
+    match tokio::time::timeout(t.body_idle, conn.io.read_buf(&mut conn.buf)).await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(_)) => Err(BodyFault::Node("body error")),
+        Err(_) => Err(BodyFault::Node("body stalled")),
+    }
+}
+
+/// A body of `n` bytes. `Ok(reusable)`.
+async fn relay_length(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    conn: &mut NodeConn,
+    n: u64,
+    t: &Timeouts,
+    sent: &mut u64,
+) -> Result<bool, BodyFault> {
+    let mut left = n;
+    loop {
+        let take = (conn.buf.len() as u64).min(left) as usize;
+        out.extend_from_slice(&conn.buf[..take]);
+        conn.buf.drain(..take);
+        left -= take as u64;
+        *sent += take as u64;
+        if left == 0 {
+            // Bytes past the body: the node's framing is off, the connection is not reused.
+            return Ok(conn.buf.is_empty());
+        }
+        if !out.is_empty() && write_client(client, out, t).await.is_err() {
+            return Err(BodyFault::Client);
+        }
+        if read_node(conn, t).await? == 0 {
+            return Err(BodyFault::Node("body cut"));
+        }
+    }
+}
+
+/// A chunked body (or one delimited by the node's close), sent on chunked.
+async fn relay_chunked(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    conn: &mut NodeConn,
+    chunked: bool,
+    t: &Timeouts,
+    sent: &mut u64,
+) -> Result<bool, BodyFault> {
+    let mut decoder = ChunkedDecoder::new();
+    loop {
+        if chunked {
+            let mut at = 0;
+            while at < conn.buf.len() && !decoder.is_done() {
+                let (used, data) = decoder
+                    .decode(&conn.buf[at..])
+                    .map_err(|_| BodyFault::Node("malformed chunked body"))?;
+                if !data.is_empty() {
+                    push_chunk(out, &conn.buf[at + data.start..at + data.end]);
+                    *sent += data.len() as u64;
+                }
+                if used == 0 {
+                    break;
+                }
+                at += used;
+            }
+            conn.buf.drain(..at);
+            if decoder.is_done() {
+                out.extend_from_slice(b"0\r\n\r\n");
+                return Ok(conn.buf.is_empty());
+            }
+        } else if !conn.buf.is_empty() {
+            push_chunk(out, &conn.buf);
+            *sent += conn.buf.len() as u64;
+            conn.buf.clear();
+        }
+        if !out.is_empty() && write_client(client, out, t).await.is_err() {
+            return Err(BodyFault::Client);
+        }
+        if read_node(conn, t).await? == 0 {
+            if chunked {
+                return Err(BodyFault::Node("body cut"));
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+            return Ok(false);
+        }
+    }
+}
+
+#[inline]
+fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    let mut hex = [0u8; 16];
+    let mut n = data.len();
+    let mut i = hex.len();
+    loop {
+        i -= 1;
+        hex[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&hex[i..]);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A field, its name in lower case (as hyper writes names, both ways).
+#[inline]
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend(name.iter().map(u8::to_ascii_lowercase));
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The status line's code and reason: the node's reason when it gave one, else the
+/// standard one.
+#[inline]
+fn push_status(out: &mut Vec<u8>, code: u16, reason: Option<&str>) {
+    out.extend_from_slice(&[
+        b'0' + (code / 100 % 10) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+        b' ',
+    ]);
+    let reason = match reason {
+        Some(r) if !r.is_empty() => r,
+        _ => StatusCode::from_u16(code)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or(""),
+    };
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+thread_local! {
+    /// The `Date` value, formatted once a second.
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
+}
+
+#[inline]
+fn push_date(out: &mut Vec<u8>) {
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs {
+            let s = httpdate::fmt_http_date(now);
+            if s.len() == 29 {
+                d.1.copy_from_slice(s.as_bytes());
+                d.0 = secs;
+            }
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(&d.1);
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// Writes an answer of envgate's own (a `Response` the hyper path would send as it is)
+/// and completes the record.
+async fn answer(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    mut rec: Record,
+    mut resp: http::Response<ProxyBody>,
+    method: &Method,
+    t: &Timeouts,
+    len: usize,
+) -> Step {
+    let body = resp.body_mut().take_own().unwrap_or_default();
+    let status = resp.status().as_u16();
+    rec.status(status);
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_status(out, status, None);
+    let mut close = false;
+    for (name, value) in resp.headers() {
+        close |= name == http::header::CONNECTION && value.as_bytes() == b"close";
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    push_field(
+        out,
+        b"content-length",
+        itoa_buf(body.len() as u64).as_bytes(),
+    );
+    push_date(out);
+    out.extend_from_slice(b"\r\n");
+    if *method != Method::HEAD {
+        out.extend_from_slice(&body);
+        rec.add_out(body.len() as u64);
+    }
+    let ok = write_client(client, out, t).await.is_ok();
+    rec.finish(ok);
+    if !ok || close {
+        Step::Close
+    } else {
+        Step::Next(len)
+    }
+}
+
+fn itoa_buf(mut n: u64) -> String {
+    let mut s = [0u8; 20];
+    let mut i = s.len();
+    loop {
+        i -= 1;
+        s[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&s[i..]).into_owned()
+}
+
+/// Whether the fast path may serve requests to the nodes of `topo`: all spoken to over
+/// cleartext HTTP/1.1, none with a connection cap.
+pub fn takes(topo: &Topology) -> bool {
+    topo.nodes.iter().all(|n| {
+        n.protocol == crate::topology::Protocol::Http1
+            && n.tls.is_none()
+            && n.max_connections.is_none()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_end_at_an_empty_line() {
+        let mut s = 0;
+        assert!(!head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", &mut s));
+        assert!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", &mut s));
+        let mut s = 0;
+        assert!(head_end(b"GET / HTTP/1.1\nHost: a\n\n", &mut s));
+        // Found across reads.
+        let mut s = 0;
+        let mut b = b"GET / HTTP/1.1\r\nHost: a\r\n\r".to_vec();
+        assert!(!head_end(&b, &mut s));
+        b.push(b'\n');
+        assert!(head_end(&b, &mut s));
+    }
+
+    #[test]
+    fn chunks_are_framed() {
+        let mut out = Vec::new();
+        push_chunk(&mut out, &[b'x'; 26]);
+        assert_eq!(&out[..4], b"1a\r\n");
+        assert!(out.ends_with(b"x\r\n"));
+        let mut out = Vec::new();
+        push_status(&mut out, 404, None);
+        assert_eq!(out, b"404 Not Found\r\n");
+        assert_eq!(itoa_buf(0), "0");
+        assert_eq!(itoa_buf(1234567), "1234567");
+    }
+}
