@@ -3,9 +3,10 @@
 //! (one routing decision, `routing::route`; one exchange record, `Record`; the same node
 //! pick, `handler::pick_node`; the same failure rules and answers of envgate's own).
 //!
-//! What it takes: HTTP/1.1 requests in origin form without a body (none, or
-//! `Content-Length: 0`), with one valid Host, to a topology whose nodes are all spoken to
-//! over cleartext HTTP/1.1 without a connection cap. Anything else (a body, `Expect`,
+//! What it takes: HTTP/1.1 requests in origin form, with one valid Host, without a body or
+//! with a `Content-Length` body of at most `MAX_BODY` bytes that came whole with its head,
+//! to a topology whose nodes are all spoken to over cleartext HTTP/1.1 without a
+//! connection cap. Anything else (a body still on its way, a chunked one, `Expect`,
 //! `Upgrade`, `CONNECT`, a `Transfer-Encoding`, a `Connection` option other than
 //! `keep-alive` or `close`, `TE`, HTTP/1.0, a head httparse refuses or that is too large,
 //! an odd byte in the target) is *declined* before a byte is relayed: the connection goes
@@ -13,13 +14,14 @@
 //! serves the connection from then on. Heads are parsed by httparse, as hyper parses them.
 //!
 //! Per request: one read of the head (usually), one write to the node (the rewritten
-//! head), one read of the answer, one write to the client (head and body together when
+//! head, and the body with it), one read of the answer, one write to the client (head and body together when
 //! the body came with the head). Buffers belong to the connection and are reused; node
 //! connections are pooled per worker and node (`ConnPool`), checked for staleness without
 //! blocking when taken.
 //!
 //! Failover and blame follow the hyper path: a request that never reached a node goes to
-//! the next; a body-less idempotent one also after a reset or a response-head timeout; a
+//! the next; a body-less idempotent one also after a reset or a response-head timeout (a
+//! node that does not take a body within the body idle time is blamed, 504); a
 //! node's malformed or cut answer counts against it; a client that stops reading is not
 //! the node's fault. Responses of unknown length go to the client chunked (as hyper sends
 //! them), node trailers are not passed on (requests with `TE` are declined, so no client
@@ -52,6 +54,10 @@ use crate::topology::{NodeId, Timeouts, Topology};
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Read size for bodies.
 const CHUNK: usize = 16 * 1024;
+/// Largest request body the fast path takes (when it came whole with its head; it goes to
+/// the node with the head, in one write); larger ones, and chunked ones, go to hyper,
+/// which streams them.
+const MAX_BODY: usize = 64 * 1024;
 /// Most attempts one request makes.
 const MAX_ATTEMPTS: usize = 1 + crate::config::validate::MAX_RETRIES as usize;
 
@@ -143,13 +149,14 @@ pub async fn serve(
                 Ok(_) => {}
             }
         }
-        let step = exchange(worker, info, &mut stream, &buf, &mut up, &mut out, timeouts).await;
+        // Draining: this answer is the connection's last, and says so.
+        let closing = *shutdown.borrow();
+        let step = exchange(worker, info, &mut stream, &buf, &mut up, &mut out, closing).await;
         match step {
+            Step::Next(_) if closing => return Served::Done,
             Step::Next(n) => {
                 buf.drain(..n);
-                if *shutdown.borrow() {
-                    return Served::Done;
-                }
+                nodelay(&stream, info);
             }
             Step::Close => return Served::Done,
             Step::Decline => {
@@ -158,6 +165,15 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// `Content-Length`'s value: plain digits (hyper takes nothing else either).
+#[inline]
+fn content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 /// Whether `buf` holds a whole head (an empty line ends it; httparse takes LF alone as a
@@ -210,6 +226,8 @@ struct Seen {
     forwarded: bool,
     request_id: Option<usize>,
     request_ids: u8,
+    /// The body's length (`Content-Length`).
+    length: Option<usize>,
 }
 
 async fn exchange(
@@ -219,12 +237,13 @@ async fn exchange(
     buf: &[u8],
     up: &mut Vec<u8>,
     out: &mut Vec<u8>,
-    timeouts: &Timeouts,
+    closing: bool,
 ) -> Step {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
     let len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
+        // A head past hyper's limit is hyper's to refuse (one read may bring more).
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD_BYTES => n,
         _ => return Step::Decline,
     };
     let (Some(m), Some(target), Some(1)) = (req.method, req.path, req.version) else {
@@ -253,7 +272,17 @@ async fn exchange(
                     }
                 }
             }
-            14 if is(n, "content-length") && h.value != b"0" => return Step::Decline,
+            14 if is(n, "content-length") => {
+                // One field of plain digits, a body the fast path holds whole; anything
+                // else is hyper's.
+                if seen.length.is_some() {
+                    return Step::Decline;
+                }
+                match content_length(h.value) {
+                    Some(n) if n <= MAX_BODY as u64 => seen.length = Some(n as usize),
+                    _ => return Step::Decline,
+                }
+            }
             15 if is(n, "x-forwarded-for") => seen.forwarded_for = true,
             16 if is(n, "x-forwarded-host") => seen.forwarded_host = true,
             17 if is(n, "x-forwarded-proto") => seen.forwarded_proto = true,
@@ -276,6 +305,7 @@ async fn exchange(
     let Some(host_at) = seen.host else {
         return Step::Decline;
     };
+    seen.close |= closing;
     let host = fields[host_at].value;
     if !valid_authority(host) {
         return Step::Decline;
@@ -290,10 +320,20 @@ async fn exchange(
     if !snap.fast {
         return Step::Decline;
     }
+    // A body is taken when it came whole with its head (a small body mostly does);
+    // one still on its way is hyper's, which streams it to the node as it comes.
+    let body_len = seen.length.unwrap_or(0);
+    let total = len + body_len;
+    if buf.len() < total {
+        return Step::Decline;
+    }
     // From here on the request is the fast path's.
     info.requests.set(info.requests.get() + 1);
     worker.stats.count_fast(false);
     let topo = &*snap.topo;
+    // The node-side bounds of the topology in force (the connection's own were taken at
+    // its accept, as hyper's are).
+    let timeouts = &topo.defaults.timeouts;
     let mut rec = Record::raw(worker, &snap, info, &method, host, target.as_bytes());
     let (path_part, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -309,7 +349,9 @@ async fn exchange(
                 Refusal::BadPath(e).response(true),
                 &method,
                 timeouts,
-                len,
+                total,
+                None,
+                seen.close,
             )
             .await
         }
@@ -330,7 +372,10 @@ async fn exchange(
         Err(RouteError::NoRoute) => {
             static NO_ROUTE: &[u8] = br#"{"error":"no_route"}"#;
             let resp = own(StatusCode::NOT_FOUND, bytes::Bytes::from_static(NO_ROUTE));
-            return answer(client, out, rec, resp, &method, timeouts, len).await;
+            return answer(
+                client, out, rec, resp, &method, timeouts, total, None, seen.close,
+            )
+            .await;
         }
         Err(e @ (RouteError::TenantRequired | RouteError::BadTenant)) => {
             let missing = e == RouteError::TenantRequired;
@@ -342,7 +387,18 @@ async fn exchange(
             } else {
                 Refusal::BadTenant
             };
-            return answer(client, out, rec, r.response(true), &method, timeouts, len).await;
+            return answer(
+                client,
+                out,
+                rec,
+                r.response(true),
+                &method,
+                timeouts,
+                total,
+                None,
+                seen.close,
+            )
+            .await;
         }
     };
     rec.route(&route);
@@ -353,7 +409,10 @@ async fn exchange(
                 StatusCode::MISDIRECTED_REQUEST,
                 bytes::Bytes::from_static(MISDIRECTED),
             );
-            return answer(client, out, rec, resp, &method, timeouts, len).await;
+            return answer(
+                client, out, rec, resp, &method, timeouts, total, None, seen.close,
+            )
+            .await;
         }
     }
     let mut cookie_buf = [0u8; canary::SET_COOKIE_MAX];
@@ -374,12 +433,22 @@ async fn exchange(
     let env = route.environment;
     let env_id = route.env;
     let app = route.app;
+    if env.max_request_body.is_some_and(|l| body_len as u64 > l) {
+        let resp = Refusal::BodyTooLarge.response(true);
+        return answer(
+            client, out, rec, resp, &method, timeouts, total, cookie, seen.close,
+        )
+        .await;
+    }
     let Some(slot) = env.try_enter() else {
         let resp = own(
             StatusCode::SERVICE_UNAVAILABLE,
             env.bodies().over_limit.clone(),
         );
-        return answer(client, out, rec, resp, &method, timeouts, len).await;
+        return answer(
+            client, out, rec, resp, &method, timeouts, total, cookie, seen.close,
+        )
+        .await;
     };
 
     // The request for the node.
@@ -432,6 +501,8 @@ async fn exchange(
             17 => is(n, "x-forwarded-proto") && !trusted,
             9 => is(n, "forwarded") && !trusted,
             12 => is(n, "x-request-id") && !keep_id,
+            // Named by the client's `Connection: close`: hop-by-hop.
+            5 => seen.close && is(n, "close"),
             _ => false,
         };
         if !skip {
@@ -470,12 +541,17 @@ async fn exchange(
         rec.sent(Some(&up[r]), None);
     }
     up.extend_from_slice(b"\r\n");
+    // The body goes with the head, in the same write.
+    up.extend_from_slice(&buf[len..total]);
+    rec.add_in(body_len as u64);
 
     // Attempts, as on the hyper path (body-less requests only here).
     let panic_mode = handler::panic_mode(topo, env, app);
     let mut tried = [NodeId::MAX; MAX_ATTEMPTS];
     let attempts = (env.retries as usize + 1).min(MAX_ATTEMPTS);
-    let replayable = idempotent(&method);
+    // As on the hyper path: only a body-less request is sent again after it reached a
+    // node that failed.
+    let replayable = idempotent(&method) && body_len == 0;
     let mut last = Last::NoNode;
     let mut free = true;
     let mut after = None;
@@ -509,7 +585,7 @@ async fn exchange(
         // (its record says 499, the node connection closes), as on the hyper path.
         let attempt_result = tokio::select! {
             biased;
-            r = forward(pool, up, head, timeouts, &mut overall) => r,
+            r = forward(pool, up, head, body_len > 0, timeouts, &mut overall) => r,
             () = client_gone(client) => return Step::Close,
         };
         match attempt_result {
@@ -522,7 +598,8 @@ async fn exchange(
                 };
                 let close = seen.close;
                 return relay(
-                    client, out, pool, conn, resp, blame, rec, cookie, close, timeouts, len, slot,
+                    client, info, out, pool, conn, resp, blame, rec, cookie, close, timeouts,
+                    total, slot,
                 )
                 .await;
             }
@@ -547,6 +624,11 @@ async fn exchange(
                         handler::passive_failure(topo, route.candidates, node);
                         last = Last::Timeout;
                         replayable
+                    }
+                    Failure::UploadStalled => {
+                        handler::passive_failure(topo, route.candidates, node);
+                        last = Last::Timeout;
+                        false
                     }
                     Failure::Deadline => {
                         last = Last::Timeout;
@@ -573,13 +655,10 @@ async fn exchange(
         Last::BadGateway => own(StatusCode::BAD_GATEWAY, b.bad_gateway.clone()),
         Last::Timeout => own(StatusCode::GATEWAY_TIMEOUT, b.gateway_timeout.clone()),
     };
-    let mut resp = resp;
-    if let Some(c) = cookie {
-        if let Ok(v) = http::HeaderValue::from_bytes(c) {
-            resp.headers_mut().append(http::header::SET_COOKIE, v);
-        }
-    }
-    answer(client, out, rec, resp, &method, timeouts, len).await
+    answer(
+        client, out, rec, resp, &method, timeouts, total, cookie, seen.close,
+    )
+    .await
 }
 
 /// Ends when the client closed its connection (or it failed). Pipelined bytes of a next
@@ -621,6 +700,8 @@ enum Failure {
     Timeout,
     /// The overall request deadline passed.
     Deadline,
+    /// The node did not take the request's body within the body idle time.
+    UploadStalled,
     /// The node failed after the request was (maybe) sent.
     Failed,
 }
@@ -641,6 +722,7 @@ async fn forward(
     pool: &ConnPool,
     request: &[u8],
     head_request: bool,
+    body: bool,
     t: &Timeouts,
     overall: &mut Option<Instant>,
 ) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
@@ -694,9 +776,17 @@ async fn forward(
             // fresh connection to the same node takes it.
             Ok(Err(_)) if reused => continue,
             Ok(Err(_)) => return Err(Failure::NotSent(Cause::Node)),
+            Err(_) if body => return Err(Failure::UploadStalled),
             Err(_) => return Err(Failure::Failed),
         }
-        let head_due = (sent_at + t.response_header).min(deadline);
+        // The response-head timer starts once the body went whole; the time spent
+        // uploading does not count against the overall deadline (as on the hyper path).
+        let head_due = if body {
+            let done = Instant::now();
+            (done + t.response_header).min(deadline + (done - sent_at))
+        } else {
+            (sent_at + t.response_header).min(deadline)
+        };
         conn.buf.clear();
         match read_head(&mut conn, head_request, head_due).await {
             Ok(h) => return Ok((conn, h, start, connect_ns)),
@@ -737,11 +827,15 @@ async fn read_head(
             let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut resp = httparse::Response::new(&mut fields);
             let len = match resp.parse(&conn.buf) {
-                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Complete(n)) if n <= MAX_RESPONSE_HEAD => n,
+                Ok(httparse::Status::Complete(_)) => return Err(HeadError::Malformed),
                 Ok(httparse::Status::Partial) => return Err(HeadError::Malformed),
                 Err(_) => return Err(HeadError::Malformed),
             };
             let status = resp.code.unwrap_or(0);
+            if status < 100 {
+                return Err(HeadError::Malformed);
+            }
             let http10 = resp.version == Some(0);
             if (100..200).contains(&status) && status != 101 {
                 conn.buf.drain(..len);
@@ -778,6 +872,10 @@ async fn read_head(
                         }
                     }
                 }
+            }
+            if http10 && nte > 0 {
+                // Chunked framing in an HTTP/1.0 answer (hyper refuses it too).
+                return Err(HeadError::Malformed);
             }
             let framing = framing::response(head_request, status, &te[..nte], &cl[..ncl])
                 .map_err(|_| HeadError::Malformed)?;
@@ -831,6 +929,7 @@ fn named_by_connection(fields: &[httparse::Header<'_>], name: &str) -> bool {
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     client: &mut TcpStream,
+    info: &ConnInfo,
     out: &mut Vec<u8>,
     pool: &ConnPool,
     mut conn: NodeConn,
@@ -857,12 +956,16 @@ async fn relay(
             .iter()
             .any(|h| is(h.name, "connection") && !h.value.trim_ascii().is_empty());
         let mut date = false;
+        let mut length = false;
         for h in r.headers.iter() {
             if hop_by_hop(h.name) {
                 continue;
             }
-            if matches!(resp.framing, Framing::Chunked | Framing::Close)
-                && is(h.name, "content-length")
+            let is_length = is(h.name, "content-length");
+            // No length beside chunked framing, nor on 204 and 304 (as hyper sends them).
+            if is_length
+                && (matches!(resp.framing, Framing::Chunked | Framing::Close)
+                    || matches!(resp.status, 204 | 304))
             {
                 continue;
             }
@@ -870,7 +973,13 @@ async fn relay(
                 continue;
             }
             date |= is(h.name, "date");
+            length |= is_length;
             push_field(out, h.name.as_bytes(), h.value);
+        }
+        // A length the node's `Connection` took away is the body's framing all the same:
+        // written again (as hyper does from the body's size).
+        if let (Framing::Length(n), false) = (resp.framing, length) {
+            push_field(out, b"content-length", itoa_buf(n).as_bytes());
         }
         if matches!(resp.framing, Framing::Chunked | Framing::Close) {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -892,10 +1001,11 @@ async fn relay(
     // The body: what came with the head goes out with it.
     let outcome = match resp.framing {
         Framing::Empty => Ok(true),
-        Framing::Length(n) => relay_length(client, out, &mut conn, n, t, &mut sent).await,
+        Framing::Length(n) => relay_length(client, info, out, &mut conn, n, t, &mut sent).await,
         Framing::Chunked | Framing::Close => {
             relay_chunked(
                 client,
+                info,
                 out,
                 &mut conn,
                 resp.framing == Framing::Chunked,
@@ -942,6 +1052,16 @@ enum BodyFault {
     Client,
 }
 
+/// Sets TCP_NODELAY on the client's socket before a second write (see
+/// `ConnInfo::nodelay`).
+#[inline]
+fn nodelay(client: &TcpStream, info: &ConnInfo) {
+    if !info.nodelay.get() {
+        let _ = client.set_nodelay(true);
+        info.nodelay.set(true);
+    }
+}
+
 /// Writes `out` to the client whole, within the body idle time (a client that stops
 /// reading loses its connection, and is not the node's fault).
 #[inline]
@@ -970,6 +1090,7 @@ async fn read_node(conn: &mut NodeConn, t: &Timeouts) -> Result<usize, BodyFault
 /// A body of `n` bytes. `Ok(reusable)`.
 async fn relay_length(
     client: &mut TcpStream,
+    info: &ConnInfo,
     out: &mut Vec<u8>,
     conn: &mut NodeConn,
     n: u64,
@@ -987,8 +1108,12 @@ async fn relay_length(
             // Bytes past the body: the node's framing is off, the connection is not reused.
             return Ok(conn.buf.is_empty());
         }
-        if !out.is_empty() && write_client(client, out, t).await.is_err() {
-            return Err(BodyFault::Client);
+        if !out.is_empty() {
+            // More writes follow.
+            nodelay(client, info);
+            if write_client(client, out, t).await.is_err() {
+                return Err(BodyFault::Client);
+            }
         }
         if read_node(conn, t).await? == 0 {
             return Err(BodyFault::Node("body cut"));
@@ -999,6 +1124,7 @@ async fn relay_length(
 /// A chunked body (or one delimited by the node's close), sent on chunked.
 async fn relay_chunked(
     client: &mut TcpStream,
+    info: &ConnInfo,
     out: &mut Vec<u8>,
     conn: &mut NodeConn,
     chunked: bool,
@@ -1032,8 +1158,11 @@ async fn relay_chunked(
             *sent += conn.buf.len() as u64;
             conn.buf.clear();
         }
-        if !out.is_empty() && write_client(client, out, t).await.is_err() {
-            return Err(BodyFault::Client);
+        if !out.is_empty() {
+            nodelay(client, info);
+            if write_client(client, out, t).await.is_err() {
+                return Err(BodyFault::Client);
+            }
         }
         if read_node(conn, t).await? == 0 {
             if chunked {
@@ -1122,6 +1251,7 @@ fn push_date(out: &mut Vec<u8>) {
 
 /// Writes an answer of envgate's own (a `Response` the hyper path would send as it is)
 /// and completes the record.
+#[allow(clippy::too_many_arguments)]
 async fn answer(
     client: &mut TcpStream,
     out: &mut Vec<u8>,
@@ -1130,6 +1260,8 @@ async fn answer(
     method: &Method,
     t: &Timeouts,
     len: usize,
+    cookie: Option<&[u8]>,
+    client_close: bool,
 ) -> Step {
     let body = resp.body_mut().take_own().unwrap_or_default();
     let status = resp.status().as_u16();
@@ -1142,12 +1274,19 @@ async fn answer(
         close |= name == http::header::CONNECTION && value.as_bytes() == b"close";
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    if client_close && !close {
+        out.extend_from_slice(b"connection: close\r\n");
+        close = true;
+    }
     push_field(
         out,
         b"content-length",
         itoa_buf(body.len() as u64).as_bytes(),
     );
     push_date(out);
+    if let Some(c) = cookie {
+        push_field(out, b"set-cookie", c);
+    }
     out.extend_from_slice(b"\r\n");
     if *method != Method::HEAD {
         out.extend_from_slice(&body);

@@ -61,6 +61,10 @@ pub struct ConnInfo {
     pub proto: HeaderValue,
     /// Requests seen on this connection so far.
     pub requests: Cell<u64>,
+    /// TCP_NODELAY is set on the client's socket. The own HTTP/1.1 codec sets it only once
+    /// a connection makes a second write (a second answer, or one answer in several
+    /// writes): a connection served by one write never needs it.
+    pub nodelay: Cell<bool>,
     /// Stream accounting of an HTTP/2 connection; `None` for HTTP/1.
     pub h2: Option<Rc<H2Conn>>,
     /// A TLS connection whose client named a host (SNI): the certificate it was given.

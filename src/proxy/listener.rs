@@ -89,12 +89,16 @@ pub async fn accept_loop(
 
 async fn serve(
     worker: Rc<Worker>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     meta: &ListenerMeta,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
+    // The own HTTP/1.1 codec sets it when it must (see `ConnInfo::nodelay`).
+    let lazy_nodelay = worker.fast && !meta.tls;
+    if !lazy_nodelay {
+        let _ = stream.set_nodelay(true);
+    }
     let topo = worker.shared.topology.load();
     let timeouts = topo.defaults.timeouts.clone();
     let trusted = topo
@@ -150,12 +154,24 @@ async fn serve(
                 tls,
             )
         }
-        None => match tokio::time::timeout(timeouts.client_header, sniff(&stream)).await {
-            Ok(Ok(Some((first, h2, waited)))) => {
-                (ClientStream::Plain(stream), first, h2, waited, None)
+        None => {
+            // The own codec waits for the first bytes before it reads (a read right after
+            // the accept mostly finds nothing yet: a system call for nothing).
+            let first = async {
+                if lazy_nodelay {
+                    sniff_waiting(&mut stream).await
+                } else {
+                    sniff(&stream).await
+                }
+            };
+            match tokio::time::timeout(timeouts.client_header, first).await {
+                Ok(Ok(Some((first, h2, waited)))) => {
+                    let waited = if lazy_nodelay { Some(accepted) } else { waited };
+                    (ClientStream::Plain(stream), first, h2, waited, None)
+                }
+                _ => return, // closed, failed or silent: nothing to answer
             }
-            _ => return, // closed, failed or silent: nothing to answer
-        },
+        }
     };
     let ip = match peer.ip() {
         std::net::IpAddr::V6(v6) => v6
@@ -172,6 +188,7 @@ async fn serve(
         trusted,
         proto: HeaderValue::from_static(if secure { "https" } else { "http" }),
         requests: std::cell::Cell::new(0),
+        nodelay: std::cell::Cell::new(!lazy_nodelay),
         h2: h2.then(H2Conn::new),
         tls,
     });
@@ -200,6 +217,11 @@ async fn serve(
             }
             other => other,
         };
+    }
+    if !info.nodelay.get() {
+        if let ClientStream::Plain(s) = &stream {
+            let _ = s.set_nodelay(true);
+        }
     }
     let io = TokioIo::new(ClientIo {
         prefix: first,
@@ -377,6 +399,27 @@ async fn sniff(stream: &TcpStream) -> io::Result<Option<Sniffed>> {
                 stream.readable().await?
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `sniff`, waiting for the first bytes before it reads (no read that finds nothing), and
+/// reading through tokio's `poll_read`, which notes a short read as the socket drained (so
+/// that a later look at the socket makes no system call to find it empty). Whether it
+/// waited is not told.
+async fn sniff_waiting(stream: &mut TcpStream) -> io::Result<Option<Sniffed>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Ok(None);
+        }
+        let seen = &buf[..buf.len().min(H2_PREFACE.len())];
+        if !H2_PREFACE.starts_with(seen) {
+            return Ok(Some((buf, false, None)));
+        }
+        if buf.len() >= H2_PREFACE.len() {
+            return Ok(Some((buf, true, None)));
         }
     }
 }

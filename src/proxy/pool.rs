@@ -336,6 +336,7 @@ impl ConnPool {
     /// `max_idle` (most recently used first).
     #[inline]
     pub fn take_fast(&self, max_idle: Duration) -> Option<crate::h1::fast::NodeConn> {
+        self.max_idle.set(max_idle);
         let mut idle = self.fast.borrow_mut();
         while let Some((conn, since)) = idle.pop() {
             if since.elapsed() > max_idle || !conn.is_fresh() {
@@ -346,12 +347,23 @@ impl ConnPool {
         None
     }
 
-    /// Gives a connection of the own codec back after its exchange ended whole.
+    /// Gives a connection of the own codec back after its exchange ended whole. Those
+    /// idle past the upstream idle time at the bottom of the stack (left there after a
+    /// burst) are closed on the way: nothing would take them again.
     #[inline]
     pub fn put_fast(&self, conn: crate::h1::fast::NodeConn) {
         let mut idle = self.fast.borrow_mut();
+        let now = Instant::now();
+        let max_idle = self.max_idle.get();
+        let stale = idle
+            .iter()
+            .take_while(|(_, since)| now.saturating_duration_since(*since) > max_idle)
+            .count();
+        if stale > 0 {
+            idle.drain(..stale);
+        }
         if idle.len() < MAX_IDLE {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, now));
         }
     }
 

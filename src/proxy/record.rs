@@ -296,6 +296,13 @@ impl Record {
         };
     }
 
+    /// Bytes of the request body read from the client (the own HTTP/1.1 codec's; the
+    /// hyper path's are counted by the body's watch).
+    #[inline]
+    pub fn add_in(&mut self, n: u64) {
+        self.facts.bytes_in += n;
+    }
+
     #[inline]
     pub fn add_out(&mut self, n: u64) {
         self.facts.bytes_out += n;
