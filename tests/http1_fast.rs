@@ -275,6 +275,10 @@ async fn both_codecs_give_the_node_the_same_request_and_the_client_the_same_answ
         // A length the node's `Connection` names; a 304 with a length.
         (b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\nabc".to_vec(), false),
         (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n".to_vec(), false),
+        // HTTP/1.0 from the node: the client is answered in HTTP/1.1 all the same.
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi".to_vec(), false),
+        // A declared trailer on an answer to HEAD: left out.
+        (b"HTTP/1.1 200 OK\r\nTrailer: x-t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(), false),
     ];
     // (request bytes, is HEAD)
     let requests: Vec<(String, bool)> = vec![
@@ -296,6 +300,8 @@ async fn both_codecs_give_the_node_the_same_request_and_the_client_the_same_answ
         ("POST /0 HTTP/1.1\r\nHost: nowhere.com\r\nContent-Length: 4\r\n\r\nfour".into(), false),
         ("GET /8 HTTP/1.1\r\nHost: company.com\r\n\r\n".into(), false),
         ("GET /9 HTTP/1.1\r\nHost: company.com\r\nConnection: close\r\nClose: x\r\n\r\n".into(), false),
+        ("GET /10 HTTP/1.1\r\nHost: company.com\r\n\r\n".into(), false),
+        ("HEAD /11 HTTP/1.1\r\nHost: company.com\r\n\r\n".into(), true),
         // envgate's own answer to a client that closes.
         ("GET / HTTP/1.1\r\nHost: nowhere.com\r\nConnection: close\r\n\r\n".into(), false),
     ];

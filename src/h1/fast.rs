@@ -117,7 +117,9 @@ pub async fn serve(
             if head_end(&buf, &mut scanned) {
                 break;
             }
-            if buf.len() >= MAX_HEAD_BYTES {
+            if buf.len() >= MAX_HEAD_BYTES || (!buf.is_empty() && broken_head(&buf)) {
+                // hyper refuses a head as soon as what came of it cannot parse (without
+                // waiting for its end), and one past the limit.
                 worker.stats.count_fast(true);
                 return Served::Decline(stream, buf);
             }
@@ -165,6 +167,14 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// Whether the start of a head already fails to parse (a partial head only: the slow
+/// path of a head that came in several reads).
+#[cold]
+fn broken_head(buf: &[u8]) -> bool {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    httparse::Request::new(&mut fields).parse(buf).is_err()
 }
 
 /// `Content-Length`'s value: plain digits (hyper takes nothing else either).
@@ -714,6 +724,8 @@ struct UpHead {
     framing: Framing,
     /// The node said `Connection: close` (or answered HTTP/1.0 without keep-alive).
     close: bool,
+    /// An answer that cannot be chunked (to HEAD, 204, 304): it declares no trailers.
+    unchunkable: bool,
 }
 
 /// One attempt: a pooled connection or a new one, the request written whole, then the
@@ -884,6 +896,7 @@ async fn read_head(
                 len,
                 framing,
                 close,
+                unchunkable: head_request || matches!(status, 204 | 304),
             });
         }
         if conn.buf.len() >= MAX_RESPONSE_HEAD {
@@ -970,6 +983,10 @@ async fn relay(
                 continue;
             }
             if has_connection_options && named_by_connection(r.headers, h.name) {
+                continue;
+            }
+            if resp.unchunkable && is(h.name, "trailer") {
+                // No chunked body, no trailers to declare (hyper leaves it out too).
                 continue;
             }
             date |= is(h.name, "date");
@@ -1174,6 +1191,7 @@ async fn relay_chunked(
     }
 }
 
+/// One chunk, its size in upper-case hex (as hyper writes it).
 #[inline]
 fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
     let mut hex = [0u8; 16];
@@ -1181,7 +1199,7 @@ fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
     let mut i = hex.len();
     loop {
         i -= 1;
-        hex[i] = b"0123456789abcdef"[n & 15];
+        hex[i] = b"0123456789ABCDEF"[n & 15];
         n >>= 4;
         if n == 0 {
             break;
@@ -1348,7 +1366,7 @@ mod tests {
     fn chunks_are_framed() {
         let mut out = Vec::new();
         push_chunk(&mut out, &[b'x'; 26]);
-        assert_eq!(&out[..4], b"1a\r\n");
+        assert_eq!(&out[..4], b"1A\r\n");
         assert!(out.ends_with(b"x\r\n"));
         let mut out = Vec::new();
         push_status(&mut out, 404, None);

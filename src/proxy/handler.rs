@@ -612,7 +612,12 @@ pub async fn exchange(
                         return Ok(resp);
                     }
                     headers::strip_hop_by_hop(resp.headers_mut(), false);
-                    let (parts, body) = resp.into_parts();
+                    let (mut parts, body) = resp.into_parts();
+                    // envgate answers in its own version: a node's HTTP/1.0 would
+                    // otherwise reach the client (and end a kept-alive connection).
+                    if h1 {
+                        parts.version = Version::HTTP_11;
+                    }
                     break 'serve Response::from_parts(
                         parts,
                         ProxyBody::upstream(
