@@ -58,7 +58,8 @@ fuzz_target!(|data: &[u8]| {
         } else {
             again.extend_from_slice(b"\r\n");
         }
-        let (b2, t2, used, done) = run(&again, &[again.len()]).expect("a body encoded again decodes");
+        let (b2, t2, used, done) =
+            run(&again, &[again.len()]).expect("a body encoded again decodes");
         assert!(done);
         assert_eq!(b2, body);
         assert!(t2.is_empty());

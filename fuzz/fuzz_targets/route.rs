@@ -45,9 +45,7 @@ environments:
 
 fn topo() -> &'static Topology {
     static T: OnceLock<Topology> = OnceLock::new();
-    T.get_or_init(|| {
-        envgate::config::parse(DOC, std::path::Path::new(".")).unwrap()
-    })
+    T.get_or_init(|| envgate::config::parse(DOC, std::path::Path::new(".")).unwrap())
 }
 
 /// Splits the input at NUL bytes into the request's parts.
@@ -66,7 +64,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut headers = HeaderMap::new();
-    for (name, value) in [("x-tenant-id", tenant), ("cookie", cookie), ("x-canary", extra)] {
+    for (name, value) in [
+        ("x-tenant-id", tenant),
+        ("cookie", cookie),
+        ("x-canary", extra),
+    ] {
         if let Ok(v) = HeaderValue::from_bytes(value) {
             headers.append(HeaderName::from_static(name), v);
         }
@@ -85,13 +87,18 @@ fuzz_target!(|data: &[u8]| {
         headers: envgate::routing::Fields::Map(&headers),
         client: "192.0.2.1".parse().unwrap(),
         trusted: extra.len() % 3 == 0,
-        random: data.iter().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(*b as u64)),
+        random: data
+            .iter()
+            .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(*b as u64)),
     };
     let first = route(t, &view);
     let again = route(t, &view);
     match (&first, &again) {
         (Ok(a), Ok(b)) => {
-            assert_eq!((a.env, a.redirect, a.tenant, a.canary), (b.env, b.redirect, b.tenant, b.canary));
+            assert_eq!(
+                (a.env, a.redirect, a.tenant, a.canary),
+                (b.env, b.redirect, b.tenant, b.canary)
+            );
         }
         (Err(a), Err(b)) => assert_eq!(a, b),
         _ => panic!("not deterministic"),
