@@ -7,13 +7,16 @@
 //! - `routing`   the routing decision: entry, tenant ranges, canary, application, candidates
 //! - `balance`   smooth weighted round-robin and the failover order of candidates
 //! - `dns`       nodes addressed by host names: resolution, members, refresh
-//! - `h1`        parts of an own HTTP/1.1 codec (message framing)
+//! - `h1`        the own HTTP/1.1 codec: framing, the fast path, lazily registered sockets
 //! - `health`    per-node state (health, drain) carried across reloads
 //! - `proxy`     listeners, the per-request handler, upstream connection pools
 //! - `control`   the apply path (every topology change), its history, the file watch
 //! - `server`    `start()`: workers, graceful drain
 //! - `demo`      `envgate demo`: demo nodes and topology on loopback
-#![forbid(unsafe_code)]
+//! - `sys`       the one socket option without a safe interface (the only unsafe code)
+// One function of `sys` sets a socket option that no safe interface offers; nothing else
+// may use unsafe code.
+#![deny(unsafe_code)]
 
 pub mod accesslog;
 pub mod balance;
@@ -27,6 +30,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod sys;
 pub mod tls;
 pub mod topology;
 pub mod upgrade;

@@ -213,9 +213,14 @@ pub struct Server {
 }
 
 /// Binds a listener the way envgate serves it: address reuse, SO_REUSEPORT (so that each
-/// worker can have a socket of its own on the address) and a deep accept queue.
+/// worker can have a socket of its own on the address), a deep accept queue, and
+/// connections handed over once their first bytes came (`defer_accept`).
 pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<StdListener> {
-    bind_with(addr, true)
+    let l = bind_with(addr, true)?;
+    if let Err(e) = crate::sys::defer_accept(&l) {
+        tracing::debug!(%addr, error = %e, "TCP_DEFER_ACCEPT not set");
+    }
+    Ok(l)
 }
 
 /// `bind`, with or without SO_REUSEPORT (the control endpoint goes without: a second
@@ -512,25 +517,18 @@ async fn worker_main(
         |loops: &mut std::collections::HashMap<String, Vec<tokio::task::JoinHandle<()>>>,
          sock: StdListener,
          meta: ListenerMeta| {
-            match tokio::net::TcpListener::from_std(sock) {
-                Ok(listener) => {
-                    let name = meta.name.clone();
-                    let active = shared.connections.slot(&name);
-                    let task = tokio::task::spawn_local(accept_loop(
-                        worker.clone(),
-                        listener,
-                        Rc::new(meta),
-                        local_rx.clone(),
-                        tracker.clone(),
-                        active,
-                    ));
-                    // A listener may have several sockets in one worker (inherited ones).
-                    loops.entry(name).or_default().push(task);
-                }
-                Err(e) => {
-                    tracing::error!(listener = %meta.name, error = %e, "cannot serve listener")
-                }
-            }
+            let name = meta.name.clone();
+            let active = shared.connections.slot(&name);
+            let task = tokio::task::spawn_local(accept_loop(
+                worker.clone(),
+                sock,
+                Rc::new(meta),
+                local_rx.clone(),
+                tracker.clone(),
+                active,
+            ));
+            // A listener may have several sockets in one worker (inherited ones).
+            loops.entry(name).or_default().push(task);
         };
     for (sock, meta) in socks {
         start(&mut loops, sock, meta);

@@ -37,6 +37,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::client::Client;
 use super::framing::{self, ChunkedDecoder, Framing};
 use crate::metrics::tally::Failover;
 use crate::proxy::body::{Blame, ProxyBody};
@@ -70,6 +71,15 @@ pub enum Served {
     Decline(TcpStream, Vec<u8>),
 }
 
+/// The connection handed to hyper (registered with the reactor), or over when the reactor
+/// could not take it.
+fn decline(client: Client, buf: Vec<u8>) -> Served {
+    match client.into_io() {
+        Ok(s) => Served::Decline(s, buf),
+        Err(_) => Served::Done,
+    }
+}
+
 /// A connection to a node, spoken to by the own codec.
 pub struct NodeConn {
     io: TcpStream,
@@ -93,7 +103,7 @@ impl NodeConn {
 pub async fn serve(
     worker: &Rc<Worker>,
     info: &Rc<ConnInfo>,
-    mut stream: TcpStream,
+    mut client: Client,
     mut buf: Vec<u8>,
     timeouts: &Timeouts,
     accepted: Instant,
@@ -121,11 +131,14 @@ pub async fn serve(
                 // hyper refuses a head as soon as what came of it cannot parse (without
                 // waiting for its end), and one past the limit.
                 worker.stats.count_fast(true);
-                return Served::Decline(stream, buf);
+                return decline(client, buf);
             }
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(4096);
             }
+            let Ok(stream) = client.io() else {
+                return Served::Done;
+            };
             let read = tokio::select! {
                 biased;
                 r = stream.read_buf(&mut buf) => r,
@@ -153,17 +166,17 @@ pub async fn serve(
         }
         // Draining: this answer is the connection's last, and says so.
         let closing = *shutdown.borrow();
-        let step = exchange(worker, info, &mut stream, &buf, &mut up, &mut out, closing).await;
+        let step = exchange(worker, info, &mut client, &buf, &mut up, &mut out, closing).await;
         match step {
             Step::Next(_) if closing => return Served::Done,
             Step::Next(n) => {
                 buf.drain(..n);
-                nodelay(&stream, info);
+                nodelay(&client, info);
             }
             Step::Close => return Served::Done,
             Step::Decline => {
                 worker.stats.count_fast(true);
-                return Served::Decline(stream, buf);
+                return decline(client, buf);
             }
         }
     }
@@ -243,7 +256,7 @@ struct Seen {
 async fn exchange(
     worker: &Rc<Worker>,
     info: &Rc<ConnInfo>,
-    client: &mut TcpStream,
+    client: &mut Client,
     buf: &[u8],
     up: &mut Vec<u8>,
     out: &mut Vec<u8>,
@@ -596,7 +609,7 @@ async fn exchange(
         let attempt_result = tokio::select! {
             biased;
             r = forward(pool, up, head, body_len > 0, timeouts, &mut overall) => r,
-            () = client_gone(client) => return Step::Close,
+            () = client.gone() => return Step::Close,
         };
         match attempt_result {
             Ok((conn, resp, began, connect_ns)) => {
@@ -669,15 +682,6 @@ async fn exchange(
         client, out, rec, resp, &method, timeouts, total, cookie, seen.close,
     )
     .await
-}
-
-/// Ends when the client closed its connection (or it failed). Pipelined bytes of a next
-/// request do not count: then it never ends.
-async fn client_gone(client: &TcpStream) {
-    let mut b = [0u8; 1];
-    if let Ok(1..) = client.peek(&mut b).await {
-        std::future::pending::<()>().await;
-    }
 }
 
 #[inline]
@@ -941,7 +945,7 @@ fn named_by_connection(fields: &[httparse::Header<'_>], name: &str) -> bool {
 /// back when the exchange ended whole.
 #[allow(clippy::too_many_arguments)]
 async fn relay(
-    client: &mut TcpStream,
+    client: &mut Client,
     info: &ConnInfo,
     out: &mut Vec<u8>,
     pool: &ConnPool,
@@ -1072,9 +1076,9 @@ enum BodyFault {
 /// Sets TCP_NODELAY on the client's socket before a second write (see
 /// `ConnInfo::nodelay`).
 #[inline]
-fn nodelay(client: &TcpStream, info: &ConnInfo) {
+fn nodelay(client: &Client, info: &ConnInfo) {
     if !info.nodelay.get() {
-        let _ = client.set_nodelay(true);
+        client.set_nodelay();
         info.nodelay.set(true);
     }
 }
@@ -1082,7 +1086,7 @@ fn nodelay(client: &TcpStream, info: &ConnInfo) {
 /// Writes `out` to the client whole, within the body idle time (a client that stops
 /// reading loses its connection, and is not the node's fault).
 #[inline]
-async fn write_client(client: &mut TcpStream, out: &mut Vec<u8>, t: &Timeouts) -> io::Result<()> {
+async fn write_client(client: &mut Client, out: &mut Vec<u8>, t: &Timeouts) -> io::Result<()> {
     let r = tokio::time::timeout(t.body_idle, client.write_all(out)).await;
     out.clear();
     match r {
@@ -1106,7 +1110,7 @@ async fn read_node(conn: &mut NodeConn, t: &Timeouts) -> Result<usize, BodyFault
 
 /// A body of `n` bytes. `Ok(reusable)`.
 async fn relay_length(
-    client: &mut TcpStream,
+    client: &mut Client,
     info: &ConnInfo,
     out: &mut Vec<u8>,
     conn: &mut NodeConn,
@@ -1140,7 +1144,7 @@ async fn relay_length(
 
 /// A chunked body (or one delimited by the node's close), sent on chunked.
 async fn relay_chunked(
-    client: &mut TcpStream,
+    client: &mut Client,
     info: &ConnInfo,
     out: &mut Vec<u8>,
     conn: &mut NodeConn,
@@ -1271,7 +1275,7 @@ fn push_date(out: &mut Vec<u8>) {
 /// and completes the record.
 #[allow(clippy::too_many_arguments)]
 async fn answer(
-    client: &mut TcpStream,
+    client: &mut Client,
     out: &mut Vec<u8>,
     mut rec: Record,
     mut resp: http::Response<ProxyBody>,

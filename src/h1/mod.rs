@@ -3,5 +3,6 @@
 //! it (`fast`, chosen with `--http1 fast`). Both follow the rules the hyper path keeps, so
 //! that either codec frames every message alike.
 
+pub mod client;
 pub mod fast;
 pub mod framing;

@@ -29,14 +29,16 @@ use std::time::Duration;
 use http::header::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::handler::{exchange, handle_h2, ConnInfo, H2Conn, TlsConn};
 use super::io::StallIo;
 use super::worker::Worker;
+use crate::h1::client::Client;
 use crate::server::Tracker;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -53,20 +55,66 @@ pub struct ListenerMeta {
 /// yet, is given to send it.
 pub(crate) const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
+/// Most connections taken from one listener in a row before other tasks get a turn.
+const ACCEPT_BURST: usize = 64;
+
 pub async fn accept_loop(
     worker: Rc<Worker>,
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     meta: Rc<ListenerMeta>,
     mut shutdown: watch::Receiver<bool>,
     tracker: Rc<Tracker>,
     active: std::sync::Arc<crate::metrics::Slot>,
 ) {
+    // Accepted sockets come out of the kernel non-blocking and are registered with the
+    // reactor by whoever serves them, when they must wait (see `h1::client`). (Deprecated
+    // for inner types that may not own their descriptor; a `TcpListener` owns its own for
+    // as long as the `AsyncFd` holds it.)
+    #[allow(deprecated)]
+    let listener = match AsyncFd::with_interest(listener, tokio::io::Interest::READABLE) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listener = %meta.name, error = %e, "cannot serve listener");
+            return;
+        }
+    };
     loop {
-        tokio::select! {
+        let mut ready = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
+            r = listener.readable() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(listener = %meta.name, error = %e, "cannot serve listener");
+                    return;
+                }
+            },
+        };
+        let mut failed = None;
+        let mut drained = false;
+        for _ in 0..ACCEPT_BURST {
+            let accepted = ready.try_io(|l| {
+                rustix::net::acceptfrom_with(
+                    l.get_ref(),
+                    rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
+                )
+                .map_err(io::Error::from)
+            });
+            match accepted {
+                // Nothing more to take: the readiness is cleared.
+                Err(_would_block) => {
+                    drained = true;
+                    break;
+                }
+                Ok(Ok((fd, addr))) => {
+                    let stream = std::net::TcpStream::from(fd);
+                    let peer = match addr.and_then(|a| SocketAddr::try_from(a).ok()) {
+                        Some(p) => p,
+                        None => match stream.peer_addr() {
+                            Ok(p) => p,
+                            Err(_) => continue,
+                        },
+                    };
                     let guard = tracker.enter();
                     let worker = worker.clone();
                     let meta = meta.clone();
@@ -77,19 +125,41 @@ pub async fn accept_loop(
                         drop((open, guard));
                     });
                 }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(listener = %meta.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                // The peer gave up while in the queue.
+                Ok(Err(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+                    ) => {}
+                Ok(Err(e)) => {
+                    failed = Some(e);
+                    break;
                 }
-            },
+            }
+        }
+        drop(ready);
+        if let Some(e) = failed {
+            // Out of file descriptors and the like: back off instead of spinning.
+            tracing::warn!(listener = %meta.name, error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        } else if !drained {
+            // A full burst: let the connections just taken start before taking more.
+            tokio::task::yield_now().await;
         }
     }
 }
 
+/// How a connection is served once its first bytes are in.
+enum Accepted {
+    /// By the own HTTP/1.1 codec, on a socket not registered yet.
+    Own(Client),
+    /// By hyper.
+    Hyper(ClientStream),
+}
+
 async fn serve(
     worker: Rc<Worker>,
-    mut stream: TcpStream,
+    raw: std::net::TcpStream,
     peer: SocketAddr,
     meta: &ListenerMeta,
     mut shutdown: watch::Receiver<bool>,
@@ -97,7 +167,7 @@ async fn serve(
     // The own HTTP/1.1 codec sets it when it must (see `ConnInfo::nodelay`).
     let lazy_nodelay = worker.fast && !meta.tls;
     if !lazy_nodelay {
-        let _ = stream.set_nodelay(true);
+        let _ = raw.set_nodelay(true);
     }
     let topo = worker.shared.topology.load();
     let timeouts = topo.defaults.timeouts.clone();
@@ -123,8 +193,12 @@ async fn serve(
     drop(topo);
 
     let accepted = Instant::now();
-    let (mut stream, mut first, h2, waited_since, tls) = match server_tls {
+    let secure = server_tls.is_some();
+    let (conn, first, h2, waited_since, tls) = match server_tls {
         Some(server) => {
+            let Ok(stream) = TcpStream::from_std(raw) else {
+                return;
+            };
             // The handshake counts in `client_header`; HTTP/2 or HTTP/1.1 is ALPN's choice.
             let acceptor = tokio_rustls::TlsAcceptor::from(server.config.clone());
             let s =
@@ -147,28 +221,46 @@ async fn serve(
                 })
             });
             (
-                ClientStream::Tls(Box::new(s)),
+                Accepted::Hyper(ClientStream::Tls(Box::new(s))),
                 Vec::new(),
                 h2,
                 Some(accepted),
                 tls,
             )
         }
+        None if lazy_nodelay => {
+            // The own codec reads right after the accept, before the socket is registered
+            // (see `h1::client`).
+            let mut client = Client::raw(raw);
+            match tokio::time::timeout(timeouts.client_header, sniff_raw(&mut client)).await {
+                Ok(Ok(Some((first, false)))) => {
+                    (Accepted::Own(client), first, false, Some(accepted), None)
+                }
+                Ok(Ok(Some((first, true)))) => match client.into_io() {
+                    Ok(s) => (
+                        Accepted::Hyper(ClientStream::Plain(s)),
+                        first,
+                        true,
+                        Some(accepted),
+                        None,
+                    ),
+                    Err(_) => return,
+                },
+                _ => return, // closed, failed or silent: nothing to answer
+            }
+        }
         None => {
-            // The own codec waits for the first bytes before it reads (a read right after
-            // the accept mostly finds nothing yet: a system call for nothing).
-            let first = async {
-                if lazy_nodelay {
-                    sniff_waiting(&mut stream).await
-                } else {
-                    sniff(&stream).await
-                }
+            let Ok(stream) = TcpStream::from_std(raw) else {
+                return;
             };
-            match tokio::time::timeout(timeouts.client_header, first).await {
-                Ok(Ok(Some((first, h2, waited)))) => {
-                    let waited = if lazy_nodelay { Some(accepted) } else { waited };
-                    (ClientStream::Plain(stream), first, h2, waited, None)
-                }
+            match tokio::time::timeout(timeouts.client_header, sniff(&stream)).await {
+                Ok(Ok(Some((first, h2, waited)))) => (
+                    Accepted::Hyper(ClientStream::Plain(stream)),
+                    first,
+                    h2,
+                    waited,
+                    None,
+                ),
                 _ => return, // closed, failed or silent: nothing to answer
             }
         }
@@ -180,7 +272,6 @@ async fn serve(
             .unwrap_or(peer.ip()),
         ip => ip,
     };
-    let secure = matches!(stream, ClientStream::Tls(_));
     let info = Rc::new(ConnInfo {
         peer,
         local_port: meta.port,
@@ -194,30 +285,25 @@ async fn serve(
     });
     // The own HTTP/1.1 codec serves what it takes; what it declines goes on to hyper with
     // the bytes read so far.
-    if worker.fast && !h2 {
-        stream = match stream {
-            ClientStream::Plain(s) => {
-                match crate::h1::fast::serve(
-                    &worker,
-                    &info,
-                    s,
-                    first,
-                    &timeouts,
-                    accepted,
-                    &mut shutdown,
-                )
-                .await
-                {
-                    crate::h1::fast::Served::Done => return,
-                    crate::h1::fast::Served::Decline(s, rest) => {
-                        first = rest;
-                        ClientStream::Plain(s)
-                    }
-                }
+    let (stream, first) = match conn {
+        Accepted::Own(client) => {
+            match crate::h1::fast::serve(
+                &worker,
+                &info,
+                client,
+                first,
+                &timeouts,
+                accepted,
+                &mut shutdown,
+            )
+            .await
+            {
+                crate::h1::fast::Served::Done => return,
+                crate::h1::fast::Served::Decline(s, rest) => (ClientStream::Plain(s), rest),
             }
-            other => other,
-        };
-    }
+        }
+        Accepted::Hyper(s) => (s, first),
+    };
     if !info.nodelay.get() {
         if let ClientStream::Plain(s) = &stream {
             let _ = s.set_nodelay(true);
@@ -403,23 +489,30 @@ async fn sniff(stream: &TcpStream) -> io::Result<Option<Sniffed>> {
     }
 }
 
-/// `sniff`, waiting for the first bytes before it reads (no read that finds nothing), and
-/// reading through tokio's `poll_read`, which notes a short read as the socket drained (so
-/// that a later look at the socket makes no system call to find it empty). Whether it
-/// waited is not told.
-async fn sniff_waiting(stream: &mut TcpStream) -> io::Result<Option<Sniffed>> {
+/// `sniff` for a socket not registered yet: one read right after the accept (into zeroed
+/// memory: a plain socket reads into a slice); the socket is registered only when the
+/// first bytes are not all there. Whether it waited is not told.
+async fn sniff_raw(client: &mut Client) -> io::Result<Option<(Vec<u8>, bool)>> {
     use tokio::io::AsyncReadExt;
-    let mut buf = Vec::with_capacity(4096);
+    let mut buf = vec![0u8; 4096];
+    match client.try_read_raw(&mut buf) {
+        Ok(0) => return Ok(None),
+        Ok(n) => buf.truncate(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.clear(),
+        Err(e) => return Err(e),
+    }
     loop {
-        if stream.read_buf(&mut buf).await? == 0 {
+        if !buf.is_empty() {
+            let seen = &buf[..buf.len().min(H2_PREFACE.len())];
+            if !H2_PREFACE.starts_with(seen) {
+                return Ok(Some((buf, false)));
+            }
+            if buf.len() >= H2_PREFACE.len() {
+                return Ok(Some((buf, true)));
+            }
+        }
+        if client.io()?.read_buf(&mut buf).await? == 0 {
             return Ok(None);
-        }
-        let seen = &buf[..buf.len().min(H2_PREFACE.len())];
-        if !H2_PREFACE.starts_with(seen) {
-            return Ok(Some((buf, false, None)));
-        }
-        if buf.len() >= H2_PREFACE.len() {
-            return Ok(Some((buf, true, None)));
         }
     }
 }
