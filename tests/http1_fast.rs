@@ -140,20 +140,44 @@ async fn the_own_codec_serves_then_hands_a_connection_to_hyper() {
         assert!(head.starts_with("http/1.1 200"), "{head}");
         assert_eq!(body, b"hello");
         assert_eq!(fast_counts(api).await, (4.0, 0.0));
-        // A chunked body is handed to hyper, which serves the connection from then on.
-        s.write_all(b"POST /echo HTTP/1.1\r\nHost: company.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        // A chunked body, and a body larger than what came with its head, are streamed by
+        // the own codec.
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: company.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel")
             .await
             .unwrap();
+        s.write_all(b"lo\r\n3\r\n!!!\r\n0\r\n\r\n").await.unwrap();
         let (head, body) = read_response(&mut s, false).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
-        assert_eq!(body, b"hello");
+        assert_eq!(body, b"hello!!!");
+        let big = vec![b'z'; 300 * 1024];
+        s.write_all(
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: company.com\r\nContent-Length: {}\r\n\r\n",
+                big.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        s.write_all(&big).await.unwrap();
+        let (head, body) = read_response(&mut s, false).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(body == big, "{} bytes back", body.len());
+        assert_eq!(fast_counts(api).await, (6.0, 0.0));
+        // A request asking for trailers (`TE`) is handed to hyper, which serves the
+        // connection from then on.
+        s.write_all(b"GET /echo HTTP/1.1\r\nHost: company.com\r\nTE: trailers\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_response(&mut s, false).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
         s.write_all(b"GET / HTTP/1.1\r\nHost: company.com\r\n\r\n")
             .await
             .unwrap();
         let (head, body) = read_response(&mut s, false).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
         assert_eq!(body, b"a");
-        assert_eq!(fast_counts(api).await, (4.0, 1.0));
+        assert_eq!(fast_counts(api).await, (6.0, 1.0));
         // Malformed heads go to hyper too, which answers them as before.
         let reply = raw(
             port,
@@ -161,7 +185,7 @@ async fn the_own_codec_serves_then_hands_a_connection_to_hyper() {
         )
         .await;
         assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
-        assert_eq!(fast_counts(api).await, (4.0, 2.0));
+        assert_eq!(fast_counts(api).await, (6.0, 2.0));
         // The access log has the fast path's exchanges too.
         let lines = eg.stop_with_log().await;
         let fast_lines = lines

@@ -41,7 +41,7 @@ use super::client::Client;
 use super::framing::{self, ChunkedDecoder, Framing};
 use crate::metrics::tally::Failover;
 use crate::proxy::body::{Blame, ProxyBody};
-use crate::proxy::error::{is_local_resource_error, own, Refusal};
+use crate::proxy::error::{is_local_resource_error, own, ClientFault, Refusal};
 use crate::proxy::handler::{self, ConnInfo};
 use crate::proxy::headers;
 use crate::proxy::pool::{ConnPool, Counted};
@@ -166,7 +166,16 @@ pub async fn serve(
         }
         // Draining: this answer is the connection's last, and says so.
         let closing = *shutdown.borrow();
-        let step = exchange(worker, info, &mut client, &buf, &mut up, &mut out, closing).await;
+        let step = exchange(
+            worker,
+            info,
+            &mut client,
+            &mut buf,
+            &mut up,
+            &mut out,
+            closing,
+        )
+        .await;
         match step {
             Step::Next(_) if closing => return Served::Done,
             Step::Next(n) => {
@@ -250,21 +259,23 @@ struct Seen {
     request_id: Option<usize>,
     request_ids: u8,
     /// The body's length (`Content-Length`).
-    length: Option<usize>,
+    length: Option<u64>,
+    /// `Transfer-Encoding: chunked`.
+    chunked: bool,
 }
 
 async fn exchange(
     worker: &Rc<Worker>,
     info: &Rc<ConnInfo>,
     client: &mut Client,
-    buf: &[u8],
+    buf: &mut Vec<u8>,
     up: &mut Vec<u8>,
     out: &mut Vec<u8>,
     closing: bool,
 ) -> Step {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
-    let len = match req.parse(buf) {
+    let len = match req.parse(&buf[..]) {
         // A head past hyper's limit is hyper's to refuse (one read may bring more).
         Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD_BYTES => n,
         _ => return Step::Decline,
@@ -296,20 +307,25 @@ async fn exchange(
                 }
             }
             14 if is(n, "content-length") => {
-                // One field of plain digits, a body the fast path holds whole; anything
-                // else is hyper's.
+                // One field of plain digits; anything else is hyper's.
                 if seen.length.is_some() {
                     return Step::Decline;
                 }
                 match content_length(h.value) {
-                    Some(n) if n <= MAX_BODY as u64 => seen.length = Some(n as usize),
-                    _ => return Step::Decline,
+                    Some(n) => seen.length = Some(n),
+                    None => return Step::Decline,
                 }
             }
             15 if is(n, "x-forwarded-for") => seen.forwarded_for = true,
             16 if is(n, "x-forwarded-host") => seen.forwarded_host = true,
             17 if is(n, "x-forwarded-proto") => seen.forwarded_proto = true,
-            17 if is(n, "transfer-encoding") => return Step::Decline,
+            17 if is(n, "transfer-encoding") => {
+                // One field naming `chunked` alone; any other coding is hyper's.
+                if seen.chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    return Step::Decline;
+                }
+                seen.chunked = true;
+            }
             9 if is(n, "forwarded") => seen.forwarded = true,
             12 if is(n, "x-request-id") => {
                 seen.request_id = Some(i);
@@ -343,13 +359,23 @@ async fn exchange(
     if !snap.fast {
         return Step::Decline;
     }
-    // A body is taken when it came whole with its head (a small body mostly does);
-    // one still on its way is hyper's, which streams it to the node as it comes.
-    let body_len = seen.length.unwrap_or(0);
-    let total = len + body_len;
-    if buf.len() < total {
+    // A small body that came whole with its head goes to the node with it; any other is
+    // streamed (`Upload`). A length beside chunked framing is hyper's to refuse.
+    let body_len = match (seen.length, seen.chunked) {
+        (None, false) => 0,
+        (Some(_), true) => return Step::Decline,
+        (Some(n), false) if n <= MAX_BODY as u64 && (buf.len() - len) as u64 >= n => n as usize,
+        _ => usize::MAX,
+    };
+    let streamed = body_len == usize::MAX;
+    if seen.chunked && !chunks_parse(&buf[len..]) {
+        // Broken framing before a byte went anywhere: hyper refuses it as it does.
         return Step::Decline;
     }
+    let body_len = if streamed { 0 } else { body_len };
+    let total = len + body_len;
+    // A request whose body stays unread is the connection's last.
+    let answer_close = seen.close || streamed;
     // From here on the request is the fast path's.
     info.requests.set(info.requests.get() + 1);
     worker.stats.count_fast(false);
@@ -374,7 +400,7 @@ async fn exchange(
                 timeouts,
                 total,
                 None,
-                seen.close,
+                answer_close,
             )
             .await
         }
@@ -396,7 +422,15 @@ async fn exchange(
             static NO_ROUTE: &[u8] = br#"{"error":"no_route"}"#;
             let resp = own(StatusCode::NOT_FOUND, bytes::Bytes::from_static(NO_ROUTE));
             return answer(
-                client, out, rec, resp, &method, timeouts, total, None, seen.close,
+                client,
+                out,
+                rec,
+                resp,
+                &method,
+                timeouts,
+                total,
+                None,
+                answer_close,
             )
             .await;
         }
@@ -419,7 +453,7 @@ async fn exchange(
                 timeouts,
                 total,
                 None,
-                seen.close,
+                answer_close,
             )
             .await;
         }
@@ -433,7 +467,15 @@ async fn exchange(
                 bytes::Bytes::from_static(MISDIRECTED),
             );
             return answer(
-                client, out, rec, resp, &method, timeouts, total, None, seen.close,
+                client,
+                out,
+                rec,
+                resp,
+                &method,
+                timeouts,
+                total,
+                None,
+                answer_close,
             )
             .await;
         }
@@ -456,10 +498,21 @@ async fn exchange(
     let env = route.environment;
     let env_id = route.env;
     let app = route.app;
-    if env.max_request_body.is_some_and(|l| body_len as u64 > l) {
+    if env
+        .max_request_body
+        .is_some_and(|l| seen.length.is_some_and(|n| n > l))
+    {
         let resp = Refusal::BodyTooLarge.response(true);
         return answer(
-            client, out, rec, resp, &method, timeouts, total, cookie, seen.close,
+            client,
+            out,
+            rec,
+            resp,
+            &method,
+            timeouts,
+            total,
+            cookie,
+            answer_close,
         )
         .await;
     }
@@ -469,7 +522,15 @@ async fn exchange(
             env.bodies().over_limit.clone(),
         );
         return answer(
-            client, out, rec, resp, &method, timeouts, total, cookie, seen.close,
+            client,
+            out,
+            rec,
+            resp,
+            &method,
+            timeouts,
+            total,
+            cookie,
+            answer_close,
         )
         .await;
     };
@@ -564,9 +625,43 @@ async fn exchange(
         rec.sent(Some(&up[r]), None);
     }
     up.extend_from_slice(b"\r\n");
-    // The body goes with the head, in the same write.
-    up.extend_from_slice(&buf[len..total]);
-    rec.add_in(body_len as u64);
+    // The body goes with the head, in the same write: whole, or what came of it so far.
+    let mut upload = if streamed {
+        let mut body = match seen.length {
+            Some(n) => UpBody::Length(n),
+            None => UpBody::Chunked(ChunkedDecoder::new()),
+        };
+        let limit = env.max_request_body.unwrap_or(u64::MAX);
+        let mut sent = 0;
+        let used = match body.take(&buf[len..], up, limit, &mut sent) {
+            Ok(used) => used,
+            Err(fault) => {
+                drop(slot);
+                rec.no_node();
+                let resp = fault.refusal().response(true);
+                return answer(
+                    client, out, rec, resp, &method, timeouts, total, cookie, true,
+                )
+                .await;
+            }
+        };
+        buf.drain(..len + used);
+        Some(Upload {
+            buf: &mut *buf,
+            body,
+            limit,
+            sent,
+            scratch: Vec::new(),
+            at: 0,
+            need_more: false,
+            failed: false,
+        })
+    } else {
+        up.extend_from_slice(&buf[len..total]);
+        rec.add_in(body_len as u64);
+        None
+    };
+    let total = if streamed { 0 } else { total };
 
     // Attempts, as on the hyper path (body-less requests only here).
     let panic_mode = handler::panic_mode(topo, env, app);
@@ -574,7 +669,7 @@ async fn exchange(
     let attempts = (env.retries as usize + 1).min(MAX_ATTEMPTS);
     // As on the hyper path: only a body-less request is sent again after it reached a
     // node that failed.
-    let replayable = idempotent(&method) && body_len == 0;
+    let replayable = idempotent(&method) && body_len == 0 && !streamed;
     let mut last = Last::NoNode;
     let mut free = true;
     let mut after = None;
@@ -604,13 +699,17 @@ async fn exchange(
             };
         rec.attempt(counters, node, after.take());
         let pool = &snap.conns[node];
-        // A client that goes away while its request is at the node abandons the exchange
-        // (its record says 499, the node connection closes), as on the hyper path.
-        let attempt_result = tokio::select! {
-            biased;
-            r = forward(pool, up, head, body_len > 0, timeouts, &mut overall) => r,
-            () = client.gone() => return Step::Close,
-        };
+        let attempt_result = forward(
+            pool,
+            up,
+            head,
+            body_len > 0 || streamed,
+            timeouts,
+            &mut overall,
+            client,
+            upload.as_mut(),
+        )
+        .await;
         match attempt_result {
             Ok((conn, resp, began, connect_ns)) => {
                 rec.answered(Some(began), connect_ns);
@@ -619,15 +718,40 @@ async fn exchange(
                     scope: route.candidates,
                     node,
                 };
-                let close = seen.close;
                 return relay(
-                    client, info, out, pool, conn, resp, blame, rec, cookie, close, timeouts,
-                    total, slot,
+                    client,
+                    info,
+                    out,
+                    pool,
+                    conn,
+                    resp,
+                    blame,
+                    rec,
+                    cookie,
+                    seen.close,
+                    timeouts,
+                    total,
+                    slot,
+                    upload.as_mut(),
                 )
                 .await;
             }
             Err(f) => {
                 let again = match f {
+                    Failure::Client(fault) => {
+                        // The client's fault: not counted under the node.
+                        rec.add_in(upload.as_ref().map_or(0, |u| u.sent));
+                        drop(upload);
+                        drop(slot);
+                        rec.no_node();
+                        let resp = fault.refusal().response(true);
+                        return answer(
+                            client, out, rec, resp, &method, timeouts, total, cookie, true,
+                        )
+                        .await;
+                    }
+                    // Gone while its request was at the node: 499 (the record's default).
+                    Failure::ClientGone => return Step::Close,
                     Failure::NotSent(Cause::Local) => {
                         after = Some(Failover::Local);
                         tracing::warn!(node = %topo.nodes[node].name, "connect failed for lack of local resources (file descriptors, ports or buffers); not counted against the node");
@@ -671,6 +795,11 @@ async fn exchange(
         }
     }
     drop(slot);
+    // The upload went partly to a node: what is left of it on the client's connection
+    // cannot be read as a next request.
+    let cut_short = upload.as_ref().is_some_and(|u| !u.done());
+    rec.add_in(upload.as_ref().map_or(0, |u| u.sent));
+    drop(upload);
     let b = env.bodies();
     let resp = match last {
         Last::NoNode => own(StatusCode::SERVICE_UNAVAILABLE, b.no_healthy_node.clone()),
@@ -679,7 +808,15 @@ async fn exchange(
         Last::Timeout => own(StatusCode::GATEWAY_TIMEOUT, b.gateway_timeout.clone()),
     };
     answer(
-        client, out, rec, resp, &method, timeouts, total, cookie, seen.close,
+        client,
+        out,
+        rec,
+        resp,
+        &method,
+        timeouts,
+        total,
+        cookie,
+        seen.close || cut_short,
     )
     .await
 }
@@ -718,6 +855,10 @@ enum Failure {
     UploadStalled,
     /// The node failed after the request was (maybe) sent.
     Failed,
+    /// The client failed its own body (a streamed one).
+    Client(ClientFault),
+    /// The client went away while its request was at the node.
+    ClientGone,
 }
 
 /// A node's response head, as positions in the connection's buffer.
@@ -734,6 +875,7 @@ struct UpHead {
 
 /// One attempt: a pooled connection or a new one, the request written whole, then the
 /// response head (1xx skipped), within `response_header` and the overall deadline.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     pool: &ConnPool,
     request: &[u8],
@@ -741,6 +883,8 @@ async fn forward(
     body: bool,
     t: &Timeouts,
     overall: &mut Option<Instant>,
+    client: &mut Client,
+    mut upload: Option<&mut Upload<'_>>,
 ) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
     loop {
         let start = Instant::now();
@@ -795,6 +939,16 @@ async fn forward(
             Err(_) if body => return Err(Failure::UploadStalled),
             Err(_) => return Err(Failure::Failed),
         }
+        conn.buf.clear();
+        // The rest of a streamed body; a node that answers meanwhile is read from here on.
+        if let Some(u) = upload.as_deref_mut() {
+            match pump(u, client, &mut conn, t).await {
+                Ok(()) => {}
+                Err(Pump::Client(f)) => return Err(Failure::Client(f)),
+                Err(Pump::NodeStalled) => return Err(Failure::UploadStalled),
+                Err(Pump::NodeFailed) => return Err(Failure::Failed),
+            }
+        }
         // The response-head timer starts once the body went whole; the time spent
         // uploading does not count against the overall deadline (as on the hyper path).
         let head_due = if body {
@@ -803,8 +957,14 @@ async fn forward(
         } else {
             (sent_at + t.response_header).min(deadline)
         };
-        conn.buf.clear();
-        match read_head(&mut conn, head_request, head_due).await {
+        // A client that goes away while its request is at the node abandons the exchange
+        // (its record says 499, the node connection closes), as on the hyper path.
+        let head = tokio::select! {
+            biased;
+            h = read_head(&mut conn, head_request, head_due) => h,
+            () = client.gone() => return Err(Failure::ClientGone),
+        };
+        match head {
             Ok(h) => return Ok((conn, h, start, connect_ns)),
             Err(HeadError::Closed) if reused && conn.buf.is_empty() => {
                 // The node closed a kept-alive connection as the request went: as hyper
@@ -823,6 +983,243 @@ async fn forward(
             }
         }
     }
+}
+
+/// A request body on its way from the client, sent to the node as it comes.
+struct Upload<'a> {
+    /// The client's bytes not used yet (the rest of the body, maybe a next request).
+    buf: &'a mut Vec<u8>,
+    body: UpBody,
+    /// Bytes the body may have (`max_request_body`).
+    limit: u64,
+    /// Body bytes sent so far.
+    sent: u64,
+    /// What goes to the node next, written up to `at`.
+    scratch: Vec<u8>,
+    at: usize,
+    /// `buf` holds no whole piece of the body: read more first.
+    need_more: bool,
+    /// The upload stopped (after the node answered): nothing more is sent.
+    failed: bool,
+}
+
+impl Upload<'_> {
+    /// Whether the body went whole to the node.
+    fn done(&self) -> bool {
+        self.body.is_done() && self.at == self.scratch.len()
+    }
+}
+
+/// How much of a streamed body is still to come.
+enum UpBody {
+    /// This many bytes.
+    Length(u64),
+    /// Chunked, re-chunked for the node as the data comes (as hyper's client sends it;
+    /// trailers, which only a declared `Trailer` would let through, are not).
+    Chunked(ChunkedDecoder),
+}
+
+impl UpBody {
+    fn is_done(&self) -> bool {
+        match self {
+            UpBody::Length(left) => *left == 0,
+            UpBody::Chunked(d) => d.is_done(),
+        }
+    }
+
+    /// Takes what `input` holds of the body into `out` (framed for the node); returns
+    /// the bytes of `input` used. Broken framing and a body past `limit` are the
+    /// client's faults.
+    fn take(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        limit: u64,
+        sent: &mut u64,
+    ) -> Result<usize, ClientFault> {
+        match self {
+            UpBody::Length(left) => {
+                let take = (input.len() as u64).min(*left) as usize;
+                out.extend_from_slice(&input[..take]);
+                *left -= take as u64;
+                *sent += take as u64;
+                Ok(take)
+            }
+            UpBody::Chunked(decoder) => {
+                let mut at = 0;
+                while at < input.len() && !decoder.is_done() {
+                    let (used, data) = decoder
+                        .decode(&input[at..])
+                        .map_err(|_| ClientFault::Framing)?;
+                    if !data.is_empty() {
+                        *sent += data.len() as u64;
+                        if *sent > limit {
+                            return Err(ClientFault::TooLarge);
+                        }
+                        push_chunk(out, &input[at + data.start..at + data.end]);
+                    }
+                    if used == 0 {
+                        break;
+                    }
+                    at += used;
+                }
+                if decoder.is_done() {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                Ok(at)
+            }
+        }
+    }
+}
+
+/// Whether what came of a chunked body so far is well framed.
+fn chunks_parse(input: &[u8]) -> bool {
+    let mut decoder = ChunkedDecoder::new();
+    let mut at = 0;
+    while at < input.len() && !decoder.is_done() {
+        match decoder.decode(&input[at..]) {
+            Ok((0, _)) => break,
+            Ok((used, _)) => at += used,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+enum Pump {
+    Client(ClientFault),
+    /// The node took nothing of the body for the body idle time.
+    NodeStalled,
+    NodeFailed,
+}
+
+/// How much of a node's answer is taken while the upload goes on (more waits for its end).
+const EARLY_MAX: usize = 64 * 1024;
+
+/// Whether `conn.buf` holds a whole answer head (the node answered before the upload
+/// ended).
+fn answered(conn: &NodeConn) -> bool {
+    let mut scanned = 0;
+    head_end(&conn.buf, &mut scanned)
+}
+
+/// One move of an upload: a write to the node of what is ready, else what the client's
+/// buffer holds made ready, else a read from the client, each within the body idle time
+/// (a client that stalls gets 408; a node that does not read is blamed). Its state is in
+/// `u`, so that a move cut short (another branch of a `select!` won) loses nothing.
+/// `Ok(true)` once the body went whole.
+async fn step(
+    u: &mut Upload<'_>,
+    client: &mut Client,
+    w: &mut tokio::net::tcp::WriteHalf<'_>,
+    t: &Timeouts,
+) -> Result<bool, Pump> {
+    if u.at < u.scratch.len() {
+        return match tokio::time::timeout(t.body_idle, w.write(&u.scratch[u.at..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) => Err(Pump::NodeFailed),
+            Ok(Ok(n)) => {
+                u.at += n;
+                Ok(false)
+            }
+            Err(_) => Err(Pump::NodeStalled),
+        };
+    }
+    if u.body.is_done() {
+        return Ok(true);
+    }
+    if !u.buf.is_empty() && !u.need_more {
+        u.scratch.clear();
+        u.at = 0;
+        let used = u
+            .body
+            .take(u.buf, &mut u.scratch, u.limit, &mut u.sent)
+            .map_err(Pump::Client)?;
+        u.buf.drain(..used);
+        u.need_more = used == 0;
+        return Ok(false);
+    }
+    if u.buf.capacity() - u.buf.len() < 1024 {
+        u.buf.reserve(CHUNK);
+    }
+    let io = client.io().map_err(|_| Pump::Client(ClientFault::Gone))?;
+    match tokio::time::timeout(t.body_idle, io.read_buf(u.buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Err(Pump::Client(ClientFault::Gone)),
+        Ok(Ok(_)) => {
+            u.need_more = false;
+            Ok(false)
+        }
+        Err(_) => Err(Pump::Client(ClientFault::Stalled)),
+    }
+}
+
+/// Sends a streamed body to the node until it went whole, or until the node answered
+/// (a whole head in `conn.buf`: its answer is relayed while the upload goes on, as a node
+/// may stream its answer as the body comes). What the node sends before its head is
+/// whole is kept (up to `EARLY_MAX`). A failure after the node answered ends the upload
+/// and leaves the answer to be relayed.
+async fn pump(
+    u: &mut Upload<'_>,
+    client: &mut Client,
+    conn: &mut NodeConn,
+    t: &Timeouts,
+) -> Result<(), Pump> {
+    let mut node_open = true;
+    loop {
+        if u.done() || answered(conn) {
+            return Ok(());
+        }
+        let room = node_open && conn.buf.len() < EARLY_MAX;
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(CHUNK);
+        }
+        let (mut r, mut w) = conn.io.split();
+        tokio::select! {
+            biased;
+            read = r.read_buf(&mut conn.buf), if room => match read {
+                Ok(1..) => {}
+                _ => {
+                    node_open = false;
+                    if !answered(conn) {
+                        return Err(Pump::NodeFailed);
+                    }
+                }
+            },
+            moved = step(u, client, &mut w, t) => if let Err(p) = moved {
+                u.failed = true;
+                return if answered(conn) { Ok(()) } else { Err(p) };
+            },
+        }
+    }
+}
+
+/// `read_node`, moving a streamed upload on meanwhile (the node's answer came before the
+/// body went whole). The node's idle time counts from the upload's last move.
+async fn read_node_up(
+    conn: &mut NodeConn,
+    client: &mut Client,
+    upload: &mut Option<&mut Upload<'_>>,
+    t: &Timeouts,
+) -> Result<usize, BodyFault> {
+    if let Some(u) = upload.as_deref_mut() {
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(CHUNK);
+        }
+        while !u.failed && !u.done() {
+            let (mut r, mut w) = conn.io.split();
+            tokio::select! {
+                biased;
+                read = r.read_buf(&mut conn.buf) => {
+                    return read.map_err(|_| BodyFault::Node("body error"));
+                }
+                moved = step(u, client, &mut w, t) => if moved.is_err() {
+                    // The answer goes on; the rest of the body has nowhere to go.
+                    u.failed = true;
+                },
+                () = tokio::time::sleep(t.body_idle) => return Err(BodyFault::Node("body stalled")),
+            }
+        }
+    }
+    read_node(conn, t).await
 }
 
 enum HeadError {
@@ -958,6 +1355,7 @@ async fn relay(
     t: &Timeouts,
     len: usize,
     slot: crate::topology::InFlight,
+    mut upload: Option<&mut Upload<'_>>,
 ) -> Step {
     let close = client_close;
     out.clear();
@@ -1022,7 +1420,9 @@ async fn relay(
     // The body: what came with the head goes out with it.
     let outcome = match resp.framing {
         Framing::Empty => Ok(true),
-        Framing::Length(n) => relay_length(client, info, out, &mut conn, n, t, &mut sent).await,
+        Framing::Length(n) => {
+            relay_length(client, info, out, &mut conn, n, t, &mut sent, &mut upload).await
+        }
         Framing::Chunked | Framing::Close => {
             relay_chunked(
                 client,
@@ -1032,11 +1432,20 @@ async fn relay(
                 resp.framing == Framing::Chunked,
                 t,
                 &mut sent,
+                &mut upload,
             )
             .await
         }
     };
     rec.add_out(sent);
+    // A body not sent whole (the node answered before it ended): what is left of it on
+    // the client's connection cannot be read as a next request, and the node's
+    // connection is not in a state to reuse.
+    let unfinished = upload.as_ref().is_some_and(|u| !u.done());
+    if let Some(u) = &upload {
+        rec.add_in(u.sent);
+    }
+    let close = close || unfinished;
     let step = match outcome {
         Ok(reusable) => {
             if !out.is_empty() && write_client(client, out, t).await.is_err() {
@@ -1045,7 +1454,7 @@ async fn relay(
             }
             blame.succeed();
             drop(slot);
-            if reusable && !resp.close && conn.buf.is_empty() {
+            if reusable && !resp.close && !unfinished && conn.buf.is_empty() {
                 pool.put_fast(conn);
             }
             rec.finish(true);
@@ -1109,6 +1518,7 @@ async fn read_node(conn: &mut NodeConn, t: &Timeouts) -> Result<usize, BodyFault
 }
 
 /// A body of `n` bytes. `Ok(reusable)`.
+#[allow(clippy::too_many_arguments)]
 async fn relay_length(
     client: &mut Client,
     info: &ConnInfo,
@@ -1117,6 +1527,7 @@ async fn relay_length(
     n: u64,
     t: &Timeouts,
     sent: &mut u64,
+    upload: &mut Option<&mut Upload<'_>>,
 ) -> Result<bool, BodyFault> {
     let mut left = n;
     loop {
@@ -1136,13 +1547,14 @@ async fn relay_length(
                 return Err(BodyFault::Client);
             }
         }
-        if read_node(conn, t).await? == 0 {
+        if read_node_up(conn, client, upload, t).await? == 0 {
             return Err(BodyFault::Node("body cut"));
         }
     }
 }
 
 /// A chunked body (or one delimited by the node's close), sent on chunked.
+#[allow(clippy::too_many_arguments)]
 async fn relay_chunked(
     client: &mut Client,
     info: &ConnInfo,
@@ -1151,6 +1563,7 @@ async fn relay_chunked(
     chunked: bool,
     t: &Timeouts,
     sent: &mut u64,
+    upload: &mut Option<&mut Upload<'_>>,
 ) -> Result<bool, BodyFault> {
     let mut decoder = ChunkedDecoder::new();
     loop {
@@ -1185,7 +1598,7 @@ async fn relay_chunked(
                 return Err(BodyFault::Client);
             }
         }
-        if read_node(conn, t).await? == 0 {
+        if read_node_up(conn, client, upload, t).await? == 0 {
             if chunked {
                 return Err(BodyFault::Node("body cut"));
             }

@@ -304,6 +304,34 @@ async fn serve(
         }
         Accepted::Hyper(s) => (s, first),
     };
+    // hyper's part of the connection's future lives in a box of its own: the spawned
+    // task of a connection the own codec serves stays small.
+    Box::pin(serve_hyper(
+        worker,
+        info,
+        stream,
+        first,
+        timeouts,
+        waited_since,
+        peer,
+        shutdown,
+    ))
+    .await;
+}
+
+/// Serves a connection with hyper (HTTP/2, or HTTP/1.1 from where the own codec declined
+/// or when it is off), until it ends or the worker drains.
+#[allow(clippy::too_many_arguments)]
+async fn serve_hyper(
+    worker: Rc<Worker>,
+    info: Rc<ConnInfo>,
+    stream: ClientStream,
+    first: Vec<u8>,
+    timeouts: crate::topology::Timeouts,
+    waited_since: Option<Instant>,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
     if !info.nodelay.get() {
         if let ClientStream::Plain(s) = &stream {
             let _ = s.set_nodelay(true);
@@ -439,17 +467,25 @@ async fn serve(
 }
 
 /// The client's address as an `X-Forwarded-For` value, formatted without allocating.
+/// The last one is kept: most new connections come from an address seen just before.
 fn peer_value(worker: &Worker, ip: std::net::IpAddr) -> HeaderValue {
     use std::io::Write;
+    if let Some((last, v)) = &*worker.last_peer.borrow() {
+        if *last == ip {
+            return v.clone();
+        }
+    }
     let mut buf = [0u8; 64];
     let mut cursor = std::io::Cursor::new(&mut buf[..]);
     // An IP address is at most 45 characters, and always a valid header value.
     let _ = write!(cursor, "{ip}");
     let len = cursor.position() as usize;
-    worker
+    let v = worker
         .values
         .value(&buf[..len])
-        .expect("an IP address is a header value")
+        .expect("an IP address is a header value");
+    *worker.last_peer.borrow_mut() = Some((ip, v.clone()));
+    v
 }
 
 /// What the first read of a connection found: the bytes, whether they are the HTTP/2

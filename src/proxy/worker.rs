@@ -79,6 +79,8 @@ pub struct Worker {
     current: RefCell<Option<Rc<LocalSnap>>>,
     pub request_ids: RequestIds,
     pub values: ValueArena,
+    /// The last client address made into a header value, and that value.
+    pub last_peer: std::cell::RefCell<Option<(std::net::IpAddr, http::HeaderValue)>>,
     pub http1: http1::Builder,
     pub http2: http2::Builder<LocalExec>,
     /// Open connections and tunnels of this worker, for the drain at shutdown.
@@ -146,6 +148,7 @@ impl Worker {
             current: RefCell::new(None),
             request_ids: RequestIds::default(),
             values: ValueArena::default(),
+            last_peer: Default::default(),
             http1: h1,
             http2: h2,
             tracker,
