@@ -213,14 +213,10 @@ pub struct Server {
 }
 
 /// Binds a listener the way envgate serves it: address reuse, SO_REUSEPORT (so that each
-/// worker can have a socket of its own on the address), a deep accept queue, and
-/// connections handed over once their first bytes came (`defer_accept`).
+/// worker can have a socket of its own on the address) and a deep accept queue (the
+/// accept loop asks for connections once their first bytes came: `sys::defer_accept`).
 pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<StdListener> {
-    let l = bind_with(addr, true)?;
-    if let Err(e) = crate::sys::defer_accept(&l) {
-        tracing::debug!(%addr, error = %e, "TCP_DEFER_ACCEPT not set");
-    }
-    Ok(l)
+    bind_with(addr, true)
 }
 
 /// `bind`, with or without SO_REUSEPORT (the control endpoint goes without: a second

@@ -217,3 +217,93 @@ async fn a_node_that_never_reads_the_upload_is_cut_both_ways() {
     );
     writer.abort();
 }
+
+/// The node answers its head at once and waits for the rest of the upload; the client
+/// then stalls, breaks its framing or leaves. The client's fault all the same: nobody is
+/// ejected (the answer relayed so far is cut, the connection closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_failing_its_upload_after_the_node_answered_blames_no_one() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let eg = Envgate::start(&strict(&a, &b));
+    let p = eg.port("http");
+    for abuse in 0..3 {
+        // Four times each: both nodes get two in a row.
+        for _ in 0..4 {
+            let mut s = raw_conn(p).await;
+            s.write_all(b"POST /late-count HTTP/1.1\r\nHost: company.com\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n")
+                .await
+                .unwrap();
+            match abuse {
+                // Stalls: body_idle (300ms) ends it.
+                0 => {}
+                1 => s.write_all(b"zz\r\n").await.unwrap(),
+                _ => {
+                    drop(s);
+                    continue;
+                }
+            }
+            let mut out = Vec::new();
+            assert!(closes_within(&mut s, Duration::from_secs(10), &mut out).await);
+        }
+    }
+    both_serve(p).await;
+}
+
+/// A node may send 100 Continue (or 103) on its own while the body comes: the upload goes
+/// on and the final answer is relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_informational_answer_during_the_upload_does_not_stop_it() {
+    use tokio::io::AsyncReadExt;
+    let node = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = node.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = node.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if got.starts_with(b"POST") {
+                    s.write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n")
+                        .await
+                        .unwrap();
+                    while !got.ends_with(b"0\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let eg = Envgate::start(&topo(
+        &[("n", addr)],
+        "timeouts: { body_idle: 2s }, health: { type: tcp, interval: 1m }, passive: { consecutive_failures: 1, ejection: 1m }",
+        "",
+    ));
+    let p = eg.port("http");
+    for _ in 0..2 {
+        let mut s = raw_conn(p).await;
+        s.write_all(b"POST / HTTP/1.1\r\nHost: company.com\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n")
+            .await
+            .unwrap();
+        // The rest comes once the node had time to send its informational answers.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(b"5\r\nworld\r\n0\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        assert!(closes_within(&mut s, Duration::from_secs(10), &mut out).await);
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.ends_with("\r\n\r\nok"), "{out}");
+    }
+}

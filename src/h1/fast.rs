@@ -655,6 +655,7 @@ async fn exchange(
             at: 0,
             need_more: false,
             failed: false,
+            since: None,
         })
     } else {
         up.extend_from_slice(&buf[len..total]);
@@ -929,13 +930,20 @@ async fn forward(
         };
         let sent_at = Instant::now();
         // A head the node does not take within the body idle time: it does not read.
-        let written = tokio::time::timeout(t.body_idle, conn.io.write_all(request)).await;
+        let mut wrote = 0;
+        let written = tokio::time::timeout(
+            t.body_idle,
+            write_counted(&mut conn.io, request, &mut wrote),
+        )
+        .await;
         match written {
             Ok(Ok(())) => {}
             // A pooled connection the node closed meanwhile: the request did not go; a
             // fresh connection to the same node takes it.
-            Ok(Err(_)) if reused => continue,
-            Ok(Err(_)) => return Err(Failure::NotSent(Cause::Node)),
+            Ok(Err(_)) if reused && wrote == 0 => continue,
+            Ok(Err(_)) if wrote == 0 => return Err(Failure::NotSent(Cause::Node)),
+            // Some of it may have reached the node.
+            Ok(Err(_)) => return Err(Failure::Failed),
             Err(_) if body => return Err(Failure::UploadStalled),
             Err(_) => return Err(Failure::Failed),
         }
@@ -1001,6 +1009,10 @@ struct Upload<'a> {
     need_more: bool,
     /// The upload stopped (after the node answered): nothing more is sent.
     failed: bool,
+    /// Since when the upload waits without moving (the client's bytes or the node's
+    /// taking them): kept across the moves a `select!` cuts short, so that the body idle
+    /// bound holds whatever else happens meanwhile.
+    since: Option<Instant>,
 }
 
 impl Upload<'_> {
@@ -1064,6 +1076,9 @@ impl UpBody {
                     at += used;
                 }
                 if decoder.is_done() {
+                    if !trailers_parse(decoder.trailers()) {
+                        return Err(ClientFault::Framing);
+                    }
                     out.extend_from_slice(b"0\r\n\r\n");
                 }
                 Ok(at)
@@ -1083,7 +1098,23 @@ fn chunks_parse(input: &[u8]) -> bool {
             Err(_) => return false,
         }
     }
-    true
+    !decoder.is_done() || trailers_parse(decoder.trailers())
+}
+
+/// Whether a chunked body's trailer section is header fields, as hyper reads it (which
+/// refuses the body otherwise).
+fn trailers_parse(trailers: &[u8]) -> bool {
+    if trailers.is_empty() {
+        return true;
+    }
+    let mut section = Vec::with_capacity(trailers.len() + 2);
+    section.extend_from_slice(trailers);
+    section.extend_from_slice(b"\r\n");
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    matches!(
+        httparse::parse_headers(&section, &mut fields),
+        Ok(httparse::Status::Complete(_))
+    )
 }
 
 enum Pump {
@@ -1098,9 +1129,25 @@ const EARLY_MAX: usize = 64 * 1024;
 
 /// Whether `conn.buf` holds a whole answer head (the node answered before the upload
 /// ended).
-fn answered(conn: &NodeConn) -> bool {
-    let mut scanned = 0;
-    head_end(&conn.buf, &mut scanned)
+/// Informational answers (1xx but 101, which `read_head` refuses) are dropped: the upload
+/// goes on after them, as hyper's client's does.
+fn answered(conn: &mut NodeConn) -> bool {
+    loop {
+        let mut scanned = 0;
+        if !head_end(&conn.buf, &mut scanned) {
+            return false;
+        }
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut fields);
+        match r.parse(&conn.buf) {
+            Ok(httparse::Status::Complete(n))
+                if r.code.is_some_and(|c| (100..200).contains(&c) && c != 101) =>
+            {
+                conn.buf.drain(..n);
+            }
+            _ => return true,
+        }
+    }
 }
 
 /// One move of an upload: a write to the node of what is ready, else what the client's
@@ -1115,10 +1162,12 @@ async fn step(
     t: &Timeouts,
 ) -> Result<bool, Pump> {
     if u.at < u.scratch.len() {
-        return match tokio::time::timeout(t.body_idle, w.write(&u.scratch[u.at..])).await {
+        let due = *u.since.get_or_insert_with(Instant::now) + t.body_idle;
+        return match tokio::time::timeout_at(due, w.write(&u.scratch[u.at..])).await {
             Ok(Ok(0)) | Ok(Err(_)) => Err(Pump::NodeFailed),
             Ok(Ok(n)) => {
                 u.at += n;
+                u.since = None;
                 Ok(false)
             }
             Err(_) => Err(Pump::NodeStalled),
@@ -1142,10 +1191,12 @@ async fn step(
         u.buf.reserve(CHUNK);
     }
     let io = client.io().map_err(|_| Pump::Client(ClientFault::Gone))?;
-    match tokio::time::timeout(t.body_idle, io.read_buf(u.buf)).await {
+    let due = *u.since.get_or_insert_with(Instant::now) + t.body_idle;
+    match tokio::time::timeout_at(due, io.read_buf(u.buf)).await {
         Ok(Ok(0)) | Ok(Err(_)) => Err(Pump::Client(ClientFault::Gone)),
         Ok(Ok(_)) => {
             u.need_more = false;
+            u.since = None;
             Ok(false)
         }
         Err(_) => Err(Pump::Client(ClientFault::Stalled)),
@@ -1168,14 +1219,17 @@ async fn pump(
         if u.done() || answered(conn) {
             return Ok(());
         }
-        let room = node_open && conn.buf.len() < EARLY_MAX;
+        if conn.buf.len() >= EARLY_MAX {
+            // That much and no head: not an answer (`read_head` would refuse it too).
+            return Err(Pump::NodeFailed);
+        }
         if conn.buf.capacity() - conn.buf.len() < 1024 {
             conn.buf.reserve(CHUNK);
         }
         let (mut r, mut w) = conn.io.split();
         tokio::select! {
             biased;
-            read = r.read_buf(&mut conn.buf), if room => match read {
+            read = r.read_buf(&mut conn.buf), if node_open => match read {
                 Ok(1..) => {}
                 _ => {
                     node_open = false;
@@ -1184,9 +1238,14 @@ async fn pump(
                     }
                 }
             },
-            moved = step(u, client, &mut w, t) => if let Err(p) = moved {
-                u.failed = true;
-                return if answered(conn) { Ok(()) } else { Err(p) };
+            moved = step(u, client, &mut w, t) => match moved {
+                Ok(_) => {}
+                // The client's fault, whatever the node did meanwhile: no blame.
+                Err(Pump::Client(f)) => return Err(Pump::Client(f)),
+                Err(p) => {
+                    u.failed = true;
+                    return if answered(conn) { Ok(()) } else { Err(p) };
+                }
             },
         }
     }
@@ -1211,15 +1270,34 @@ async fn read_node_up(
                 read = r.read_buf(&mut conn.buf) => {
                     return read.map_err(|_| BodyFault::Node("body error"));
                 }
-                moved = step(u, client, &mut w, t) => if moved.is_err() {
-                    // The answer goes on; the rest of the body has nowhere to go.
-                    u.failed = true;
+                moved = step(u, client, &mut w, t) => match moved {
+                    Ok(_) => {}
+                    // A client that fails its body ends the exchange: not the node's
+                    // fault (as on the hyper path).
+                    Err(Pump::Client(_)) => return Err(BodyFault::Client),
+                    // The node stopped taking the body: its answer goes on; the rest of the
+                    // body has nowhere to go.
+                    Err(_) => u.failed = true,
                 },
                 () = tokio::time::sleep(t.body_idle) => return Err(BodyFault::Node("body stalled")),
             }
         }
     }
     read_node(conn, t).await
+}
+
+/// `write_all`, counting what was written (a request that failed part way may have
+/// reached the node).
+async fn write_counted(io: &mut TcpStream, mut data: &[u8], wrote: &mut usize) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = io.write(data).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        *wrote += n;
+        data = &data[n..];
+    }
+    Ok(())
 }
 
 enum HeadError {
@@ -1357,6 +1435,9 @@ async fn relay(
     slot: crate::topology::InFlight,
     mut upload: Option<&mut Upload<'_>>,
 ) -> Step {
+    // A body not sent whole yet when the head goes out does not close the connection by
+    // itself: it may end while the answer is relayed (an echo), and the connection goes on
+    // (hyper's server does the same).
     let close = client_close;
     out.clear();
     {

@@ -70,6 +70,10 @@ pub async fn accept_loop(
     // reactor by whoever serves them, when they must wait (see `h1::client`). (Deprecated
     // for inner types that may not own their descriptor; a `TcpListener` owns its own for
     // as long as the `AsyncFd` holds it.)
+    // Set here, on whichever socket this worker serves (bound here, inherited, or given).
+    if let Err(e) = crate::sys::defer_accept(&listener) {
+        tracing::debug!(listener = %meta.name, error = %e, "TCP_DEFER_ACCEPT not set");
+    }
     #[allow(deprecated)]
     let listener = match AsyncFd::with_interest(listener, tokio::io::Interest::READABLE) {
         Ok(l) => l,
@@ -125,12 +129,11 @@ pub async fn accept_loop(
                         drop((open, guard));
                     });
                 }
-                // The peer gave up while in the queue.
-                Ok(Err(e))
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
-                    ) => {}
+                // The peer gave up while in the queue, or a network error of that
+                // connection (accept(2): to be treated as "try again").
+                Ok(Err(e)) if accept_retries(&e) => {
+                    tracing::debug!(listener = %meta.name, error = %e, "accept: connection lost");
+                }
                 Ok(Err(e)) => {
                     failed = Some(e);
                     break;
@@ -147,6 +150,25 @@ pub async fn accept_loop(
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// Whether an accept error concerns only the connection being taken (the peer gave up,
+/// or a network error of that connection, which accept(2) says to treat as "try
+/// again"). Any other (out of file descriptors, buffers or memory, a socket in a bad
+/// state) pauses the listener a little rather than spin on it.
+fn accept_retries(e: &io::Error) -> bool {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+    ) {
+        return true;
+    }
+    // Linux numbers: EPERM, ENONET, EPROTO, ENOPROTOOPT, EOPNOTSUPP, ENETDOWN,
+    // ENETUNREACH, EHOSTDOWN, EHOSTUNREACH.
+    matches!(
+        e.raw_os_error(),
+        Some(1 | 64 | 71 | 92 | 95 | 100 | 101 | 112 | 113)
+    )
 }
 
 /// How a connection is served once its first bytes are in.
