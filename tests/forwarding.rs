@@ -434,3 +434,55 @@ async fn graceful_shutdown_finishes_http2_streams() {
         .unwrap()
         .unwrap();
 }
+
+/// `Expect: 100-continue`: the client waits for 100 Continue before it sends its body, and
+/// gets it once its request is on its way to the node (which answers only once it read
+/// the body); the final answer follows. An empty
+/// body gets no 100, nor does a request envgate answers itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_asks_for_the_body() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&one_node(a.addr, ""));
+    let p = eg.port("http");
+    let mut s = raw_conn(p).await;
+    for round in 0..2 {
+        s.write_all(b"POST /consume HTTP/1.1\r\nHost: company.com\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+                .await
+                .expect("100 Continue in time")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "HTTP/1.1 100 Continue\r\n\r\n",
+            "round {round}"
+        );
+        s.write_all(b"hello").await.unwrap();
+        let (head, body) = read_response(&mut s, false).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        // The node read the whole body before it answered.
+        assert_eq!(body, b"5");
+    }
+    // An empty body is not asked for: the answer comes straight.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: company.com\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s, false).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // A request to no entry is answered without a 100, and the unread body ends the
+    // connection.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: nowhere.com\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    assert!(closes_within(&mut s, Duration::from_secs(10), &mut out).await);
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+}

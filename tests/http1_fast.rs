@@ -30,68 +30,6 @@ async fn fast_counts(api: u16) -> (f64, f64) {
     )
 }
 
-/// Reads one whole response from a raw connection (Content-Length or chunked framing, or
-/// no body for `head`): status line and fields, and the body decoded.
-async fn read_response(s: &mut tokio::net::TcpStream, head: bool) -> (String, Vec<u8>) {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    let end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        let n = s.read(&mut tmp).await.unwrap();
-        assert!(
-            n > 0,
-            "closed before a whole head: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&tmp[..n]);
-    };
-    let head_text = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-    let mut rest = buf[end..].to_vec();
-    let status: u16 = head_text[9..12].parse().unwrap();
-    if head || status == 204 || status == 304 {
-        return (head_text, Vec::new());
-    }
-    if let Some(cl) = head_text
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length: "))
-    {
-        let n: usize = cl.trim().parse().unwrap();
-        while rest.len() < n {
-            more(&mut rest, s).await;
-        }
-        return (head_text, rest[..n].to_vec());
-    }
-    assert!(
-        head_text.contains("transfer-encoding: chunked"),
-        "{head_text}"
-    );
-    let mut body = Vec::new();
-    loop {
-        while !rest.windows(2).any(|w| w == b"\r\n") {
-            more(&mut rest, s).await;
-        }
-        let p = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size = usize::from_str_radix(std::str::from_utf8(&rest[..p]).unwrap(), 16).unwrap();
-        while rest.len() < p + 2 + size + 2 {
-            more(&mut rest, s).await;
-        }
-        body.extend_from_slice(&rest[p + 2..p + 2 + size]);
-        rest.drain(..p + 2 + size + 2);
-        if size == 0 {
-            return (head_text, body);
-        }
-    }
-}
-
-async fn more(rest: &mut Vec<u8>, s: &mut tokio::net::TcpStream) {
-    let mut tmp = [0u8; 4096];
-    let n = s.read(&mut tmp).await.unwrap();
-    assert!(n > 0, "closed mid-body");
-    rest.extend_from_slice(&tmp[..n]);
-}
-
 fn control(yaml: String, api: u16) -> String {
     yaml + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n")
 }
@@ -379,6 +317,12 @@ async fn both_codecs_give_the_node_the_same_request_and_the_client_the_same_answ
         ("POST /0 HTTP/1.1\r\nHost: company.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-t: 1\r\n\r\n".into(), false),
         ("POST /0 HTTP/1.1\r\nHost: small.com\r\nTransfer-Encoding: chunked\r\n\r\nc\r\ntwelve bytes\r\n0\r\n\r\n".into(), false),
         (format!("PUT /1 HTTP/1.1\r\nHost: company.com\r\nContent-Length: {}\r\n\r\n{}", 100 * 1024, "b".repeat(100 * 1024)), false),
+        // Expect: 100-continue, with a body (100 Continue first), an empty one (none), a
+        // chunked one, and to no entry (none; the body in the buffer read past).
+        ("POST /0 HTTP/1.1\r\nHost: company.com\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello".into(), false),
+        ("POST /0 HTTP/1.1\r\nHost: company.com\r\nExpect: 100-Continue\r\nContent-Length: 0\r\n\r\n".into(), false),
+        ("POST /0 HTTP/1.1\r\nHost: company.com\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n".into(), false),
+        ("POST /0 HTTP/1.1\r\nHost: nowhere.com\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\nfour".into(), false),
         ("GET /8 HTTP/1.1\r\nHost: company.com\r\n\r\n".into(), false),
         ("GET /9 HTTP/1.1\r\nHost: company.com\r\nConnection: close\r\nClose: x\r\n\r\n".into(), false),
         ("GET /10 HTTP/1.1\r\nHost: company.com\r\n\r\n".into(), false),

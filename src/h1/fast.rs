@@ -256,6 +256,8 @@ struct Seen {
     forwarded_host: bool,
     forwarded_proto: bool,
     forwarded: bool,
+    /// `Expect: 100-continue`.
+    expect: bool,
     request_id: Option<usize>,
     request_ids: u8,
     /// The body's length (`Content-Length`).
@@ -332,7 +334,14 @@ async fn exchange(
                 seen.request_ids = seen.request_ids.saturating_add(1);
             }
             2 if is(n, "te") => return Step::Decline,
-            6 if is(n, "expect") || is(n, "upgrade") => return Step::Decline,
+            6 if is(n, "expect") => {
+                // `100-continue`, once; any other expectation is hyper's (417).
+                if seen.expect || !h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+                    return Step::Decline;
+                }
+                seen.expect = true;
+            }
+            6 if is(n, "upgrade") => return Step::Decline,
             7 if is(n, "upgrade") || is(n, "trailer") => return Step::Decline,
             10 if is(n, "keep-alive") => return Step::Decline,
             16 if is(n, "proxy-connection") => return Step::Decline,
@@ -368,14 +377,28 @@ async fn exchange(
         _ => usize::MAX,
     };
     let streamed = body_len == usize::MAX;
-    if seen.chunked && !chunks_parse(&buf[len..]) {
-        // Broken framing before a byte went anywhere: hyper refuses it as it does.
-        return Step::Decline;
-    }
+    // Where a streamed body ends in the buffer, when it is all there.
+    let body_end = if seen.chunked {
+        match chunks_parse(&buf[len..]) {
+            Ok(end) => end.map(|n| len + n),
+            // Broken framing before a byte went anywhere: hyper refuses it as it does.
+            Err(()) => return Step::Decline,
+        }
+    } else {
+        seen.length
+            .filter(|n| (buf.len() - len) as u64 >= *n)
+            .map(|n| len + n as usize)
+    };
     let body_len = if streamed { 0 } else { body_len };
     let total = len + body_len;
-    // A request whose body stays unread is the connection's last.
-    let answer_close = seen.close || streamed;
+    // envgate's own answer to a request with a streamed body: the connection goes on past
+    // the body when all of it is in the buffer, else it ends after the answer (`unread`;
+    // hyper's server does the same: it drains what it has, or closes).
+    let unread = |step: Step| match step {
+        Step::Next(_) if streamed => body_end.map_or(Step::Close, Step::Next),
+        s => s,
+    };
+    let answer_close = seen.close;
     // From here on the request is the fast path's.
     info.requests.set(info.requests.get() + 1);
     worker.stats.count_fast(false);
@@ -391,18 +414,20 @@ async fn exchange(
     let new_path = match path::normalize(path_part, topo.defaults.allow_encoded_slash) {
         Ok(p) => p,
         Err(e) => {
-            return answer(
-                client,
-                out,
-                rec,
-                Refusal::BadPath(e).response(true),
-                &method,
-                timeouts,
-                total,
-                None,
-                answer_close,
-            )
-            .await
+            return unread(
+                answer(
+                    client,
+                    out,
+                    rec,
+                    Refusal::BadPath(e).response(true),
+                    &method,
+                    timeouts,
+                    total,
+                    None,
+                    answer_close,
+                )
+                .await,
+            );
         }
     };
     let view = RequestView {
@@ -421,18 +446,20 @@ async fn exchange(
         Err(RouteError::NoRoute) => {
             static NO_ROUTE: &[u8] = br#"{"error":"no_route"}"#;
             let resp = own(StatusCode::NOT_FOUND, bytes::Bytes::from_static(NO_ROUTE));
-            return answer(
-                client,
-                out,
-                rec,
-                resp,
-                &method,
-                timeouts,
-                total,
-                None,
-                answer_close,
-            )
-            .await;
+            return unread(
+                answer(
+                    client,
+                    out,
+                    rec,
+                    resp,
+                    &method,
+                    timeouts,
+                    total,
+                    None,
+                    answer_close,
+                )
+                .await,
+            );
         }
         Err(e @ (RouteError::TenantRequired | RouteError::BadTenant)) => {
             let missing = e == RouteError::TenantRequired;
@@ -444,18 +471,20 @@ async fn exchange(
             } else {
                 Refusal::BadTenant
             };
-            return answer(
-                client,
-                out,
-                rec,
-                r.response(true),
-                &method,
-                timeouts,
-                total,
-                None,
-                answer_close,
-            )
-            .await;
+            return unread(
+                answer(
+                    client,
+                    out,
+                    rec,
+                    r.response(true),
+                    &method,
+                    timeouts,
+                    total,
+                    None,
+                    answer_close,
+                )
+                .await,
+            );
         }
     };
     rec.route(&route);
@@ -466,18 +495,20 @@ async fn exchange(
                 StatusCode::MISDIRECTED_REQUEST,
                 bytes::Bytes::from_static(MISDIRECTED),
             );
-            return answer(
-                client,
-                out,
-                rec,
-                resp,
-                &method,
-                timeouts,
-                total,
-                None,
-                answer_close,
-            )
-            .await;
+            return unread(
+                answer(
+                    client,
+                    out,
+                    rec,
+                    resp,
+                    &method,
+                    timeouts,
+                    total,
+                    None,
+                    answer_close,
+                )
+                .await,
+            );
         }
     }
     let mut cookie_buf = [0u8; canary::SET_COOKIE_MAX];
@@ -503,36 +534,40 @@ async fn exchange(
         .is_some_and(|l| seen.length.is_some_and(|n| n > l))
     {
         let resp = Refusal::BodyTooLarge.response(true);
-        return answer(
-            client,
-            out,
-            rec,
-            resp,
-            &method,
-            timeouts,
-            total,
-            cookie,
-            answer_close,
-        )
-        .await;
+        return unread(
+            answer(
+                client,
+                out,
+                rec,
+                resp,
+                &method,
+                timeouts,
+                total,
+                cookie,
+                answer_close,
+            )
+            .await,
+        );
     }
     let Some(slot) = env.try_enter() else {
         let resp = own(
             StatusCode::SERVICE_UNAVAILABLE,
             env.bodies().over_limit.clone(),
         );
-        return answer(
-            client,
-            out,
-            rec,
-            resp,
-            &method,
-            timeouts,
-            total,
-            cookie,
-            answer_close,
-        )
-        .await;
+        return unread(
+            answer(
+                client,
+                out,
+                rec,
+                resp,
+                &method,
+                timeouts,
+                total,
+                cookie,
+                answer_close,
+            )
+            .await,
+        );
     };
 
     // The request for the node.
@@ -582,7 +617,8 @@ async fn exchange(
                 true
             }
             16 => is(n, "x-forwarded-host") && !trusted,
-            17 => is(n, "x-forwarded-proto") && !trusted,
+            // The body's framing is written by envgate (as hyper's client writes it).
+            17 => (is(n, "x-forwarded-proto") && !trusted) || is(n, "transfer-encoding"),
             9 => is(n, "forwarded") && !trusted,
             12 => is(n, "x-request-id") && !keep_id,
             // Named by the client's `Connection: close`: hop-by-hop.
@@ -592,6 +628,9 @@ async fn exchange(
         if !skip {
             push_field(up, n.as_bytes(), h.value);
         }
+    }
+    if seen.chunked {
+        up.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     if !(trusted && seen.forwarded_host) {
         up.extend_from_slice(b"x-forwarded-host: ");
@@ -671,6 +710,9 @@ async fn exchange(
     // As on the hyper path: only a body-less request is sent again after it reached a
     // node that failed.
     let replayable = idempotent(&method) && body_len == 0 && !streamed;
+    // A client that asked for it gets 100 Continue when its body is taken (none for an
+    // empty body, as hyper's server does not read it).
+    let mut expect = seen.expect && (body_len > 0 || streamed);
     let mut last = Last::NoNode;
     let mut free = true;
     let mut after = None;
@@ -709,6 +751,7 @@ async fn exchange(
             &mut overall,
             client,
             upload.as_mut(),
+            &mut expect,
         )
         .await;
         match attempt_result {
@@ -886,6 +929,7 @@ async fn forward(
     overall: &mut Option<Instant>,
     client: &mut Client,
     mut upload: Option<&mut Upload<'_>>,
+    expect: &mut bool,
 ) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
     loop {
         let start = Instant::now();
@@ -946,6 +990,21 @@ async fn forward(
             Ok(Err(_)) => return Err(Failure::Failed),
             Err(_) if body => return Err(Failure::UploadStalled),
             Err(_) => return Err(Failure::Failed),
+        }
+        if *expect {
+            // The body is asked for once the request is on its way to a node (where
+            // hyper's server says 100 Continue: when the body is first read). The final
+            // answer is a second write: no Nagle delay behind this one.
+            *expect = false;
+            client.set_nodelay();
+            let said = tokio::time::timeout(
+                t.body_idle,
+                client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n"),
+            )
+            .await;
+            if !matches!(said, Ok(Ok(()))) {
+                return Err(Failure::ClientGone);
+            }
         }
         conn.buf.clear();
         // The rest of a streamed body; a node that answers meanwhile is read from here on.
@@ -1075,10 +1134,11 @@ impl UpBody {
                     }
                     at += used;
                 }
+                // hyper refuses a trailer line that is not a field as soon as it comes.
+                if !trailers_parse(decoder.trailers(), decoder.is_done()) {
+                    return Err(ClientFault::Framing);
+                }
                 if decoder.is_done() {
-                    if !trailers_parse(decoder.trailers()) {
-                        return Err(ClientFault::Framing);
-                    }
                     out.extend_from_slice(b"0\r\n\r\n");
                 }
                 Ok(at)
@@ -1087,30 +1147,37 @@ impl UpBody {
     }
 }
 
-/// Whether what came of a chunked body so far is well framed.
-fn chunks_parse(input: &[u8]) -> bool {
+/// Whether what came of a chunked body so far is well framed, and where it ends.
+/// `Ok(Some(n))`: the body ends after `n` bytes; `Ok(None)`: more is to come.
+fn chunks_parse(input: &[u8]) -> Result<Option<usize>, ()> {
     let mut decoder = ChunkedDecoder::new();
     let mut at = 0;
     while at < input.len() && !decoder.is_done() {
         match decoder.decode(&input[at..]) {
             Ok((0, _)) => break,
             Ok((used, _)) => at += used,
-            Err(_) => return false,
+            Err(_) => return Err(()),
         }
     }
-    !decoder.is_done() || trailers_parse(decoder.trailers())
+    if !trailers_parse(decoder.trailers(), decoder.is_done()) {
+        return Err(());
+    }
+    Ok(decoder.is_done().then_some(at))
 }
 
-/// Whether a chunked body's trailer section is header fields, as hyper reads it (which
-/// refuses the body otherwise).
-fn trailers_parse(trailers: &[u8]) -> bool {
+/// Whether a chunked body's trailer section (`done`: whole) is header fields so far, as
+/// hyper reads it (which refuses the body at the first line that is not one).
+fn trailers_parse(trailers: &[u8], done: bool) -> bool {
     if trailers.is_empty() {
         return true;
+    }
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    if !done {
+        return httparse::parse_headers(trailers, &mut fields).is_ok();
     }
     let mut section = Vec::with_capacity(trailers.len() + 2);
     section.extend_from_slice(trailers);
     section.extend_from_slice(b"\r\n");
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     matches!(
         httparse::parse_headers(&section, &mut fields),
         Ok(httparse::Status::Complete(_))

@@ -1042,3 +1042,76 @@ pub fn sum(s: &HashMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
         .map(|(_, v)| v)
         .sum()
 }
+
+/// Reads one whole response from a raw connection (Content-Length or chunked framing, or
+/// no body for `head`): status line and fields, and the body decoded.
+pub async fn read_response(s: &mut tokio::net::TcpStream, head: bool) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    // Informational heads (100 Continue...) come first, kept before the final one.
+    let mut interim = String::new();
+    let end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = String::from_utf8_lossy(&buf[..p + 4]).to_lowercase();
+            if text.starts_with("http/1.1 1") && !text.starts_with("http/1.1 101") {
+                interim.push_str(&text);
+                buf.drain(..p + 4);
+                continue;
+            }
+        }
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = tokio::io::AsyncReadExt::read(s, &mut tmp).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head_text = interim + &String::from_utf8_lossy(&buf[..end]).to_lowercase();
+    let mut rest = buf[end..].to_vec();
+    let last = head_text.rfind("http/1.1 ").unwrap_or(0);
+    let status: u16 = head_text[last + 9..last + 12].parse().unwrap();
+    if head || status == 204 || status == 304 {
+        return (head_text, Vec::new());
+    }
+    if let Some(cl) = head_text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+    {
+        let n: usize = cl.trim().parse().unwrap();
+        while rest.len() < n {
+            more(&mut rest, s).await;
+        }
+        return (head_text, rest[..n].to_vec());
+    }
+    assert!(
+        head_text.contains("transfer-encoding: chunked"),
+        "{head_text}"
+    );
+    let mut body = Vec::new();
+    loop {
+        while !rest.windows(2).any(|w| w == b"\r\n") {
+            more(&mut rest, s).await;
+        }
+        let p = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..p]).unwrap(), 16).unwrap();
+        while rest.len() < p + 2 + size + 2 {
+            more(&mut rest, s).await;
+        }
+        body.extend_from_slice(&rest[p + 2..p + 2 + size]);
+        rest.drain(..p + 2 + size + 2);
+        if size == 0 {
+            return (head_text, body);
+        }
+    }
+}
+
+pub async fn more(rest: &mut Vec<u8>, s: &mut tokio::net::TcpStream) {
+    let mut tmp = [0u8; 4096];
+    let n = tokio::io::AsyncReadExt::read(s, &mut tmp).await.unwrap();
+    assert!(n > 0, "closed mid-body");
+    rest.extend_from_slice(&tmp[..n]);
+}
