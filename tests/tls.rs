@@ -782,3 +782,90 @@ async fn a_follower_fetches_its_topology_over_https_and_verifies_the_source() {
     assert!(hits.load(std::sync::atomic::Ordering::SeqCst) > 0);
     eg.stop().await;
 }
+
+/// HTTP/1.1 over TLS is served by the own codec when it is on (`--http1 fast`): the same
+/// answers, `X-Forwarded-Proto: https`, 421 for a Host the certificate does not cover,
+/// a chunked upload, and HTTP/2 by ALPN still hyper's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_over_tls_is_the_own_codecs_when_it_is_on() {
+    let pki = Pki::new();
+    let a = pki.leaf("a", &["a.test"]);
+    let b = pki.leaf("b", &["b.test"]);
+    let node = Upstream::start("n1").await;
+    let api = free_port();
+    let yaml = tls_topology(&[&a, &b], "", &[&node], &["a.test", "b.test"], "")
+        + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n");
+    let eg = Envgate::start_codec(
+        &yaml,
+        1,
+        envgate::accesslog::Format::Text,
+        None,
+        envgate::server::Http1::Fast,
+    );
+    let port = eg.port("https");
+    let served = || async {
+        let (_, s) = scrape(api).await;
+        sum(
+            &s,
+            "envgate_http1_fast_requests_total",
+            &["outcome=\"served\""],
+        )
+    };
+    let s = tls_connect(port, "a.test", pki.client(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    let mut tx = h1(s).await;
+    for _ in 0..3 {
+        let (status, n, body) = ask(tx.send_request(
+            Request::get("/headers")
+                .header("host", "a.test")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        ))
+        .await;
+        assert_eq!((status, n.as_str()), (200, "n1"));
+        assert!(body.contains("x-forwarded-proto: https"), "{body}");
+        tx.ready().await.unwrap();
+    }
+    // Domain fronting: SNI a.test, Host b.test.
+    let (status, _, _) = ask(tx.send_request(get_req("b.test", "/"))).await;
+    assert_eq!(status, 421);
+    tx.ready().await.unwrap();
+    // A streamed (chunked) upload, read whole by the node.
+    let mut s = tls_connect(port, "a.test", pki.client(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    s.write_all(b"POST /consume HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !(out.windows(4).any(|w| w == b"\r\n\r\n") && out.ends_with(b"11")) {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(served().await, 5.0);
+    // HTTP/2 by ALPN stays hyper's.
+    let s = tls_connect(port, "a.test", pki.client(&[b"h2"]))
+        .await
+        .unwrap();
+    let mut tx = h2(s).await;
+    let (status, _, _) = ask(tx.send_request(
+        Request::get("https://a.test/")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(served().await, 5.0);
+    eg.stop().await;
+}

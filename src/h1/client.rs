@@ -12,12 +12,19 @@
 //! A client that leaves while its request is at a node is noticed once the socket is
 //! registered: the watch starts `UNWATCHED` after the request went to the node, so that
 //! a node that answers at once costs no registration.
+//!
+//! A TLS connection (its handshake done by the listener) is registered from the start;
+//! reads and writes go through its session, and each write is flushed.
 
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::proxy::listener::ClientStream;
+
+type Tls = Box<tokio_rustls::server::TlsStream<TcpStream>>;
 
 /// How long a request may be at a node before the client's socket is registered to watch
 /// for the client leaving.
@@ -27,6 +34,7 @@ const UNWATCHED: Duration = Duration::from_millis(2);
 pub struct Client {
     raw: Option<std::net::TcpStream>,
     io: Option<TcpStream>,
+    tls: Option<Tls>,
 }
 
 impl Client {
@@ -35,13 +43,17 @@ impl Client {
         Client {
             raw: Some(s),
             io: None,
+            tls: None,
         }
     }
 
-    /// Whether the socket is still unknown to the reactor.
-    #[inline]
-    pub fn is_raw(&self) -> bool {
-        self.raw.is_some()
+    /// A TLS connection, its handshake done.
+    pub fn tls(s: Tls) -> Self {
+        Client {
+            raw: None,
+            io: None,
+            tls: Some(s),
+        }
     }
 
     /// The socket, registered with the reactor (done once, the first time it is asked
@@ -56,12 +68,33 @@ impl Client {
             .ok_or_else(|| io::ErrorKind::NotConnected.into())
     }
 
-    /// The registered socket, for hyper.
-    pub fn into_io(mut self) -> io::Result<TcpStream> {
+    /// The connection, for hyper (registered).
+    pub fn into_stream(mut self) -> io::Result<ClientStream> {
+        if let Some(t) = self.tls.take() {
+            return Ok(ClientStream::Tls(t));
+        }
         self.io()?;
         self.io
             .take()
+            .map(ClientStream::Plain)
             .ok_or_else(|| io::ErrorKind::NotConnected.into())
+    }
+
+    /// The registered socket of a cleartext connection, for hyper.
+    pub fn into_io(self) -> io::Result<TcpStream> {
+        match self.into_stream()? {
+            ClientStream::Plain(s) => Ok(s),
+            ClientStream::Tls(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+
+    /// Reads what comes into `buf` (through the reactor; 0 at the end).
+    #[inline]
+    pub async fn read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        match &mut self.tls {
+            Some(t) => t.read_buf(buf).await,
+            None => self.io()?.read_buf(buf).await,
+        }
     }
 
     /// One read into `buf` (which must be initialized memory: the plain socket reads into
@@ -79,16 +112,21 @@ impl Client {
     }
 
     pub fn set_nodelay(&self) {
-        let _ = match (&self.raw, &self.io) {
-            (Some(s), _) => s.set_nodelay(true),
-            (None, Some(s)) => s.set_nodelay(true),
-            (None, None) => Ok(()),
+        let _ = match (&self.raw, &self.io, &self.tls) {
+            (Some(s), _, _) => s.set_nodelay(true),
+            (None, Some(s), _) => s.set_nodelay(true),
+            (None, None, Some(t)) => t.get_ref().0.set_nodelay(true),
+            (None, None, None) => Ok(()),
         };
     }
 
     /// Writes `data` whole: straight to the socket while it takes it, through the reactor
     /// from the first write that would block.
     pub async fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+        if let Some(t) = &mut self.tls {
+            t.write_all(data).await?;
+            return t.flush().await;
+        }
         if let Some(s) = &self.raw {
             while !data.is_empty() {
                 match (&*s).write(data) {
@@ -112,6 +150,14 @@ impl Client {
     pub async fn gone(&mut self) {
         if self.raw.is_some() {
             tokio::time::sleep(UNWATCHED).await;
+        }
+        if let Some(t) = &self.tls {
+            // The socket under the session: records of a next request are data too.
+            let mut b = [0u8; 1];
+            if let Ok(1..) = t.get_ref().0.peek(&mut b).await {
+                std::future::pending::<()>().await;
+            }
+            return;
         }
         let Ok(io) = self.io() else {
             // The reactor could not take the socket: the connection is lost.

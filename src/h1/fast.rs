@@ -1,17 +1,20 @@
-//! The own HTTP/1.1 fast path (`--http1 fast`): cleartext HTTP/1.1 keep-alive exchanges
+//! The own HTTP/1.1 fast path (`--http1 fast`): HTTP/1.1 exchanges, in clear or over TLS,
 //! served without hyper's per-request machinery, under the same seams as the hyper path
 //! (one routing decision, `routing::route`; one exchange record, `Record`; the same node
 //! pick, `handler::pick_node`; the same failure rules and answers of envgate's own).
 //!
-//! What it takes: HTTP/1.1 requests in origin form, with one valid Host, without a body or
-//! with a `Content-Length` body of at most `MAX_BODY` bytes that came whole with its head,
-//! to a topology whose nodes are all spoken to over cleartext HTTP/1.1 without a
-//! connection cap. Anything else (a body still on its way, a chunked one, `Expect`,
-//! `Upgrade`, `CONNECT`, a `Transfer-Encoding`, a `Connection` option other than
-//! `keep-alive` or `close`, `TE`, HTTP/1.0, a head httparse refuses or that is too large,
-//! an odd byte in the target) is *declined* before a byte is relayed: the connection goes
-//! to hyper with every byte read so far, so hyper answers it exactly as it would have, and
-//! serves the connection from then on. Heads are parsed by httparse, as hyper parses them.
+//! What it takes: HTTP/1.1 requests in origin form, with one valid Host, without a body,
+//! with a `Content-Length` body (sent with the head when it came whole with it and is at
+//! most `MAX_BODY` bytes, else streamed: `Upload`) or a chunked one (streamed), with or
+//! without `Expect: 100-continue`, to a topology whose nodes are all spoken to over
+//! cleartext HTTP/1.1 without a connection cap. Anything else (`Upgrade`, `CONNECT`, a
+//! coding other than chunked, a length beside chunked, another expectation, a
+//! `Connection` option other than `keep-alive` or `close`, `TE`, `Trailer`, HTTP/1.0, a
+//! head httparse refuses or that is too large, an odd byte in the target, chunked framing
+//! already broken in the first bytes) is *declined* before a byte is relayed: the
+//! connection goes to hyper with every byte read so far, so hyper answers it exactly as
+//! it would have, and serves the connection from then on. Heads are parsed by httparse,
+//! as hyper parses them.
 //!
 //! Per request: one read of the head (usually), one write to the node (the rewritten
 //! head, and the body with it), one read of the answer, one write to the client (head and body together when
@@ -34,6 +37,8 @@ use std::rc::Rc;
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::proxy::listener::ClientStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -68,13 +73,13 @@ pub enum Served {
     Done,
     /// The fast path does not take the request at the start of `buf`: hyper serves the
     /// connection from here, with these bytes first.
-    Decline(TcpStream, Vec<u8>),
+    Decline(ClientStream, Vec<u8>),
 }
 
 /// The connection handed to hyper (registered with the reactor), or over when the reactor
 /// could not take it.
 fn decline(client: Client, buf: Vec<u8>) -> Served {
-    match client.into_io() {
+    match client.into_stream() {
         Ok(s) => Served::Decline(s, buf),
         Err(_) => Served::Done,
     }
@@ -136,12 +141,9 @@ pub async fn serve(
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(4096);
             }
-            let Ok(stream) = client.io() else {
-                return Served::Done;
-            };
             let read = tokio::select! {
                 biased;
-                r = stream.read_buf(&mut buf) => r,
+                r = client.read_buf(&mut buf) => r,
                 () = tokio::time::sleep_until(deadline) => return Served::Done,
                 _ = shutdown.changed() => {
                     if !buf.is_empty() || info.requests.get() > 0 {
@@ -150,7 +152,7 @@ pub async fn serve(
                     // Not a byte of the first request yet: a short grace to send it.
                     match tokio::time::timeout(
                         crate::proxy::listener::FIRST_REQUEST_GRACE,
-                        stream.read_buf(&mut buf),
+                        client.read_buf(&mut buf),
                     )
                     .await
                     {
@@ -362,6 +364,10 @@ async fn exchange(
         return Step::Decline;
     };
     if method == Method::CONNECT {
+        return Step::Decline;
+    }
+    if method == Method::HEAD && (seen.chunked || seen.length.is_some_and(|n| n > 0)) {
+        // hyper's client sends a HEAD without its body: hyper's to handle.
         return Step::Decline;
     }
     let snap = worker.snapshot();
@@ -1257,9 +1263,8 @@ async fn step(
     if u.buf.capacity() - u.buf.len() < 1024 {
         u.buf.reserve(CHUNK);
     }
-    let io = client.io().map_err(|_| Pump::Client(ClientFault::Gone))?;
     let due = *u.since.get_or_insert_with(Instant::now) + t.body_idle;
-    match tokio::time::timeout_at(due, io.read_buf(u.buf)).await {
+    match tokio::time::timeout_at(due, client.read_buf(u.buf)).await {
         Ok(Ok(0)) | Ok(Err(_)) => Err(Pump::Client(ClientFault::Gone)),
         Ok(Ok(_)) => {
             u.need_more = false;

@@ -173,7 +173,8 @@ fn accept_retries(e: &io::Error) -> bool {
 
 /// How a connection is served once its first bytes are in.
 enum Accepted {
-    /// By the own HTTP/1.1 codec, on a socket not registered yet.
+    /// By the own HTTP/1.1 codec (a cleartext socket not registered yet, or a TLS
+    /// session).
     Own(Client),
     /// By hyper.
     Hyper(ClientStream),
@@ -242,13 +243,13 @@ async fn serve(
                     index: c.index,
                 })
             });
-            (
-                Accepted::Hyper(ClientStream::Tls(Box::new(s))),
-                Vec::new(),
-                h2,
-                Some(accepted),
-                tls,
-            )
+            // HTTP/1.1 over TLS is the own codec's too (when it is on).
+            let conn = if worker.fast && !h2 {
+                Accepted::Own(Client::tls(Box::new(s)))
+            } else {
+                Accepted::Hyper(ClientStream::Tls(Box::new(s)))
+            };
+            (conn, Vec::new(), h2, Some(accepted), tls)
         }
         None if lazy_nodelay => {
             // The own codec reads right after the accept, before the socket is registered
@@ -321,7 +322,7 @@ async fn serve(
             .await
             {
                 crate::h1::fast::Served::Done => return,
-                crate::h1::fast::Served::Decline(s, rest) => (ClientStream::Plain(s), rest),
+                crate::h1::fast::Served::Decline(s, rest) => (s, rest),
             }
         }
         Accepted::Hyper(s) => (s, first),
@@ -585,7 +586,7 @@ struct ClientIo {
 }
 
 /// A client's connection, in clear or over TLS.
-enum ClientStream {
+pub enum ClientStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
