@@ -7,7 +7,7 @@
 //! with a `Content-Length` body (sent with the head when it came whole with it and is at
 //! most `MAX_BODY` bytes, else streamed: `Upload`) or a chunked one (streamed), with or
 //! without `Expect: 100-continue`, to a topology whose nodes are all spoken to over
-//! cleartext HTTP/1.1 without a connection cap. Anything else (`Upgrade`, `CONNECT`, a
+//! cleartext HTTP/1.1 (with or without a connection cap). Anything else (`Upgrade`, `CONNECT`, a
 //! coding other than chunked, a length beside chunked, another expectation, a
 //! `Connection` option other than `keep-alive` or `close`, `TE`, `Trailer`, HTTP/1.0, a
 //! head httparse refuses or that is too large, an odd byte in the target, chunked framing
@@ -49,7 +49,7 @@ use crate::proxy::body::{Blame, ProxyBody};
 use crate::proxy::error::{is_local_resource_error, own, ClientFault, Refusal};
 use crate::proxy::handler::{self, ConnInfo};
 use crate::proxy::headers;
-use crate::proxy::pool::{ConnPool, Counted};
+use crate::proxy::pool::{ConnPool, Counted, Room};
 use crate::proxy::record::Record;
 use crate::proxy::worker::{Worker, MAX_HEADERS, MAX_HEAD_BYTES};
 use crate::routing::host::valid_authority;
@@ -831,6 +831,11 @@ async fn exchange(
                         last = Last::Timeout;
                         false
                     }
+                    Failure::Busy => {
+                        rec.no_node();
+                        last = Last::Busy;
+                        false
+                    }
                     Failure::Failed => {
                         after = Some(Failover::Reset);
                         handler::passive_failure(topo, route.candidates, node);
@@ -856,6 +861,7 @@ async fn exchange(
         Last::Local => own(StatusCode::SERVICE_UNAVAILABLE, b.no_capacity.clone()),
         Last::BadGateway => own(StatusCode::BAD_GATEWAY, b.bad_gateway.clone()),
         Last::Timeout => own(StatusCode::GATEWAY_TIMEOUT, b.gateway_timeout.clone()),
+        Last::Busy => own(StatusCode::SERVICE_UNAVAILABLE, b.node_busy.clone()),
     };
     answer(
         client,
@@ -881,6 +887,7 @@ fn idempotent(m: &Method) -> bool {
 
 #[derive(Clone, Copy)]
 enum Last {
+    Busy,
     NoNode,
     Local,
     BadGateway,
@@ -909,6 +916,8 @@ enum Failure {
     Client(ClientFault),
     /// The client went away while its request was at the node.
     ClientGone,
+    /// The node stayed at its `max_connections` for the queue time.
+    Busy,
 }
 
 /// A node's response head, as positions in the connection's buffer.
@@ -938,17 +947,34 @@ async fn forward(
     expect: &mut bool,
 ) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
     loop {
-        let start = Instant::now();
+        let mut start = Instant::now();
         let deadline = *overall.get_or_insert(start + t.request);
         let (mut conn, reused, connect_ns) = match pool.take_fast(t.upstream_idle) {
             Some(c) => (c, true, None),
-            None => {
+            None => 'new: {
                 if start >= deadline {
                     return Err(Failure::Deadline);
                 }
-                let Some(counted) = pool.reserve() else {
-                    // Not reached: topologies with caps are not taken by the fast path.
-                    return Err(Failure::NotSent(Cause::Local));
+                let counted = match pool.reserve() {
+                    Some(c) => c,
+                    // The node is at its `max_connections`: wait for room (boxed, a rare
+                    // path), as on the hyper path.
+                    None => {
+                        let room =
+                            Box::pin(pool.wait_for_room_fast(
+                                t.upstream_idle,
+                                (start + t.queue).min(deadline),
+                            ))
+                            .await;
+                        // The time in the queue is neither the node's answer time nor
+                        // its connect time: the attempt starts now.
+                        start = Instant::now();
+                        match room {
+                            Some(Room::Pooled(c)) => break 'new (c, true, None),
+                            Some(Room::New(c)) => c,
+                            None => return Err(Failure::Busy),
+                        }
+                    }
                 };
                 let until = start + t.connect.min(deadline - start);
                 let io = match tokio::time::timeout_at(until, TcpStream::connect(pool.addr)).await {
@@ -1904,13 +1930,11 @@ fn itoa_buf(mut n: u64) -> String {
 }
 
 /// Whether the fast path may serve requests to the nodes of `topo`: all spoken to over
-/// cleartext HTTP/1.1, none with a connection cap.
+/// cleartext HTTP/1.1.
 pub fn takes(topo: &Topology) -> bool {
-    topo.nodes.iter().all(|n| {
-        n.protocol == crate::topology::Protocol::Http1
-            && n.tls.is_none()
-            && n.max_connections.is_none()
-    })
+    topo.nodes
+        .iter()
+        .all(|n| n.protocol == crate::topology::Protocol::Http1 && n.tls.is_none())
 }
 
 #[cfg(test)]

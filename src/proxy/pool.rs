@@ -245,7 +245,11 @@ impl ConnPool {
     pub fn has_room(&self) -> bool {
         match self.max {
             None => true,
-            Some(max) => !self.idle.borrow().is_empty() || self.state.conns.open() < max,
+            Some(max) => {
+                !self.idle.borrow().is_empty()
+                    || !self.fast.borrow().is_empty()
+                    || self.state.conns.open() < max
+            }
         }
     }
 
@@ -262,6 +266,26 @@ impl ConnPool {
     /// Waits until `until` for a pooled connection or room for a new one, for a node at
     /// its cap. `None` when neither came in time.
     pub async fn wait_for_room(&self, max_idle: Duration, until: Instant) -> Option<Room> {
+        self.wait_for_room_with(max_idle, until, Self::take).await
+    }
+
+    /// `wait_for_room`, for a request of the own HTTP/1.1 codec (which takes its own
+    /// pooled connections).
+    pub async fn wait_for_room_fast(
+        &self,
+        max_idle: Duration,
+        until: Instant,
+    ) -> Option<Room<crate::h1::fast::NodeConn>> {
+        self.wait_for_room_with(max_idle, until, Self::take_fast)
+            .await
+    }
+
+    async fn wait_for_room_with<T>(
+        &self,
+        max_idle: Duration,
+        until: Instant,
+        take: impl Fn(&Self, Duration) -> Option<T>,
+    ) -> Option<Room<T>> {
         let conns = &self.state.conns;
         // Undone however the wait ends (the client may go away meanwhile).
         struct Waiting<'a> {
@@ -288,7 +312,7 @@ impl ConnPool {
             // Registered before looking, so that a close in between is not missed.
             freed.as_mut().enable();
             returned.as_mut().enable();
-            if let Some(c) = self.take(max_idle) {
+            if let Some(c) = take(self, max_idle) {
                 return Some(Room::Pooled(c));
             }
             if let Some(c) = self.reserve() {
@@ -352,6 +376,11 @@ impl ConnPool {
     /// burst) are closed on the way: nothing would take them again.
     #[inline]
     pub fn put_fast(&self, conn: crate::h1::fast::NodeConn) {
+        // As `put`: at a node's cap, a connection a request on another worker waits for
+        // is closed instead (its room goes there).
+        if self.max.is_some() && self.waiting.get() == 0 && self.state.conns.take_reclaim() {
+            return;
+        }
         let mut idle = self.fast.borrow_mut();
         let now = Instant::now();
         let max_idle = self.max_idle.get();
@@ -364,6 +393,10 @@ impl ConnPool {
         }
         if idle.len() < MAX_IDLE {
             idle.push((conn, now));
+            drop(idle);
+            if self.max.is_some() {
+                self.returned.notify_waiters();
+            }
         }
     }
 
@@ -414,9 +447,20 @@ impl ConnPool {
                 p.idle
                     .borrow_mut()
                     .retain(|(c, since)| !c.is_closed() && since.elapsed() <= max_idle);
-                while !p.idle.borrow().is_empty() && state.conns.take_reclaim() {
-                    // The oldest idle one (dropping it closes it).
-                    drop(p.idle.borrow_mut().remove(0));
+                p.fast
+                    .borrow_mut()
+                    .retain(|(c, since)| since.elapsed() <= max_idle && c.is_fresh());
+                loop {
+                    let has = !p.idle.borrow().is_empty() || !p.fast.borrow().is_empty();
+                    if !has || !state.conns.take_reclaim() {
+                        break;
+                    }
+                    // The oldest idle one (dropping it closes it), of either codec.
+                    if !p.fast.borrow().is_empty() {
+                        drop(p.fast.borrow_mut().remove(0));
+                    } else {
+                        drop(p.idle.borrow_mut().remove(0));
+                    }
                 }
             }
             // Looked at again now and then: stale connections are swept, and the task
@@ -485,9 +529,9 @@ impl ConnPool {
 pub struct Counted(Arc<NodeState>, bool);
 
 /// What a request waiting at a node's cap got.
-pub enum Room {
+pub enum Room<T = Sender> {
     /// A connection given back to this worker's pool.
-    Pooled(Sender),
+    Pooled(T),
     /// Room for a new one.
     New(Counted),
 }
