@@ -30,6 +30,12 @@ type Tls = Box<tokio_rustls::server::TlsStream<TcpStream>>;
 /// for the client leaving.
 const UNWATCHED: Duration = Duration::from_millis(2);
 
+/// The content type of a TLS alert record.
+const TLS_ALERT: u8 = 0x15;
+
+/// How long a TLS connection's close (its close_notify) may take.
+const TLS_CLOSE: Duration = Duration::from_secs(1);
+
 /// The client's socket: plain until something must wait on it, then tokio's.
 pub struct Client {
     raw: Option<std::net::TcpStream>,
@@ -120,6 +126,14 @@ impl Client {
         };
     }
 
+    /// Ends the connection: a TLS session says close_notify first (within `TLS_CLOSE`),
+    /// as hyper's connections do.
+    pub async fn close(mut self) {
+        if let Some(t) = &mut self.tls {
+            let _ = tokio::time::timeout(TLS_CLOSE, t.shutdown()).await;
+        }
+    }
+
     /// Writes `data` whole: straight to the socket while it takes it, through the reactor
     /// from the first write that would block.
     pub async fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
@@ -152,10 +166,13 @@ impl Client {
             tokio::time::sleep(UNWATCHED).await;
         }
         if let Some(t) = &self.tls {
-            // The socket under the session: records of a next request are data too.
+            // The socket under the session: records of a next request are data too, but
+            // an alert (close_notify first of all) says the client is done.
             let mut b = [0u8; 1];
             if let Ok(1..) = t.get_ref().0.peek(&mut b).await {
-                std::future::pending::<()>().await;
+                if b[0] != TLS_ALERT {
+                    std::future::pending::<()>().await;
+                }
             }
             return;
         }

@@ -103,17 +103,36 @@ impl NodeConn {
     }
 }
 
-/// Serves a cleartext HTTP/1.1 connection whose first bytes are `buf`, until it ends or
+/// Serves an HTTP/1.1 connection (in clear or TLS) whose first bytes are `buf`, until it ends or
 /// a request is declined.
 pub async fn serve(
     worker: &Rc<Worker>,
     info: &Rc<ConnInfo>,
     mut client: Client,
-    mut buf: Vec<u8>,
+    buf: Vec<u8>,
     timeouts: &Timeouts,
     accepted: Instant,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Served {
+    match run(worker, info, &mut client, buf, timeouts, accepted, shutdown).await {
+        Ok(()) => {
+            client.close().await;
+            Served::Done
+        }
+        Err(buf) => decline(client, buf),
+    }
+}
+
+/// `serve`'s loop: `Err` with the bytes read so far when a request is declined.
+async fn run(
+    worker: &Rc<Worker>,
+    info: &Rc<ConnInfo>,
+    client: &mut Client,
+    mut buf: Vec<u8>,
+    timeouts: &Timeouts,
+    accepted: Instant,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), Vec<u8>> {
     if buf.capacity() < 4096 {
         buf.reserve(4096 - buf.len());
     }
@@ -136,7 +155,7 @@ pub async fn serve(
                 // hyper refuses a head as soon as what came of it cannot parse (without
                 // waiting for its end), and one past the limit.
                 worker.stats.count_fast(true);
-                return decline(client, buf);
+                return Err(buf);
             }
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(4096);
@@ -144,10 +163,10 @@ pub async fn serve(
             let read = tokio::select! {
                 biased;
                 r = client.read_buf(&mut buf) => r,
-                () = tokio::time::sleep_until(deadline) => return Served::Done,
+                () = tokio::time::sleep_until(deadline) => return Ok(()),
                 _ = shutdown.changed() => {
                     if !buf.is_empty() || info.requests.get() > 0 {
-                        return Served::Done;
+                        return Ok(());
                     }
                     // Not a byte of the first request yet: a short grace to send it.
                     match tokio::time::timeout(
@@ -157,37 +176,28 @@ pub async fn serve(
                     .await
                     {
                         Ok(r) => r,
-                        Err(_) => return Served::Done,
+                        Err(_) => return Ok(()),
                     }
                 }
             };
             match read {
-                Ok(0) | Err(_) => return Served::Done,
+                Ok(0) | Err(_) => return Ok(()),
                 Ok(_) => {}
             }
         }
         // Draining: this answer is the connection's last, and says so.
         let closing = *shutdown.borrow();
-        let step = exchange(
-            worker,
-            info,
-            &mut client,
-            &mut buf,
-            &mut up,
-            &mut out,
-            closing,
-        )
-        .await;
+        let step = exchange(worker, info, client, &mut buf, &mut up, &mut out, closing).await;
         match step {
-            Step::Next(_) if closing => return Served::Done,
+            Step::Next(_) if closing => return Ok(()),
             Step::Next(n) => {
                 buf.drain(..n);
-                nodelay(&client, info);
+                nodelay(client, info);
             }
-            Step::Close => return Served::Done,
+            Step::Close => return Ok(()),
             Step::Decline => {
                 worker.stats.count_fast(true);
-                return decline(client, buf);
+                return Err(buf);
             }
         }
     }
@@ -960,16 +970,22 @@ async fn forward(
                     // The node is at its `max_connections`: wait for room (boxed, a rare
                     // path), as on the hyper path.
                     None => {
-                        let room =
-                            Box::pin(pool.wait_for_room_fast(
+                        // A client that leaves meanwhile takes its place in the queue
+                        // with it (as on the hyper path, where its handler is dropped).
+                        let room = tokio::select! {
+                            biased;
+                            r = Box::pin(pool.wait_for_room_fast(
                                 t.upstream_idle,
                                 (start + t.queue).min(deadline),
-                            ))
-                            .await;
+                            )) => r,
+                            () = client.gone() => return Err(Failure::ClientGone),
+                        };
                         // The time in the queue is neither the node's answer time nor
                         // its connect time: the attempt starts now.
                         start = Instant::now();
                         match room {
+                            // The deadline passed in the queue: nobody's fault.
+                            _ if start >= deadline => return Err(Failure::Deadline),
                             Some(Room::Pooled(c)) => break 'new (c, true, None),
                             Some(Room::New(c)) => c,
                             None => return Err(Failure::Busy),
@@ -977,7 +993,13 @@ async fn forward(
                     }
                 };
                 let until = start + t.connect.min(deadline - start);
-                let io = match tokio::time::timeout_at(until, TcpStream::connect(pool.addr)).await {
+                let connecting = tokio::time::timeout_at(until, TcpStream::connect(pool.addr));
+                let connected = tokio::select! {
+                    biased;
+                    c = connecting => c,
+                    () = client.gone() => return Err(Failure::ClientGone),
+                };
+                let io = match connected {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) if is_local_resource_error(&e) => {
                         return Err(Failure::NotSent(Cause::Local))

@@ -266,7 +266,12 @@ impl ConnPool {
     /// Waits until `until` for a pooled connection or room for a new one, for a node at
     /// its cap. `None` when neither came in time.
     pub async fn wait_for_room(&self, max_idle: Duration, until: Instant) -> Option<Room> {
-        self.wait_for_room_with(max_idle, until, Self::take).await
+        // An idle connection of the own codec on this worker is of no use to this request:
+        // closed to make room.
+        self.wait_for_room_with(max_idle, until, Self::take, |p| {
+            p.fast.borrow_mut().pop().is_some()
+        })
+        .await
     }
 
     /// `wait_for_room`, for a request of the own HTTP/1.1 codec (which takes its own
@@ -276,8 +281,12 @@ impl ConnPool {
         max_idle: Duration,
         until: Instant,
     ) -> Option<Room<crate::h1::fast::NodeConn>> {
-        self.wait_for_room_with(max_idle, until, Self::take_fast)
-            .await
+        // An idle connection of hyper's on this worker is of no use to this request: closed
+        // to make room (its count goes once its task ends).
+        self.wait_for_room_with(max_idle, until, Self::take_fast, |p| {
+            p.idle.borrow_mut().pop().is_some()
+        })
+        .await
     }
 
     async fn wait_for_room_with<T>(
@@ -285,7 +294,9 @@ impl ConnPool {
         max_idle: Duration,
         until: Instant,
         take: impl Fn(&Self, Duration) -> Option<T>,
+        close_other: impl Fn(&Self) -> bool,
     ) -> Option<Room<T>> {
+        let mut closed_other = false;
         let conns = &self.state.conns;
         // Undone however the wait ends (the client may go away meanwhile).
         struct Waiting<'a> {
@@ -317,6 +328,11 @@ impl ConnPool {
             }
             if let Some(c) = self.reserve() {
                 return Some(Room::New(c));
+            }
+            if !closed_other && close_other(self) {
+                // Once: then the room it leaves is waited for like any other.
+                closed_other = true;
+                continue;
             }
             // Idle connections of other workers count against the cap: one is asked to
             // close (again, if an earlier ask was taken by another waiter's room).
