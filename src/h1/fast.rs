@@ -414,7 +414,6 @@ async fn exchange(
         Step::Next(_) if streamed => body_end.map_or(Step::Close, Step::Next),
         s => s,
     };
-    let answer_close = seen.close;
     // From here on the request is the fast path's.
     info.requests.set(info.requests.get() + 1);
     worker.stats.count_fast(false);
@@ -423,6 +422,18 @@ async fn exchange(
     // its accept, as hyper's are).
     let timeouts = &topo.defaults.timeouts;
     let mut rec = Record::raw(worker, &snap, info, &method, host, target.as_bytes());
+    // envgate's own answer before the request went anywhere (its record completed, the
+    // connection going on as `unread` says).
+    macro_rules! early {
+        ($resp:expr, $cookie:expr) => {
+            return unread(
+                answer(
+                    client, out, rec, $resp, &method, timeouts, total, $cookie, seen.close,
+                )
+                .await,
+            )
+        };
+    }
     let (path_part, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (target, None),
@@ -430,20 +441,7 @@ async fn exchange(
     let new_path = match path::normalize(path_part, topo.defaults.allow_encoded_slash) {
         Ok(p) => p,
         Err(e) => {
-            return unread(
-                answer(
-                    client,
-                    out,
-                    rec,
-                    Refusal::BadPath(e).response(true),
-                    &method,
-                    timeouts,
-                    total,
-                    None,
-                    answer_close,
-                )
-                .await,
-            );
+            early!(Refusal::BadPath(e).response(true), None);
         }
     };
     let view = RequestView {
@@ -462,20 +460,7 @@ async fn exchange(
         Err(RouteError::NoRoute) => {
             static NO_ROUTE: &[u8] = br#"{"error":"no_route"}"#;
             let resp = own(StatusCode::NOT_FOUND, bytes::Bytes::from_static(NO_ROUTE));
-            return unread(
-                answer(
-                    client,
-                    out,
-                    rec,
-                    resp,
-                    &method,
-                    timeouts,
-                    total,
-                    None,
-                    answer_close,
-                )
-                .await,
-            );
+            early!(resp, None);
         }
         Err(e @ (RouteError::TenantRequired | RouteError::BadTenant)) => {
             let missing = e == RouteError::TenantRequired;
@@ -487,20 +472,7 @@ async fn exchange(
             } else {
                 Refusal::BadTenant
             };
-            return unread(
-                answer(
-                    client,
-                    out,
-                    rec,
-                    r.response(true),
-                    &method,
-                    timeouts,
-                    total,
-                    None,
-                    answer_close,
-                )
-                .await,
-            );
+            early!(r.response(true), None);
         }
     };
     rec.route(&route);
@@ -511,20 +483,7 @@ async fn exchange(
                 StatusCode::MISDIRECTED_REQUEST,
                 bytes::Bytes::from_static(MISDIRECTED),
             );
-            return unread(
-                answer(
-                    client,
-                    out,
-                    rec,
-                    resp,
-                    &method,
-                    timeouts,
-                    total,
-                    None,
-                    answer_close,
-                )
-                .await,
-            );
+            early!(resp, None);
         }
     }
     let mut cookie_buf = [0u8; canary::SET_COOKIE_MAX];
@@ -550,40 +509,14 @@ async fn exchange(
         .is_some_and(|l| seen.length.is_some_and(|n| n > l))
     {
         let resp = Refusal::BodyTooLarge.response(true);
-        return unread(
-            answer(
-                client,
-                out,
-                rec,
-                resp,
-                &method,
-                timeouts,
-                total,
-                cookie,
-                answer_close,
-            )
-            .await,
-        );
+        early!(resp, cookie);
     }
     let Some(slot) = env.try_enter() else {
         let resp = own(
             StatusCode::SERVICE_UNAVAILABLE,
             env.bodies().over_limit.clone(),
         );
-        return unread(
-            answer(
-                client,
-                out,
-                rec,
-                resp,
-                &method,
-                timeouts,
-                total,
-                cookie,
-                answer_close,
-            )
-            .await,
-        );
+        early!(resp, cookie);
     };
 
     // The request for the node.
