@@ -486,3 +486,42 @@ async fn expect_100_continue_asks_for_the_body() {
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 404"), "{out}");
 }
+
+/// A client that pipelines: a request with a long head, then 300 small ones in the same
+/// write, the last asking to close. Every one is answered, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_after_a_long_head_are_answered_in_order() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&one_node(a.addr, ""));
+    let p = eg.port("http");
+    let mut all = format!(
+        "GET /p?i=long HTTP/1.1\r\nHost: company.com\r\nX-Long: {}\r\n\r\n",
+        "l".repeat(40_000)
+    );
+    for i in 0..300 {
+        let close = if i == 299 {
+            "Connection: close\r\n"
+        } else {
+            ""
+        };
+        all.push_str(&format!(
+            "GET /p?i={i} HTTP/1.1\r\nHost: company.com\r\n{close}\r\n"
+        ));
+    }
+    let mut s = raw_conn(p).await;
+    s.write_all(all.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
+        .await
+        .expect("every answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    let targets: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("x-target: /p?i="))
+        .collect();
+    let mut want = vec!["long".to_string()];
+    want.extend((0..300).map(|i| i.to_string()));
+    assert_eq!(targets, want);
+    assert_eq!(text.matches("http/1.1 200 ok").count(), 301);
+}

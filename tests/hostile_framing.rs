@@ -148,3 +148,42 @@ async fn request_codings_other_than_one_chunked_are_refused() {
     }
     assert_eq!(a.hits(), 0);
 }
+
+/// Chunk-size lines as hyper reads them (more than 16 digits of leading zeros, spaces or
+/// tabs after the size, extensions) go through on either codec, whether they come with the
+/// head or in a later read of a body already on its way to the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_size_lines_are_read_alike_in_any_read() {
+    use tokio::io::AsyncWriteExt;
+    let node = Upstream::start("n").await;
+    let eg = Envgate::start(&topo(
+        &[("n", node.addr)],
+        "health: { type: tcp, interval: 1m }",
+        "",
+    ));
+    let p = eg.port("http");
+    let head: &[u8] =
+        b"POST /echo HTTP/1.1\r\nHost: company.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+    let rest: &[u8] = b"5 \t;a=b\r\nworld\r\n000000000000000000003\r\nabc\r\n0 \r\n\r\n";
+    for split in [false, true] {
+        let mut s = raw_conn(p).await;
+        if split {
+            let before = node.hits();
+            s.write_all(head).await.unwrap();
+            assert!(
+                eventually(Duration::from_secs(5), || async { node.hits() > before }).await,
+                "the request did not reach the node"
+            );
+            s.write_all(rest).await.unwrap();
+        } else {
+            s.write_all(&[head, rest].concat()).await.unwrap();
+        }
+        let (answer, body) = read_response(&mut s, false).await;
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            "helloworldabc",
+            "split: {split}"
+        );
+    }
+}

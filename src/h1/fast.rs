@@ -60,9 +60,10 @@ use crate::topology::{NodeId, Timeouts, Topology};
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Read size for bodies.
 const CHUNK: usize = 16 * 1024;
-/// Largest request body the fast path takes (when it came whole with its head; it goes to
-/// the node with the head, in one write); larger ones, and chunked ones, go to hyper,
-/// which streams them.
+/// The client buffer's usual size.
+const READ_BUF: usize = 4096;
+/// Largest request body sent to the node with its head in one write (when it came whole
+/// with the head); larger ones, and chunked ones, are streamed (`Upload`).
 const MAX_BODY: usize = 64 * 1024;
 /// Most attempts one request makes.
 const MAX_ATTEMPTS: usize = 1 + crate::config::validate::MAX_RETRIES as usize;
@@ -133,8 +134,8 @@ async fn run(
     accepted: Instant,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), Vec<u8>> {
-    if buf.capacity() < 4096 {
-        buf.reserve(4096 - buf.len());
+    if buf.capacity() < READ_BUF {
+        buf.reserve(READ_BUF - buf.len());
     }
     let mut up = Vec::with_capacity(1024);
     let mut out = Vec::with_capacity(1024);
@@ -192,6 +193,12 @@ async fn run(
             Step::Next(_) if closing => return Ok(()),
             Step::Next(n) => {
                 buf.drain(..n);
+                // A buffer grown for a long head or a body goes back to its usual size, so
+                // that what a pipelining client sends next is read (and moved along as each
+                // request is taken from its front) a few KiB at a time.
+                if buf.capacity() > 4 * READ_BUF {
+                    buf.shrink_to(READ_BUF);
+                }
                 nodelay(client, info);
             }
             Step::Close => return Ok(()),

@@ -130,8 +130,9 @@ fn trim(v: &[u8]) -> &[u8] {
     &v[start..end]
 }
 
-/// Longest chunk-size line (size and extensions) accepted.
-pub const MAX_CHUNK_LINE: usize = 4096;
+/// Most chunk-extension bytes a body may carry, all its chunks together (hyper's bound:
+/// its decoder refuses the body at the 16,384th).
+pub const MAX_CHUNK_EXTENSIONS: u64 = 16 * 1024;
 /// Largest trailer section accepted (as a head: 64 KiB).
 pub const MAX_TRAILERS: usize = 64 * 1024;
 
@@ -139,8 +140,8 @@ pub const MAX_TRAILERS: usize = 64 * 1024;
 pub enum ChunkError {
     #[error("invalid chunk size")]
     BadSize,
-    #[error("chunk size line too long")]
-    LineTooLong,
+    #[error("chunk extensions over limit")]
+    ExtensionsTooLong,
     #[error("chunk data not followed by CRLF")]
     MissingCrlf,
     #[error("trailer section too large")]
@@ -151,8 +152,10 @@ pub enum ChunkError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Hex digits of the size (`digits` of them so far).
+    /// Hex digits of the size (`digits`: one came).
     Size,
+    /// Spaces or tabs after the size.
+    SizeLws,
     /// After the size: extensions until CR.
     Extension,
     /// CR seen at the end of the size line.
@@ -170,14 +173,16 @@ enum State {
 
 /// A chunked body, decoded incrementally: data passes through as ranges of the input (no
 /// copy); the trailer section, if any, is kept (bounded) for the caller to parse.
-/// Strict: CRLF everywhere (a bare LF is refused, as is any byte where one is due), sizes
-/// of at most 16 hex digits, bounded lines.
+/// The grammar is hyper's, so that both codecs take and refuse the same bodies: CRLF
+/// everywhere (a bare LF is refused, as is any byte where one is due); a size of any
+/// number of hex digits whose value fits 64 bits, then spaces or tabs; extensions of at
+/// most `MAX_CHUNK_EXTENSIONS` bytes over the body.
 #[derive(Debug)]
 pub struct ChunkedDecoder {
     state: State,
     size: u64,
-    digits: u8,
-    line: usize,
+    digits: bool,
+    extensions: u64,
     remaining: u64,
     trailers: Vec<u8>,
 }
@@ -193,8 +198,8 @@ impl ChunkedDecoder {
         ChunkedDecoder {
             state: State::Size,
             size: 0,
-            digits: 0,
-            line: 0,
+            digits: false,
+            extensions: 0,
             remaining: 0,
             trailers: Vec::new(),
         }
@@ -224,42 +229,45 @@ impl ChunkedDecoder {
                         b'0'..=b'9' => b - b'0',
                         b'a'..=b'f' => b - b'a' + 10,
                         b'A'..=b'F' => b - b'A' + 10,
-                        b';' | b'\r' if self.digits > 0 => {
-                            self.state = if b == b';' {
-                                State::Extension
-                            } else {
-                                State::SizeLf
+                        b';' | b'\r' | b' ' | b'\t' if self.digits => {
+                            self.state = match b {
+                                b';' => State::Extension,
+                                b'\r' => State::SizeLf,
+                                _ => State::SizeLws,
                             };
-                            self.line += 1;
                             i += 1;
                             continue;
                         }
                         _ => return Err(ChunkError::BadSize),
                     };
-                    if self.digits == 16 {
-                        return Err(ChunkError::BadSize);
-                    }
-                    self.size = (self.size << 4) | u64::from(d);
-                    self.digits += 1;
-                    self.line += 1;
+                    self.size = self
+                        .size
+                        .checked_mul(16)
+                        .and_then(|s| s.checked_add(u64::from(d)))
+                        .ok_or(ChunkError::BadSize)?;
+                    self.digits = true;
                 }
-                State::Extension => {
-                    self.line += 1;
-                    if self.line > MAX_CHUNK_LINE {
-                        return Err(ChunkError::LineTooLong);
+                State::SizeLws => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = State::Extension,
+                    b'\r' => self.state = State::SizeLf,
+                    _ => return Err(ChunkError::BadSize),
+                },
+                State::Extension => match b {
+                    b'\r' => self.state = State::SizeLf,
+                    b'\n' => return Err(ChunkError::BadSize),
+                    _ => {
+                        self.extensions += 1;
+                        if self.extensions >= MAX_CHUNK_EXTENSIONS {
+                            return Err(ChunkError::ExtensionsTooLong);
+                        }
                     }
-                    match b {
-                        b'\r' => self.state = State::SizeLf,
-                        b'\n' => return Err(ChunkError::BadSize),
-                        _ => {}
-                    }
-                }
+                },
                 State::SizeLf => {
                     if b != b'\n' {
                         return Err(ChunkError::BadSize);
                     }
-                    self.line = 0;
-                    self.digits = 0;
+                    self.digits = false;
                     if self.size == 0 {
                         self.state = State::Trailers;
                     } else {
@@ -430,6 +438,25 @@ mod tests {
         // Uppercase hex, a size of 16 digits of leading zeros.
         let (body, _, _) = run(b"000000000000000B\r\nhello world\r\n0\r\n\r\n", 5).unwrap();
         assert_eq!(body, b"hello world");
+        // As hyper reads them: any number of leading zeros, spaces and tabs after the size
+        // (before an extension too), the largest size that fits 64 bits.
+        let msg = b"00000000000000000000005 \t\r\nhello\r\n3\t;a=b\r\nabc\r\n0 \r\n\r\n";
+        for step in [1, 3, 100] {
+            let (body, _, used) = run(msg, step).unwrap();
+            assert_eq!(body, b"helloabc", "step {step}");
+            assert_eq!(used, msg.len());
+        }
+        let mut d = ChunkedDecoder::new();
+        assert_eq!(d.decode(b"ffffffffffffffff\r\nab").unwrap(), (20, 18..20));
+        // Extensions: up to the bound over the whole body, in any number of chunks.
+        let mut msg = Vec::new();
+        for _ in 0..15 {
+            msg.extend_from_slice(b"1;");
+            msg.extend(std::iter::repeat_n(b'x', 1000));
+            msg.extend_from_slice(b"\r\nz\r\n");
+        }
+        msg.extend_from_slice(b"0\r\n\r\n");
+        assert_eq!(run(&msg, 64).unwrap().0, b"z".repeat(15));
     }
 
     #[test]
@@ -439,8 +466,14 @@ mod tests {
             (b"\r\nhello", ChunkError::BadSize),
             (b"x\r\n", ChunkError::BadSize),
             (b" 5\r\nhello\r\n", ChunkError::BadSize),
-            (b"5 \r\nhello\r\n", ChunkError::BadSize),
+            (b"5 5\r\nhello\r\n", ChunkError::BadSize),
+            (b"5 \n", ChunkError::BadSize),
+            (b"5;a\nhello", ChunkError::BadSize),
             (b"10000000000000000\r\n", ChunkError::BadSize),
+            (
+                b"00000000000000000000000010000000000000000\r\n",
+                ChunkError::BadSize,
+            ),
             (b"5\r\nhelloX\r\n", ChunkError::MissingCrlf),
             (b"5\r\nhello\n0\r\n\r\n", ChunkError::MissingCrlf),
             (b"0\r\nx: y\n\r\n", ChunkError::BadTrailers),
@@ -459,12 +492,13 @@ mod tests {
             };
             assert_eq!(err, Some(e), "{:?}", String::from_utf8_lossy(bad));
         }
-        let mut long = b"1;".to_vec();
-        long.extend(std::iter::repeat_n(b'x', MAX_CHUNK_LINE));
-        assert_eq!(
-            ChunkedDecoder::new().decode(&long),
-            Err(ChunkError::LineTooLong)
-        );
+        let mut long = Vec::new();
+        for _ in 0..17 {
+            long.extend_from_slice(b"1;");
+            long.extend(std::iter::repeat_n(b'x', 1000));
+            long.extend_from_slice(b"\r\nz\r\n");
+        }
+        assert_eq!(run(&long, 64), Err(ChunkError::ExtensionsTooLong));
         let mut big = b"0\r\n".to_vec();
         for _ in 0..MAX_TRAILERS / 8 + 1 {
             big.extend_from_slice(b"a: bcd\r\n");
