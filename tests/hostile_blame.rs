@@ -307,3 +307,60 @@ async fn an_informational_answer_during_the_upload_does_not_stop_it() {
         assert!(out.ends_with("\r\n\r\nok"), "{out}");
     }
 }
+
+/// An answer sent while the client still uploads (envgate's own 413 for a length over the
+/// limit, a node that answers without reading the body) is not lost: the rest of the
+/// upload is read and dropped until the client is done (a lingering close), so its writes
+/// do not fail under a reset and it reads the answer to a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_during_an_upload_is_not_lost_to_a_reset() {
+    use tokio::io::AsyncReadExt;
+    let a = Upstream::start("a").await;
+    // A node that answers once it has the head, then keeps the connection without reading.
+    let early = RawNode::start(
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno".to_vec(),
+        After::Hang,
+    )
+    .await;
+    let piece = vec![b'x'; 64 * 1024];
+    for (node, length, status) in [
+        (a.addr, 100 << 20, "HTTP/1.1 413"),
+        (early.addr, 16 << 20, "HTTP/1.1 403"),
+    ] {
+        let eg = Envgate::start(&topo(
+            &[("n", node)],
+            // On hyper's codec the upload to the node that stopped reading ends after
+            // body_idle; the own codec ends it once the answer went whole.
+            "health: { type: tcp, interval: 1m }, limits: { max_request_body: 64MiB }, timeouts: { body_idle: 500ms }",
+            "",
+        ));
+        let mut s = raw_conn(eg.port("http")).await;
+        let head = format!(
+            "POST /consume HTTP/1.1\r\nHost: company.com\r\nContent-Length: {length}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // 16 MiB of the body, far more than the sockets' buffers hold.
+        let (mut r, mut w) = s.into_split();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let end = r.read_to_end(&mut got).await;
+            (end.map(|_| ()), got)
+        });
+        let wrote = tokio::time::timeout(Duration::from_secs(30), async {
+            for _ in 0..256 {
+                w.write_all(&piece).await?;
+            }
+            w.shutdown().await
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{status}: the upload stalled"));
+        assert!(wrote.is_ok(), "{status}: the upload failed: {wrote:?}");
+        let (end, got) = tokio::time::timeout(Duration::from_secs(30), reader)
+            .await
+            .expect("the connection ended")
+            .unwrap();
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with(status), "{status}: {text}");
+        assert!(end.is_ok(), "{status}: {end:?} after {text}");
+    }
+}

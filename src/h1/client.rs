@@ -30,6 +30,9 @@ type Tls = Box<tokio_rustls::server::TlsStream<TcpStream>>;
 /// for the client leaving.
 const UNWATCHED: Duration = Duration::from_millis(2);
 
+/// While draining, a lingering close ends at the latest after this long.
+const LINGER_DRAINING: Duration = Duration::from_secs(1);
+
 /// The content type of a TLS alert record.
 const TLS_ALERT: u8 = 0x15;
 
@@ -131,6 +134,34 @@ impl Client {
     pub async fn close(mut self) {
         if let Some(t) = &mut self.tls {
             let _ = tokio::time::timeout(TLS_CLOSE, t.shutdown()).await;
+        }
+    }
+
+    /// Ends the connection after an answer sent while the client was still sending a body
+    /// that is not read (`io::linger`): the sending side is shut (close_notify then a FIN
+    /// over TLS, a FIN in clear), then what the client still sends is read and dropped.
+    /// Draining (or once `shutdown` changes) it ends sooner.
+    pub async fn linger(mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+        let total = if *shutdown.borrow() {
+            LINGER_DRAINING
+        } else {
+            crate::proxy::io::LINGER_TIME
+        };
+        let discard = async {
+            if let Some(t) = &mut self.tls {
+                if let Ok(Ok(())) = tokio::time::timeout(TLS_CLOSE, t.shutdown()).await {
+                    crate::proxy::io::linger(t, total).await;
+                }
+                return;
+            }
+            let Ok(io) = self.io() else { return };
+            if io.shutdown().await.is_ok() {
+                crate::proxy::io::linger(io, total).await;
+            }
+        };
+        tokio::select! {
+            () = discard => {}
+            _ = shutdown.changed() => {}
         }
     }
 

@@ -116,12 +116,24 @@ pub async fn serve(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Served {
     match run(worker, info, &mut client, buf, timeouts, accepted, shutdown).await {
-        Ok(()) => {
+        Ok(End::Close) => {
             client.close().await;
+            Served::Done
+        }
+        Ok(End::Linger) => {
+            client.linger(shutdown).await;
             Served::Done
         }
         Err(buf) => decline(client, buf),
     }
+}
+
+/// How the own codec ends a connection it served to the end.
+enum End {
+    Close,
+    /// After an answer sent while the client still sends a body that is not read: a
+    /// lingering close (`Client::linger`).
+    Linger,
 }
 
 /// `serve`'s loop: `Err` with the bytes read so far when a request is declined.
@@ -133,7 +145,7 @@ async fn run(
     timeouts: &Timeouts,
     accepted: Instant,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), Vec<u8>> {
+) -> Result<End, Vec<u8>> {
     if buf.capacity() < READ_BUF {
         buf.reserve(READ_BUF - buf.len());
     }
@@ -164,10 +176,10 @@ async fn run(
             let read = tokio::select! {
                 biased;
                 r = client.read_buf(&mut buf) => r,
-                () = tokio::time::sleep_until(deadline) => return Ok(()),
+                () = tokio::time::sleep_until(deadline) => return Ok(End::Close),
                 _ = shutdown.changed() => {
                     if !buf.is_empty() || info.requests.get() > 0 {
-                        return Ok(());
+                        return Ok(End::Close);
                     }
                     // Not a byte of the first request yet: a short grace to send it.
                     match tokio::time::timeout(
@@ -177,12 +189,12 @@ async fn run(
                     .await
                     {
                         Ok(r) => r,
-                        Err(_) => return Ok(()),
+                        Err(_) => return Ok(End::Close),
                     }
                 }
             };
             match read {
-                Ok(0) | Err(_) => return Ok(()),
+                Ok(0) | Err(_) => return Ok(End::Close),
                 Ok(_) => {}
             }
         }
@@ -190,7 +202,7 @@ async fn run(
         let closing = *shutdown.borrow();
         let step = exchange(worker, info, client, &mut buf, &mut up, &mut out, closing).await;
         match step {
-            Step::Next(_) if closing => return Ok(()),
+            Step::Next(_) if closing => return Ok(End::Close),
             Step::Next(n) => {
                 buf.drain(..n);
                 // A buffer grown for a long head or a body goes back to its usual size, so
@@ -201,7 +213,8 @@ async fn run(
                 }
                 nodelay(client, info);
             }
-            Step::Close => return Ok(()),
+            Step::Close => return Ok(End::Close),
+            Step::Linger => return Ok(End::Linger),
             Step::Decline => {
                 worker.stats.count_fast(true);
                 return Err(buf);
@@ -250,6 +263,9 @@ enum Step {
     /// Answered; the request took this many bytes of the buffer.
     Next(usize),
     Close,
+    /// Answered while the client's body was not read whole: the connection ends with a
+    /// lingering close.
+    Linger,
     Decline,
 }
 
@@ -418,9 +434,10 @@ async fn exchange(
     // the body when all of it is in the buffer, else it ends after the answer (`unread`;
     // hyper's server does the same: it drains what it has, or closes).
     let unread = |step: Step| match step {
-        Step::Next(_) if streamed => body_end.map_or(Step::Close, Step::Next),
+        Step::Next(_) if streamed => body_end.map_or(Step::Linger, Step::Next),
         s => s,
     };
+    let body_unread = streamed && body_end.is_none();
     // From here on the request is the fast path's.
     info.requests.set(info.requests.get() + 1);
     worker.stats.count_fast(false);
@@ -435,7 +452,16 @@ async fn exchange(
         ($resp:expr, $cookie:expr) => {
             return unread(
                 answer(
-                    client, out, rec, $resp, &method, timeouts, total, $cookie, seen.close,
+                    client,
+                    out,
+                    rec,
+                    $resp,
+                    &method,
+                    timeouts,
+                    total,
+                    $cookie,
+                    seen.close,
+                    body_unread,
                 )
                 .await,
             )
@@ -634,8 +660,9 @@ async fn exchange(
                 drop(slot);
                 rec.no_node();
                 let resp = fault.refusal().response(true);
+                let unread = fault.unread();
                 return answer(
-                    client, out, rec, resp, &method, timeouts, total, cookie, true,
+                    client, out, rec, resp, &method, timeouts, total, cookie, true, unread,
                 )
                 .await;
             }
@@ -745,8 +772,9 @@ async fn exchange(
                         drop(slot);
                         rec.no_node();
                         let resp = fault.refusal().response(true);
+                        let unread = fault.unread();
                         return answer(
-                            client, out, rec, resp, &method, timeouts, total, cookie, true,
+                            client, out, rec, resp, &method, timeouts, total, cookie, true, unread,
                         )
                         .await;
                     }
@@ -823,6 +851,7 @@ async fn exchange(
         total,
         cookie,
         seen.close || cut_short,
+        cut_short,
     )
     .await
 }
@@ -1599,7 +1628,9 @@ async fn relay(
                 pool.put_fast(conn);
             }
             rec.finish(true);
-            if close {
+            if unfinished {
+                Step::Linger
+            } else if close {
                 Step::Close
             } else {
                 Step::Next(len)
@@ -1826,7 +1857,8 @@ fn push_date(out: &mut Vec<u8>) {
 }
 
 /// Writes an answer of envgate's own (a `Response` the hyper path would send as it is)
-/// and completes the record.
+/// and completes the record. `unread`: the client's body is not read whole (the
+/// connection ends with a lingering close).
 #[allow(clippy::too_many_arguments)]
 async fn answer(
     client: &mut Client,
@@ -1838,6 +1870,7 @@ async fn answer(
     len: usize,
     cookie: Option<&[u8]>,
     client_close: bool,
+    unread: bool,
 ) -> Step {
     let body = resp.body_mut().take_own().unwrap_or_default();
     let status = resp.status().as_u16();
@@ -1870,10 +1903,11 @@ async fn answer(
     }
     let ok = write_client(client, out, t).await.is_ok();
     rec.finish(ok);
-    if !ok || close {
-        Step::Close
-    } else {
-        Step::Next(len)
+    match (ok, unread, close) {
+        (false, _, _) => Step::Close,
+        (true, true, _) => Step::Linger,
+        (true, false, true) => Step::Close,
+        (true, false, false) => Step::Next(len),
     }
 }
 

@@ -20,6 +20,8 @@
 use std::cell::Cell;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -363,16 +365,34 @@ pub struct ClientBody {
     left: u64,
     idle: Duration,
     stall: IdleTimer,
+    /// The connection's flag of a body not read whole (`ConnInfo::unread`), cleared at
+    /// the body's end.
+    unread: Option<Arc<AtomicBool>>,
 }
 
 impl ClientBody {
-    pub fn new(inner: Incoming, watch: Rc<BodyWatch>, limit: Option<u64>, idle: Duration) -> Self {
+    pub fn new(
+        inner: Incoming,
+        watch: Rc<BodyWatch>,
+        limit: Option<u64>,
+        idle: Duration,
+        unread: Option<Arc<AtomicBool>>,
+    ) -> Self {
         ClientBody {
             inner,
             watch,
             left: limit.unwrap_or(u64::MAX),
             idle,
             stall: IdleTimer::default(),
+            unread,
+        }
+    }
+
+    /// The body was read to its end.
+    fn done(&mut self, now: Instant) {
+        self.watch.state.set(Upload::Done(now));
+        if let Some(u) = &self.unread {
+            u.store(false, Ordering::Relaxed);
         }
     }
 
@@ -408,15 +428,15 @@ impl Body for ClientBody {
                 let now = Instant::now();
                 this.stall.progress();
                 this.watch.last_frame.set(now);
-                this.watch.state.set(if this.inner.is_end_stream() {
-                    Upload::Done(now)
+                if this.inner.is_end_stream() {
+                    this.done(now);
                 } else {
-                    Upload::Sending
-                });
+                    this.watch.state.set(Upload::Sending);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                this.watch.state.set(Upload::Done(Instant::now()));
+                this.done(Instant::now());
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {

@@ -28,6 +28,13 @@ pub enum ClientFault {
 }
 
 impl ClientFault {
+    /// Whether the client may still be sending the body envgate gave up on (its answer
+    /// is then followed by a lingering close): broken framing or a body over the limit.
+    /// A stalled or gone client sends nothing more.
+    pub fn unread(self) -> bool {
+        matches!(self, ClientFault::Framing | ClientFault::TooLarge)
+    }
+
     /// Classifies an error of a client's body as hyper reports it: broken framing when the
     /// decoder refused the bytes, else the client is gone.
     pub fn of(e: &hyper::Error) -> ClientFault {

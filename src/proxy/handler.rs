@@ -21,6 +21,7 @@ use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,6 +70,10 @@ pub struct ConnInfo {
     pub h2: Option<Rc<H2Conn>>,
     /// A TLS connection whose client named a host (SNI): the certificate it was given.
     pub tls: Option<TlsConn>,
+    /// An HTTP/1 connection served by hyper: whether its last request's body may not have
+    /// been read whole (set when a request with a body begins, cleared when its body
+    /// ends). Its socket then ends with a lingering close.
+    pub unread: std::cell::OnceCell<Arc<AtomicBool>>,
 }
 
 /// The certificate a TLS connection presented, for the Host check (421).
@@ -370,6 +375,9 @@ pub async fn exchange(
 ) -> Result<Response<ProxyBody>, Infallible> {
     conn.requests.set(conn.requests.get() + 1);
     let h1 = conn.h2.is_none();
+    if let Some(u) = conn.unread.get() {
+        u.store(!req.body().is_end_stream(), Ordering::Relaxed);
+    }
     let snap = worker.snapshot();
     let topo = &*snap.topo;
     let mut rec = Record::new(&worker, &snap, &conn, &req);
@@ -486,7 +494,13 @@ pub async fn exchange(
             (UpBody::Empty, None)
         } else {
             let watch = BodyWatch::new();
-            let body = ClientBody::new(body, watch.clone(), limit, timeouts.body_idle);
+            let body = ClientBody::new(
+                body,
+                watch.clone(),
+                limit,
+                timeouts.body_idle,
+                conn.unread.get().cloned(),
+            );
             (UpBody::Stream(Box::new(body)), Some(watch))
         };
         let mut req = Request::from_parts(parts, body);

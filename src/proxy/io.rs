@@ -9,6 +9,9 @@
 //! bound, the task writing to it (and whatever it holds: the other side's connection, an
 //! in-flight slot) waits forever. A write that cannot proceed for `idle` fails with
 //! `TimedOut`. envgate wraps both the client's connection and its node connections in it.
+//!
+//! `linger` is the end of a client connection whose answer went out while the client was
+//! still sending a body envgate does not read.
 
 use std::future::Future;
 use std::io;
@@ -18,6 +21,26 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+/// A lingering close ends at the latest after this long, and after this long without a
+/// byte (nginx's `lingering_time` and `lingering_timeout`).
+pub const LINGER_TIME: Duration = Duration::from_secs(30);
+pub const LINGER_IDLE: Duration = Duration::from_secs(5);
+
+/// The rest of a lingering close, once the answer went out and the sending side is shut:
+/// what the client still sends is read and dropped until it closes its side (or fails),
+/// for at most `total` and `LINGER_IDLE` without a byte. Closing at once with a client's
+/// bytes unread would make the kernel send a reset, which fails the client's writes of
+/// its body (most clients then give up without reading the answer) and can destroy the
+/// answer before it is read.
+pub async fn linger<R: AsyncRead + Unpin>(r: &mut R, total: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut scratch = [0u8; 4096];
+    let discard = async {
+        while let Ok(Ok(1..)) = tokio::time::timeout(LINGER_IDLE, r.read(&mut scratch)).await {}
+    };
+    let _ = tokio::time::timeout(total, discard).await;
+}
 
 /// A wait's idle bound: `poll_idle` is `Ready` once the wait that began at the first
 /// pending poll (and has not ended since) has lasted `idle`.

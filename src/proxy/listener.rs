@@ -23,6 +23,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -305,6 +307,7 @@ async fn serve(
         nodelay: std::cell::Cell::new(!lazy_nodelay),
         h2: h2.then(H2Conn::new),
         tls,
+        unread: std::cell::OnceCell::new(),
     });
     // The own HTTP/1.1 codec serves what it takes; what it declines goes on to hyper with
     // the bytes read so far.
@@ -360,6 +363,12 @@ async fn serve_hyper(
             let _ = s.set_nodelay(true);
         }
     }
+    // HTTP/1: a connection that ends while a request's body may be unread lingers.
+    let unread = info.h2.is_none().then(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let _ = info.unread.set(flag.clone());
+        flag
+    });
     let io = TokioIo::new(ClientIo {
         prefix: first,
         pos: 0,
@@ -368,6 +377,7 @@ async fn serve_hyper(
             timeouts.body_idle,
             "the client read nothing for the body idle timeout",
         ),
+        unread,
     });
     // Serve until the connection ends; on shutdown, ask it to finish what it has (HTTP/1:
     // close after the response in flight; HTTP/2: GOAWAY) and wait for that (the worker's
@@ -583,6 +593,41 @@ struct ClientIo {
     prefix: Vec<u8>,
     pos: usize,
     inner: StallIo<ClientStream>,
+    /// `ConnInfo::unread` of an HTTP/1 connection.
+    unread: Option<Arc<AtomicBool>>,
+}
+
+/// hyper ends a connection (its sending side shut) by dropping it: one whose last request's
+/// body may be unread lingers instead of closing at once (`io::linger`), on a second
+/// descriptor of the same socket that a task of its own reads.
+impl Drop for ClientIo {
+    fn drop(&mut self) {
+        if !self
+            .unread
+            .as_ref()
+            .is_some_and(|u| u.load(Ordering::Relaxed))
+        {
+            return;
+        }
+        let tcp = match self.inner.get_ref() {
+            ClientStream::Plain(s) => s,
+            ClientStream::Tls(t) => t.get_ref().0,
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Ok(fd) = std::os::fd::AsFd::as_fd(tcp).try_clone_to_owned() else {
+            return;
+        };
+        let s = std::net::TcpStream::from(fd);
+        // A FIN, if hyper did not shut it (it does when the answer went out).
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        handle.spawn(async move {
+            if let Ok(mut s) = TcpStream::from_std(s) {
+                super::io::linger(&mut s, super::io::LINGER_TIME).await;
+            }
+        });
+    }
 }
 
 /// A client's connection, in clear or over TLS.
