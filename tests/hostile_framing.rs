@@ -187,3 +187,23 @@ async fn chunk_size_lines_are_read_alike_in_any_read() {
         );
     }
 }
+
+/// A node's head as hyper's client takes it: empty lines before the status line, the same
+/// Content-Length in many fields. Both codecs relay the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_heads_hyper_reads_are_relayed_by_both_codecs() {
+    let mut answer = b"\r\n\n\r\nHTTP/1.1 200 OK\r\n".to_vec();
+    for _ in 0..6 {
+        answer.extend_from_slice(b"Content-Length: 2\r\n");
+    }
+    answer.extend_from_slice(b"Content-Length: 2, 2\r\n\r\nok");
+    let node = RawNode::start(answer, After::Close).await;
+    let eg = Envgate::start(&topo(
+        &[("n", node.addr)],
+        "health: { type: tcp, interval: 1m }",
+        "",
+    ));
+    let r = get(eg.port("http"), "company.com", "/").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"ok");
+}

@@ -1395,6 +1395,21 @@ enum HeadError {
     Timeout,
 }
 
+/// Drops the empty lines (CRLF or LF) at the start of `buf`, as httparse and hyper's
+/// client skip them before a status line.
+#[cold]
+fn skip_empty_lines(buf: &mut Vec<u8>) {
+    let mut at = 0;
+    loop {
+        match &buf[at..] {
+            [b'\n', ..] => at += 1,
+            [b'\r', b'\n', ..] => at += 2,
+            _ => break,
+        }
+    }
+    buf.drain(..at);
+}
+
 /// Reads the node's response head into `conn.buf` (informational answers are dropped).
 async fn read_head(
     conn: &mut NodeConn,
@@ -1403,6 +1418,10 @@ async fn read_head(
 ) -> Result<UpHead, HeadError> {
     let mut scanned = 0;
     loop {
+        if matches!(conn.buf.first(), Some(b'\r' | b'\n')) {
+            skip_empty_lines(&mut conn.buf);
+            scanned = 0;
+        }
         if head_end(&conn.buf, &mut scanned) {
             let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut resp = httparse::Response::new(&mut fields);
@@ -1439,7 +1458,14 @@ async fn read_head(
                     nte += 1;
                 } else if is(h.name, "content-length") {
                     if ncl == cl.len() {
-                        return Err(HeadError::Malformed);
+                        // More fields than kept: each must say what the first said (hyper
+                        // takes any number of equal lengths).
+                        let first = framing::response(false, 200, &[], &cl[..1]);
+                        let this = framing::response(false, 200, &[], &[h.value]);
+                        match (first, this) {
+                            (Ok(a), Ok(b)) if a == b => continue,
+                            _ => return Err(HeadError::Malformed),
+                        }
                     }
                     cl[ncl] = h.value;
                     ncl += 1;
