@@ -437,3 +437,38 @@ async fn an_abandoned_exchange_is_a_499() {
     a.set_hanging(false);
     eg.stop().await;
 }
+
+/// Requests hyper refuses itself (a request line that does not parse, a head past the
+/// size limit), on either codec, have their line and their count, with the status the
+/// client got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_before_routing_are_logged_and_counted() {
+    let a = Upstream::start("a").await;
+    let api = free_port();
+    let eg = Envgate::start(
+        &(topo(a.addr, "") + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n")),
+    );
+    let port = eg.port("http");
+    let bad = raw(port, b"GET /a b c HTTP/1.1\r\nHost: company.com\r\n\r\n").await;
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: company.com\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(66_000)
+    );
+    let big = raw(port, big.as_bytes()).await;
+    assert!(big.starts_with("HTTP/1.1 431"), "{big}");
+    let log = lines(&eg, 2).await;
+    assert_eq!(log.len(), 2, "{log:?}");
+    for (line, code) in log.iter().zip(["400", "431"]) {
+        let fields = format!("\"- - - HTTP/1.1\" {code} env=- app=- node=- attempts=0 ");
+        assert!(line.contains(&fields), "{line}\n{fields}");
+    }
+    let (_, m) = scrape(api).await;
+    for code in ["400", "431"] {
+        assert_eq!(
+            sum(&m, "envgate_requests_total", &[&format!("code=\"{code}\"")]),
+            1.0,
+            "{code}"
+        );
+    }
+}

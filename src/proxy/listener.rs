@@ -448,6 +448,14 @@ async fn serve_hyper(
         };
         let conn = worker.http1.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);
+        // A request hyper refuses itself never reaches the handler: it is recorded here.
+        let ended = |r: Result<(), hyper::Error>| {
+            if let Err(e) = r {
+                if let Some(code) = refusal_status(&e) {
+                    super::record::Record::refused(&worker, &info, code);
+                }
+            }
+        };
         // On shutdown, HTTP/1 closes after the response in flight. A connection whose first
         // request has not begun yet (its bytes may be here or on the way: the listening
         // socket was handed to a new instance, or the client just connected) gets a short
@@ -459,7 +467,7 @@ async fn serve_hyper(
                     tokio::pin!(grace);
                     loop {
                         tokio::select! {
-                            _ = conn.as_mut() => return,
+                            r = conn.as_mut() => return ended(r),
                             () = &mut grace => break,
                             () = tokio::time::sleep(Duration::from_millis(5)) => {
                                 if info.requests.get() > 0 {
@@ -470,7 +478,7 @@ async fn serve_hyper(
                     }
                 }
                 conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+                ended(conn.await);
             }};
         }
         // A first byte that came late: what is left of `client_header` bounds the head.
@@ -480,7 +488,7 @@ async fn serve_hyper(
         let late = waited_since.filter(|since| since.elapsed() > timeouts.client_header / 10);
         if let Some(since) = late {
             tokio::select! {
-                _ = conn.as_mut() => return,
+                r = conn.as_mut() => return ended(r),
                 _ = shutdown.changed() => {
                     finish!();
                     return;
@@ -493,10 +501,31 @@ async fn serve_hyper(
             }
         }
         tokio::select! {
-            _ = conn.as_mut() => {}
+            r = conn.as_mut() => ended(r),
             _ = shutdown.changed() => finish!(),
         }
     }
+}
+
+/// The status hyper's HTTP/1 server answered a request it refused itself with (its
+/// `on_error`): 400 for a head that does not parse, 431 for one past the size limit, 414
+/// for a target too long; `None` when it answered nothing.
+fn refusal_status(e: &hyper::Error) -> Option<u16> {
+    if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
+        return None;
+    }
+    if e.is_parse_too_large() {
+        // hyper tells these two apart only in its message.
+        return Some(if e.to_string().contains("URI too long") {
+            414
+        } else {
+            431
+        });
+    }
+    if e.to_string().contains("internal error") {
+        return None;
+    }
+    Some(400)
 }
 
 /// The client's address as an `X-Forwarded-For` value, formatted without allocating.

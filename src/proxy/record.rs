@@ -150,6 +150,19 @@ impl Record {
         )
     }
 
+    /// A request hyper refused itself (a head that does not parse, or is too large), with
+    /// the status hyper answered: a record of its own, method, host and target `-`, no
+    /// environment, completed at once.
+    #[cold]
+    pub fn refused(worker: &Rc<Worker>, conn: &Rc<ConnInfo>, code: u16) {
+        let snap = worker.snapshot();
+        let method = Method::from_bytes(b"-").expect("- is a token");
+        let mut rec = Self::raw(worker, &snap, conn, &method, b"-", b"-");
+        rec.no_node();
+        rec.status(code);
+        rec.finish(true);
+    }
+
     /// A record of a request read by the own HTTP/1.1 codec (Host and target as sent).
     #[inline]
     pub fn raw(
