@@ -223,6 +223,13 @@ async fn run(
     }
 }
 
+/// Room for a head's fields, left uninitialized (httparse fills what it parses): the
+/// 3.2 KB of a zeroed array would be written for every head.
+#[inline]
+fn no_fields<'b>() -> [std::mem::MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
+    [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS]
+}
+
 /// Whether the start of a head already fails to parse (a partial head only: the slow
 /// path of a head that came in several reads).
 #[cold]
@@ -310,9 +317,9 @@ async fn exchange(
     out: &mut Vec<u8>,
     closing: bool,
 ) -> Step {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    let len = match req.parse(&buf[..]) {
+    let mut fields = no_fields();
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(&buf[..], &mut fields) {
         // A head past hyper's limit is hyper's to refuse (one read may bring more).
         Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD_BYTES => n,
         _ => return Step::Decline,
@@ -928,7 +935,7 @@ async fn forward(
     loop {
         let mut start = Instant::now();
         let deadline = *overall.get_or_insert(start + t.request);
-        let (mut conn, reused, connect_ns) = match pool.take_fast(t.upstream_idle) {
+        let (mut conn, reused, connect_ns) = match pool.take_fast(t.upstream_idle, start) {
             Some(c) => (c, true, None),
             None => 'new: {
                 if start >= deadline {
@@ -1423,9 +1430,14 @@ async fn read_head(
             scanned = 0;
         }
         if head_end(&conn.buf, &mut scanned) {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut fields);
-            let len = match resp.parse(&conn.buf) {
+            let mut fields = no_fields();
+            let mut resp = httparse::Response::new(&mut []);
+            let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut resp,
+                &conn.buf,
+                &mut fields,
+            );
+            let len = match parsed {
                 Ok(httparse::Status::Complete(n)) if n <= MAX_RESPONSE_HEAD => n,
                 Ok(httparse::Status::Complete(_)) => return Err(HeadError::Malformed),
                 Ok(httparse::Status::Partial) => return Err(HeadError::Malformed),
@@ -1556,10 +1568,14 @@ async fn relay(
     let close = client_close;
     out.clear();
     {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut r = httparse::Response::new(&mut fields);
+        let mut fields = no_fields();
+        let mut r = httparse::Response::new(&mut []);
         // Parsed before, so it parses again.
-        let _ = r.parse(&conn.buf[..resp.len]);
+        let _ = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut r,
+            &conn.buf[..resp.len],
+            &mut fields,
+        );
         out.extend_from_slice(b"HTTP/1.1 ");
         push_status(out, resp.status, r.reason);
         let has_connection_options = r

@@ -283,9 +283,12 @@ impl ConnPool {
     ) -> Option<Room<crate::h1::fast::NodeConn>> {
         // An idle connection of hyper's on this worker is of no use to this request: closed
         // to make room (its count goes once its task ends).
-        self.wait_for_room_with(max_idle, until, Self::take_fast, |p| {
-            p.idle.borrow_mut().pop().is_some()
-        })
+        self.wait_for_room_with(
+            max_idle,
+            until,
+            |p, d| p.take_fast(d, Instant::now()),
+            |p| p.idle.borrow_mut().pop().is_some(),
+        )
         .await
     }
 
@@ -375,11 +378,11 @@ impl ConnPool {
     /// A pooled connection of the own codec that is still usable and was idle less than
     /// `max_idle` (most recently used first).
     #[inline]
-    pub fn take_fast(&self, max_idle: Duration) -> Option<crate::h1::fast::NodeConn> {
+    pub fn take_fast(&self, max_idle: Duration, now: Instant) -> Option<crate::h1::fast::NodeConn> {
         self.max_idle.set(max_idle);
         let mut idle = self.fast.borrow_mut();
         while let Some((conn, since)) = idle.pop() {
-            if since.elapsed() > max_idle || !conn.is_fresh() {
+            if now.saturating_duration_since(since) > max_idle || !conn.is_fresh() {
                 continue;
             }
             return Some(conn);
