@@ -364,3 +364,77 @@ async fn an_answer_during_an_upload_is_not_lost_to_a_reset() {
         assert!(end.is_ok(), "{status}: {end:?} after {text}");
     }
 }
+
+/// A chunked upload that sends only framing (a size line padded with spaces, a byte at a
+/// time, well within body_idle each) makes no progress: 408 after body_idle, on either
+/// codec, and no node is blamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_of_framing_alone_is_408_and_blames_no_node() {
+    use tokio::io::AsyncReadExt;
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let eg = Envgate::start(&strict(&a, &b));
+    let p = eg.port("http");
+    for filler in [b' ', b'0'] {
+        let mut s = raw_conn(p).await;
+        s.write_all(
+            b"POST /consume HTTP/1.1\r\nHost: company.com\r\nTransfer-Encoding: chunked\r\n\r\n5",
+        )
+        .await
+        .unwrap();
+        let (mut r, mut w) = s.into_split();
+        let trickle = tokio::spawn(async move {
+            // Up to 20 s of it: far past body_idle (300 ms).
+            for _ in 0..200 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if w.write_all(&[filler]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::time::timeout(Duration::from_secs(30), r.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                other => panic!("no answer: {other:?} {}", String::from_utf8_lossy(&got)),
+            }
+        }
+        trickle.abort();
+        let head = String::from_utf8_lossy(&got);
+        assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    }
+    both_serve(p).await;
+}
+
+/// A keep-alive connection whose request body hyper read whole (an own answer, 404, to a
+/// POST with a short body) ends at the idle timeout without lingering: the client's
+/// next bytes meet a closed socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_close_after_a_short_body_does_not_linger() {
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&topo(
+        &[("a", a.addr)],
+        "health: { type: tcp, interval: 1m }, timeouts: { idle: 1s }",
+        "",
+    ));
+    let mut s = raw_conn(eg.port("http")).await;
+    s.write_all(b"POST / HTTP/1.1\r\nHost: nowhere.example\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s, false).await;
+    assert!(head.starts_with("http/1.1 404"), "{head}");
+    // The idle close: a FIN.
+    let mut rest = Vec::new();
+    assert!(closes_within(&mut s, Duration::from_secs(10), &mut rest).await);
+    // Closed, not lingering: a write soon fails (the first meets a reset). A lingering
+    // socket would take a byte every 200 ms for 30 s.
+    let mut failed = false;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if s.write_all(b"z").await.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the connection lingered after an idle close");
+}

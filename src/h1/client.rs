@@ -142,7 +142,8 @@ impl Client {
     /// over TLS, a FIN in clear), then what the client still sends is read and dropped.
     /// Draining (or once `shutdown` changes) it ends sooner.
     pub async fn linger(mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-        let total = if *shutdown.borrow() {
+        let draining = *shutdown.borrow_and_update();
+        let total = if draining {
             LINGER_DRAINING
         } else {
             crate::proxy::io::LINGER_TIME
@@ -159,9 +160,16 @@ impl Client {
                 crate::proxy::io::linger(io, total).await;
             }
         };
+        tokio::pin!(discard);
+        if draining {
+            return discard.await;
+        }
+        // A drain that begins meanwhile leaves `LINGER_DRAINING` more.
         tokio::select! {
-            () = discard => {}
-            _ = shutdown.changed() => {}
+            () = &mut discard => {}
+            Ok(()) = shutdown.changed() => {
+                let _ = tokio::time::timeout(LINGER_DRAINING, discard).await;
+            }
         }
     }
 

@@ -1276,12 +1276,19 @@ async fn step(
     if !u.buf.is_empty() && !u.need_more {
         u.scratch.clear();
         u.at = 0;
+        let before = u.sent;
         let used = u
             .body
             .take(u.buf, &mut u.scratch, u.limit, &mut u.sent)
             .map_err(Pump::Client)?;
         u.buf.drain(..used);
         u.need_more = used == 0;
+        // Only body data (or its end) is the client's progress, as a data frame is on
+        // hyper's path: chunk framing alone (sizes padded with zeros or spaces, long
+        // extensions) does not hold the wait open.
+        if u.sent > before || u.body.is_done() {
+            u.since = None;
+        }
         return Ok(false);
     }
     if u.buf.capacity() - u.buf.len() < 1024 {
@@ -1292,7 +1299,6 @@ async fn step(
         Ok(Ok(0)) | Ok(Err(_)) => Err(Pump::Client(ClientFault::Gone)),
         Ok(Ok(_)) => {
             u.need_more = false;
-            u.since = None;
             Ok(false)
         }
         Err(_) => Err(Pump::Client(ClientFault::Stalled)),

@@ -399,6 +399,12 @@ impl ClientBody {
     #[cold]
     fn fail(&mut self, fault: ClientFault) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.watch.state.set(Upload::Failed(fault));
+        if !fault.unread() {
+            // A stalled or gone client sends nothing more: no lingering.
+            if let Some(u) = &self.unread {
+                u.store(false, Ordering::Relaxed);
+            }
+        }
         Poll::Ready(Some(Err(BodyError::Client(fault))))
     }
 }

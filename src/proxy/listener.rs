@@ -627,8 +627,9 @@ struct ClientIo {
 }
 
 /// hyper ends a connection (its sending side shut) by dropping it: one whose last request's
-/// body may be unread lingers instead of closing at once (`io::linger`), on a second
-/// descriptor of the same socket that a task of its own reads.
+/// body may be unread, with the client's bytes waiting on the socket, lingers instead of
+/// closing at once (`io::linger`), on a second descriptor of the same socket that a task of
+/// its own reads (for at most `LINGER_TIME`; a drain does not wait for it).
 impl Drop for ClientIo {
     fn drop(&mut self) {
         if !self
@@ -649,6 +650,13 @@ impl Drop for ClientIo {
             return;
         };
         let s = std::net::TcpStream::from(fd);
+        // Only while the client's bytes are coming: a connection that went on after hyper
+        // drained a short body (the flag is not cleared then) and later ended idle has
+        // nothing to wait for.
+        let mut b = [0u8; 1];
+        if !matches!(s.peek(&mut b), Ok(1..)) {
+            return;
+        }
         // A FIN, if hyper did not shut it (it does when the answer went out).
         let _ = s.shutdown(std::net::Shutdown::Write);
         handle.spawn(async move {
