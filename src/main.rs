@@ -35,11 +35,12 @@ enum Command {
         /// Worker threads (default: one per CPU; the WORKERS variable also sets it).
         #[arg(long, env = "WORKERS")]
         workers: Option<usize>,
-        /// Which codec serves HTTP/1.1 connections: `hyper`, or `fast`, envgate's own for
-        /// what it takes (HTTP/1.1 requests, cleartext or TLS, while every node speaks
-        /// HTTP/1.1 in clear), hyper for the rest (HTTP/2, upgrades, CONNECT, HTTP/1.0,
-        /// unusual framing). The ENVGATE_HTTP1 variable also sets it.
-        #[arg(long, value_enum, env = "ENVGATE_HTTP1", default_value_t = Http1Arg::Hyper)]
+        /// Which codec serves HTTP/1.1 connections: `fast`, envgate's own for what it takes
+        /// (HTTP/1.1 requests, cleartext or TLS, while every node speaks HTTP/1.1 in
+        /// clear) and hyper for the rest (HTTP/2, upgrades, CONNECT, HTTP/1.0, unusual
+        /// framing), or `hyper` for every connection. The ENVGATE_HTTP1 variable also sets
+        /// it.
+        #[arg(long, value_enum, env = "ENVGATE_HTTP1", default_value_t = Http1Arg::Fast)]
         http1: Http1Arg,
         /// Format of the diagnostic log (stderr) and the access log.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]

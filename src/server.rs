@@ -176,19 +176,19 @@ pub struct Options {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Http1 {
     /// hyper, for every connection.
-    #[default]
     Hyper,
     /// The own codec (`h1::fast`) for what it takes; hyper for the rest.
+    #[default]
     Fast,
 }
 
 impl Http1 {
-    /// From `ENVGATE_HTTP1` (`fast` or `hyper`; hyper when unset), the variable `--http1`
-    /// also reads: the test suite runs against either codec with it.
+    /// From `ENVGATE_HTTP1` (`hyper` or `fast`; the own codec when unset), the variable
+    /// `--http1` also reads: the test suite runs against either codec with it.
     pub fn from_env() -> Self {
         match std::env::var("ENVGATE_HTTP1").as_deref() {
-            Ok("fast") => Http1::Fast,
-            _ => Http1::Hyper,
+            Ok("hyper") => Http1::Hyper,
+            _ => Http1::Fast,
         }
     }
 }
