@@ -438,3 +438,45 @@ async fn an_idle_close_after_a_short_body_does_not_linger() {
     }
     assert!(failed, "the connection lingered after an idle close");
 }
+
+/// A head past the size limit is answered 431 (by hyper, on either codec) while the client
+/// may still be sending it: the rest is waited out, so the client's writes go through and
+/// it reads the answer to a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_too_large_gets_its_431_while_the_client_still_sends() {
+    use tokio::io::AsyncReadExt;
+    let a = Upstream::start("a").await;
+    let eg = Envgate::start(&topo(
+        &[("a", a.addr)],
+        "health: { type: tcp, interval: 1m }",
+        "",
+    ));
+    let mut s = raw_conn(eg.port("http")).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: company.com\r\n")
+        .await
+        .unwrap();
+    let (mut r, mut w) = s.into_split();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let end = r.read_to_end(&mut got).await;
+        (end.map(|_| ()), got)
+    });
+    // 16 MiB of fields, far past the 64 KiB limit and the sockets' buffers.
+    let field = format!("X-Filler: {}\r\n", "f".repeat(4000));
+    let wrote = tokio::time::timeout(Duration::from_secs(30), async {
+        for _ in 0..4000 {
+            w.write_all(field.as_bytes()).await?;
+        }
+        w.shutdown().await
+    })
+    .await
+    .expect("the client's writes went on");
+    assert!(wrote.is_ok(), "the client's writes failed: {wrote:?}");
+    let (end, got) = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the connection ended")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert!(end.is_ok(), "{end:?} after {text}");
+}

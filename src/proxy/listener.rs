@@ -449,10 +449,15 @@ async fn serve_hyper(
         let conn = worker.http1.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);
         // A request hyper refuses itself never reaches the handler: it is recorded here.
+        // Its connection then ends as one whose body is unread: what the client still sends
+        // of a head too large is waited out (the connection is dropped after this).
         let ended = |r: Result<(), hyper::Error>| {
             if let Err(e) = r {
                 if let Some(code) = refusal_status(&e) {
                     super::record::Record::refused(&worker, &info, code);
+                    if let Some(u) = info.unread.get() {
+                        u.store(true, Ordering::Relaxed);
+                    }
                 }
             }
         };
