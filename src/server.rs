@@ -188,7 +188,12 @@ impl Http1 {
     pub fn from_env() -> Self {
         match std::env::var("ENVGATE_HTTP1").as_deref() {
             Ok("hyper") => Http1::Hyper,
-            _ => Http1::Fast,
+            Ok("fast") | Err(_) => Http1::Fast,
+            Ok(other) => {
+                // As `--http1` would refuse it; said here, where nothing else would.
+                eprintln!("ENVGATE_HTTP1={other:?} is neither `fast` nor `hyper`: using `fast`");
+                Http1::Fast
+            }
         }
     }
 }

@@ -30,9 +30,6 @@ type Tls = Box<tokio_rustls::server::TlsStream<TcpStream>>;
 /// for the client leaving.
 const UNWATCHED: Duration = Duration::from_millis(2);
 
-/// While draining, a lingering close ends at the latest after this long.
-const LINGER_DRAINING: Duration = Duration::from_secs(1);
-
 /// The content type of a TLS alert record.
 const TLS_ALERT: u8 = 0x15;
 
@@ -142,34 +139,15 @@ impl Client {
     /// over TLS, a FIN in clear), then what the client still sends is read and dropped.
     /// Draining (or once `shutdown` changes) it ends sooner.
     pub async fn linger(mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-        let draining = *shutdown.borrow_and_update();
-        let total = if draining {
-            LINGER_DRAINING
-        } else {
-            crate::proxy::io::LINGER_TIME
-        };
-        let discard = async {
-            if let Some(t) = &mut self.tls {
-                if let Ok(Ok(())) = tokio::time::timeout(TLS_CLOSE, t.shutdown()).await {
-                    crate::proxy::io::linger(t, total).await;
-                }
-                return;
+        if let Some(t) = &mut self.tls {
+            if let Ok(Ok(())) = tokio::time::timeout(TLS_CLOSE, t.shutdown()).await {
+                crate::proxy::io::linger_until(t, shutdown).await;
             }
-            let Ok(io) = self.io() else { return };
-            if io.shutdown().await.is_ok() {
-                crate::proxy::io::linger(io, total).await;
-            }
-        };
-        tokio::pin!(discard);
-        if draining {
-            return discard.await;
+            return;
         }
-        // A drain that begins meanwhile leaves `LINGER_DRAINING` more.
-        tokio::select! {
-            () = &mut discard => {}
-            Ok(()) = shutdown.changed() => {
-                let _ = tokio::time::timeout(LINGER_DRAINING, discard).await;
-            }
+        let Ok(io) = self.io() else { return };
+        if io.shutdown().await.is_ok() {
+            crate::proxy::io::linger_until(io, shutdown).await;
         }
     }
 

@@ -20,8 +20,9 @@
 use std::cell::Cell;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use super::io::Unread;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -365,9 +366,8 @@ pub struct ClientBody {
     left: u64,
     idle: Duration,
     stall: IdleTimer,
-    /// The connection's flag of a body not read whole (`ConnInfo::unread`), cleared at
-    /// the body's end.
-    unread: Option<Arc<AtomicBool>>,
+    /// The connection's lingering state (`ConnInfo::unread`), told of the body's end.
+    unread: Option<Arc<Unread>>,
 }
 
 impl ClientBody {
@@ -376,7 +376,7 @@ impl ClientBody {
         watch: Rc<BodyWatch>,
         limit: Option<u64>,
         idle: Duration,
-        unread: Option<Arc<AtomicBool>>,
+        unread: Option<Arc<Unread>>,
     ) -> Self {
         ClientBody {
             inner,
@@ -392,7 +392,7 @@ impl ClientBody {
     fn done(&mut self, now: Instant) {
         self.watch.state.set(Upload::Done(now));
         if let Some(u) = &self.unread {
-            u.store(false, Ordering::Relaxed);
+            u.body_over();
         }
     }
 
@@ -402,7 +402,7 @@ impl ClientBody {
         if !fault.unread() {
             // A stalled or gone client sends nothing more: no lingering.
             if let Some(u) = &self.unread {
-                u.store(false, Ordering::Relaxed);
+                u.body_over();
             }
         }
         Poll::Ready(Some(Err(BodyError::Client(fault))))

@@ -21,7 +21,6 @@ use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,10 +69,9 @@ pub struct ConnInfo {
     pub h2: Option<Rc<H2Conn>>,
     /// A TLS connection whose client named a host (SNI): the certificate it was given.
     pub tls: Option<TlsConn>,
-    /// An HTTP/1 connection served by hyper: whether its last request's body may not have
-    /// been read whole (set when a request with a body begins, cleared when its body
-    /// ends). Its socket then ends with a lingering close.
-    pub unread: std::cell::OnceCell<Arc<AtomicBool>>,
+    /// An HTTP/1 connection served by hyper: whether it ends with a lingering close (a
+    /// request's body may not have been read whole, or hyper refused a head).
+    pub unread: std::cell::OnceCell<Arc<super::io::Unread>>,
 }
 
 /// The certificate a TLS connection presented, for the Host check (421).
@@ -376,7 +374,7 @@ pub async fn exchange(
     conn.requests.set(conn.requests.get() + 1);
     let h1 = conn.h2.is_none();
     if let Some(u) = conn.unread.get() {
-        u.store(!req.body().is_end_stream(), Ordering::Relaxed);
+        u.request(!req.body().is_end_stream());
     }
     let snap = worker.snapshot();
     let topo = &*snap.topo;

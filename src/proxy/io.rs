@@ -20,6 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 /// A lingering close ends at the latest after this long, and after this long without a
@@ -40,6 +41,97 @@ pub async fn linger<R: AsyncRead + Unpin>(r: &mut R, total: Duration) {
         while let Ok(Ok(1..)) = tokio::time::timeout(LINGER_IDLE, r.read(&mut scratch)).await {}
     };
     let _ = tokio::time::timeout(total, discard).await;
+}
+
+/// While draining, a lingering close ends at the latest after this long.
+pub const LINGER_DRAINING: Duration = Duration::from_secs(1);
+
+/// `linger` bounded as the worker's state asks: `LINGER_TIME` while serving,
+/// `LINGER_DRAINING` once a drain began (before or during the wait).
+pub async fn linger_until<R: AsyncRead + Unpin>(
+    r: &mut R,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) {
+    if *shutdown.borrow_and_update() {
+        return linger(r, LINGER_DRAINING).await;
+    }
+    let discard = linger(r, LINGER_TIME);
+    tokio::pin!(discard);
+    tokio::select! {
+        () = &mut discard => {}
+        Ok(()) = shutdown.changed() => {
+            let _ = tokio::time::timeout(LINGER_DRAINING, discard).await;
+        }
+    }
+}
+
+/// Whether an HTTP/1 connection served by hyper ends with a lingering close
+/// (`ConnInfo::unread`), and the socket to linger on once hyper let go of it. Shared by the
+/// connection's task (`Send`: hyper's client IO holds it).
+#[derive(Default)]
+pub struct Unread {
+    state: std::sync::atomic::AtomicU8,
+    socket: std::sync::Mutex<Option<std::net::TcpStream>>,
+}
+
+impl Unread {
+    const NONE: u8 = 0;
+    /// A request's body may not have been read whole: linger if the client's bytes are
+    /// waiting when the connection ends.
+    const BODY: u8 = 1;
+    /// hyper refused a head: what the client still sends is waited out whatever is on
+    /// the socket at the end (hyper may have read all that came so far).
+    const REFUSED: u8 = 2;
+
+    /// A request begins (`body`: with a body).
+    #[inline]
+    pub fn request(&self, body: bool) {
+        let state = if body { Self::BODY } else { Self::NONE };
+        self.state
+            .store(state, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The request's body was read to its end, or its client stopped sending.
+    #[inline]
+    pub fn body_over(&self) {
+        self.state
+            .store(Self::NONE, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn refused(&self) {
+        self.state
+            .store(Self::REFUSED, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Called as hyper drops the connection's socket: keeps a second descriptor of it when
+    /// the connection is to linger. `tcp` has had its sending side shut by hyper, or not.
+    pub fn keep(&self, tcp: &TcpStream) {
+        let state = self.state.load(std::sync::atomic::Ordering::Relaxed);
+        if state == Self::NONE {
+            return;
+        }
+        let Ok(fd) = std::os::fd::AsFd::as_fd(tcp).try_clone_to_owned() else {
+            return;
+        };
+        let s = std::net::TcpStream::from(fd);
+        // After a body: only while the client's bytes are coming. A connection that went on
+        // after hyper drained a short body and later ended idle has nothing to wait for.
+        let mut b = [0u8; 1];
+        if state == Self::BODY && !matches!(s.peek(&mut b), Ok(1..)) {
+            return;
+        }
+        // A FIN, if hyper did not shut it (it does when its answer went out).
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        if let Ok(mut slot) = self.socket.lock() {
+            *slot = Some(s);
+        }
+    }
+
+    /// The socket `keep` left, registered with the reactor.
+    pub fn take(&self) -> Option<TcpStream> {
+        let s = self.socket.lock().ok()?.take()?;
+        TcpStream::from_std(s).ok()
+    }
 }
 
 /// A wait's idle bound: `poll_idle` is `Ready` once the wait that began at the first

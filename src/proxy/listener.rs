@@ -23,7 +23,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -38,7 +37,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::handler::{exchange, handle_h2, ConnInfo, H2Conn, TlsConn};
-use super::io::StallIo;
+use super::io::{StallIo, Unread};
 use super::worker::Worker;
 use crate::h1::client::Client;
 use crate::server::Tracker;
@@ -365,9 +364,9 @@ async fn serve_hyper(
     }
     // HTTP/1: a connection that ends while a request's body may be unread lingers.
     let unread = info.h2.is_none().then(|| {
-        let flag = Arc::new(AtomicBool::new(false));
-        let _ = info.unread.set(flag.clone());
-        flag
+        let unread = Arc::new(Unread::default());
+        let _ = info.unread.set(unread.clone());
+        unread
     });
     let io = TokioIo::new(ClientIo {
         prefix: first,
@@ -377,7 +376,7 @@ async fn serve_hyper(
             timeouts.body_idle,
             "the client read nothing for the body idle timeout",
         ),
-        unread,
+        unread: unread.clone(),
     });
     // Serve until the connection ends; on shutdown, ask it to finish what it has (HTTP/1:
     // close after the response in flight; HTTP/2: GOAWAY) and wait for that (the worker's
@@ -442,72 +441,81 @@ async fn serve_hyper(
         conn.as_mut().graceful_shutdown();
         let _ = conn.await;
     } else {
-        let svc = {
-            let (worker, info) = (worker.clone(), info.clone());
-            service_fn(move |req| exchange(worker.clone(), info.clone(), req))
-        };
-        let conn = worker.http1.serve_connection(io, svc).with_upgrades();
-        tokio::pin!(conn);
-        // A request hyper refuses itself never reaches the handler: it is recorded here.
-        // Its connection then ends as one whose body is unread: what the client still sends
-        // of a head too large is waited out (the connection is dropped after this).
-        let ended = |r: Result<(), hyper::Error>| {
-            if let Err(e) = r {
-                if let Some(code) = refusal_status(&e) {
-                    super::record::Record::refused(&worker, &info, code);
-                    if let Some(u) = info.unread.get() {
-                        u.store(true, Ordering::Relaxed);
+        // hyper's connection (and the socket it holds) is gone when this ends.
+        let served = async {
+            let svc = {
+                let (worker, info) = (worker.clone(), info.clone());
+                service_fn(move |req| exchange(worker.clone(), info.clone(), req))
+            };
+            let conn = worker.http1.serve_connection(io, svc).with_upgrades();
+            tokio::pin!(conn);
+            // A request hyper refuses itself never reaches the handler: it is recorded here.
+            // Its connection then ends as one whose body is unread: what the client still sends
+            // of a head too large is waited out (the connection is dropped after this).
+            let ended = |r: Result<(), hyper::Error>| {
+                if let Err(e) = r {
+                    if let Some(code) = refusal_status(&e) {
+                        super::record::Record::refused(&worker, &info, code);
+                        if let Some(u) = info.unread.get() {
+                            u.refused();
+                        }
                     }
                 }
-            }
-        };
-        // On shutdown, HTTP/1 closes after the response in flight. A connection whose first
-        // request has not begun yet (its bytes may be here or on the way: the listening
-        // socket was handed to a new instance, or the client just connected) gets a short
-        // grace to send it, so that it is answered rather than reset.
-        macro_rules! finish {
-            () => {{
-                if info.requests.get() == 0 {
-                    let grace = tokio::time::sleep(FIRST_REQUEST_GRACE);
-                    tokio::pin!(grace);
-                    loop {
-                        tokio::select! {
-                            r = conn.as_mut() => return ended(r),
-                            () = &mut grace => break,
-                            () = tokio::time::sleep(Duration::from_millis(5)) => {
-                                if info.requests.get() > 0 {
-                                    break;
+            };
+            // On shutdown, HTTP/1 closes after the response in flight. A connection whose first
+            // request has not begun yet (its bytes may be here or on the way: the listening
+            // socket was handed to a new instance, or the client just connected) gets a short
+            // grace to send it, so that it is answered rather than reset.
+            macro_rules! finish {
+                () => {{
+                    if info.requests.get() == 0 {
+                        let grace = tokio::time::sleep(FIRST_REQUEST_GRACE);
+                        tokio::pin!(grace);
+                        loop {
+                            tokio::select! {
+                                r = conn.as_mut() => return ended(r),
+                                () = &mut grace => break,
+                                () = tokio::time::sleep(Duration::from_millis(5)) => {
+                                    if info.requests.get() > 0 {
+                                        break;
+                                    }
                                 }
                             }
                         }
                     }
-                }
-                conn.as_mut().graceful_shutdown();
-                ended(conn.await);
-            }};
-        }
-        // A first byte that came late: what is left of `client_header` bounds the head.
-        // A wait of up to a tenth of the bound (most new connections wait a little for
-        // their first bytes) is left to hyper's own timer, which then ends at most 10% late:
-        // a watchdog for each would cost a timer per connection.
-        let late = waited_since.filter(|since| since.elapsed() > timeouts.client_header / 10);
-        if let Some(since) = late {
-            tokio::select! {
-                r = conn.as_mut() => return ended(r),
-                _ = shutdown.changed() => {
-                    finish!();
-                    return;
-                }
-                () = tokio::time::sleep_until(since + timeouts.client_header) => {
-                    if info.requests.get() == 0 {
+                    conn.as_mut().graceful_shutdown();
+                    ended(conn.await);
+                }};
+            }
+            // A first byte that came late: what is left of `client_header` bounds the head.
+            // A wait of up to a tenth of the bound (most new connections wait a little for
+            // their first bytes) is left to hyper's own timer, which then ends at most 10% late:
+            // a watchdog for each would cost a timer per connection.
+            let late = waited_since.filter(|since| since.elapsed() > timeouts.client_header / 10);
+            if let Some(since) = late {
+                tokio::select! {
+                    r = conn.as_mut() => return ended(r),
+                    _ = shutdown.changed() => {
+                        finish!();
                         return;
+                    }
+                    () = tokio::time::sleep_until(since + timeouts.client_header) => {
+                        if info.requests.get() == 0 {
+                            return;
+                        }
                     }
                 }
             }
-        }
-        tokio::select! {
-            r = conn.as_mut() => ended(r),
-            _ = shutdown.changed() => finish!(),
+            tokio::select! {
+                r = conn.as_mut() => ended(r),
+                _ = shutdown.changed() => finish!(),
+            }
+        };
+        served.await;
+        // A lingering close, in this task: the connection is still counted, and a drain
+        // bounds it.
+        if let Some(mut s) = unread.as_ref().and_then(|u| u.take()) {
+            super::io::linger_until(&mut s, &mut shutdown).await;
         }
     }
 }
@@ -628,47 +636,20 @@ struct ClientIo {
     pos: usize,
     inner: StallIo<ClientStream>,
     /// `ConnInfo::unread` of an HTTP/1 connection.
-    unread: Option<Arc<AtomicBool>>,
+    unread: Option<Arc<Unread>>,
 }
 
-/// hyper ends a connection (its sending side shut) by dropping it: one whose last request's
-/// body may be unread, with the client's bytes waiting on the socket, lingers instead of
-/// closing at once (`io::linger`), on a second descriptor of the same socket that a task of
-/// its own reads (for at most `LINGER_TIME`; a drain does not wait for it).
+/// hyper ends a connection (its sending side shut) by dropping it: one that is to linger
+/// (`Unread`) leaves a second descriptor of its socket for the connection's task.
 impl Drop for ClientIo {
     fn drop(&mut self) {
-        if !self
-            .unread
-            .as_ref()
-            .is_some_and(|u| u.load(Ordering::Relaxed))
-        {
-            return;
+        if let Some(u) = &self.unread {
+            let tcp = match self.inner.get_ref() {
+                ClientStream::Plain(s) => s,
+                ClientStream::Tls(t) => t.get_ref().0,
+            };
+            u.keep(tcp);
         }
-        let tcp = match self.inner.get_ref() {
-            ClientStream::Plain(s) => s,
-            ClientStream::Tls(t) => t.get_ref().0,
-        };
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let Ok(fd) = std::os::fd::AsFd::as_fd(tcp).try_clone_to_owned() else {
-            return;
-        };
-        let s = std::net::TcpStream::from(fd);
-        // Only while the client's bytes are coming: a connection that went on after hyper
-        // drained a short body (the flag is not cleared then) and later ended idle has
-        // nothing to wait for.
-        let mut b = [0u8; 1];
-        if !matches!(s.peek(&mut b), Ok(1..)) {
-            return;
-        }
-        // A FIN, if hyper did not shut it (it does when the answer went out).
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        handle.spawn(async move {
-            if let Ok(mut s) = TcpStream::from_std(s) {
-                super::io::linger(&mut s, super::io::LINGER_TIME).await;
-            }
-        });
     }
 }
 
