@@ -507,7 +507,11 @@ async fn a_refused_head_is_waited_out_while_its_body_comes() {
         assert!(n > 0, "closed: {}", String::from_utf8_lossy(&head));
         head.extend_from_slice(&buf[..n]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     // The body comes after the answer: waited out, and counted.
     let piece = vec![b'x'; 40_000];
     for _ in 0..50 {
