@@ -389,3 +389,57 @@ async fn both_codecs_give_the_node_the_same_request_and_the_client_the_same_answ
         assert_eq!(hyper.2, fast.2, "request {i}: the answer's body");
     }
 }
+
+/// A reload that turns the own codec off (a node spoken to over HTTP/2 joins) closes the
+/// own codec's idle connections to the nodes kept: nothing would take them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_turns_the_own_codec_off_closes_its_idle_connections() {
+    let a = Upstream::start("a").await;
+    let api = free_port();
+    let topo = |extra_node: &str| {
+        control(
+            format!(
+                r#"
+version: 1
+listeners: [ {{ name: http, bind: "127.0.0.1:{{port:http}}" }} ]
+defaults: {{ health: {{ type: tcp, interval: 1m }} }}
+nodes: {{ a: {{ address: "{}" }}{extra_node} }}
+environments:
+  blue: {{ entries: ["company.com:{{port:http}}"], nodes: [a] }}
+"#,
+                a.addr
+            ),
+            api,
+        )
+    };
+    let eg = Envgate::start_codec(&topo(""), 1, Format::Text, None, Http1::Fast);
+    let port = eg.port("http");
+    let mut s = raw_conn(port).await;
+    for _ in 0..3 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: company.com\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_response(&mut s, false).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+    }
+    assert_eq!(fast_counts(api).await, (3.0, 0.0));
+    let conns = "envgate_node_connections";
+    until(api, "one idle connection of the own codec", |m| {
+        sum(m, conns, &["node=\"a\""]) == 1.0
+    })
+    .await;
+    // An h2c node joins: the own codec is off from here on.
+    eg.apply(&topo(&format!(
+        ", b: {{ address: \"127.0.0.1:{}\", protocol: h2c }}",
+        free_port()
+    )));
+    let r = get(port, "company.com", "/").await;
+    assert_eq!(r.status, 200);
+    // hyper's connection is the only one left.
+    until(api, "only hyper's connection open", |m| {
+        sum(m, conns, &["node=\"a\""]) == 1.0
+    })
+    .await;
+    // The own codec hands every request to hyper now.
+    assert_eq!(fast_counts(api).await, (3.0, 1.0), "the own codec is off");
+}

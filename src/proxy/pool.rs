@@ -375,6 +375,12 @@ impl ConnPool {
         None
     }
 
+    /// Closes the own codec's idle connections (a topology that turned the own codec off
+    /// would never take them again).
+    pub fn close_fast(&self) {
+        self.fast.borrow_mut().clear();
+    }
+
     /// A pooled connection of the own codec that is still usable and was idle less than
     /// `max_idle` (most recently used first).
     #[inline]

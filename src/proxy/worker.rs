@@ -273,8 +273,16 @@ impl Worker {
         drop(old);
         let tally = Arc::new(GenTally::new(topo.clone()));
         self.stats.advance(tally.clone());
+        let fast = self.fast && crate::h1::fast::takes(&topo);
+        if !fast {
+            // Pools carried over from a topology the own codec served keep its idle
+            // connections, which nothing would take again.
+            for c in &conns {
+                c.close_fast();
+            }
+        }
         LocalSnap {
-            fast: self.fast && crate::h1::fast::takes(&topo),
+            fast,
             topo,
             wrr,
             conns,
