@@ -493,40 +493,27 @@ async fn a_refused_head_is_waited_out_while_its_body_comes() {
         &(topo(&[("a", a.addr)], "health: { type: tcp, interval: 1m }", "")
             + &format!("control: {{ bind: \"127.0.0.1:{api}\" }}\n")),
     );
-    let (mut r, mut w) = raw_conn(eg.port("http")).await.into_split();
-    w.write_all(b"POST /a b c HTTP/1.1\r\nHost: company.com\r\nContent-Length: 4000000\r\n\r\n")
+    let mut s = raw_conn(eg.port("http")).await;
+    s.write_all(b"POST /a b c HTTP/1.1\r\nHost: company.com\r\nContent-Length: 4000000\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), r.read(&mut buf))
-            .await
-            .expect("an answer")
-            .unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&head));
-        head.extend_from_slice(&buf[..n]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 400"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     // The body comes after the answer: waited out, and counted.
     let piece = vec![b'x'; 40_000];
     for _ in 0..50 {
-        w.write_all(&piece).await.unwrap();
+        s.write_all(&piece).await.unwrap();
     }
     until(api, "the lingering connection counted as open", |m| {
         sum(m, "envgate_connections_active", &["listener=\"http\""]) >= 1.0
     })
     .await;
     for _ in 0..50 {
-        w.write_all(&piece).await.unwrap();
+        s.write_all(&piece).await.unwrap();
     }
-    w.shutdown().await.unwrap();
+    s.shutdown().await.unwrap();
     let mut rest = Vec::new();
-    let end = tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut rest))
+    let end = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest))
         .await
         .expect("the connection ended");
     assert!(end.is_ok(), "{end:?}");

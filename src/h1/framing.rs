@@ -100,7 +100,7 @@ pub fn response(
 }
 
 /// The one value of the `Content-Length` fields `cl`, if any.
-fn length(cl: &[&[u8]]) -> Result<Option<u64>, FramingError> {
+pub fn length(cl: &[&[u8]]) -> Result<Option<u64>, FramingError> {
     let mut found: Option<u64> = None;
     for field in cl {
         for v in field.split(|b| *b == b',') {

@@ -21,8 +21,6 @@ use std::cell::Cell;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-
-use super::io::Unread;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,6 +31,7 @@ use tokio::time::Instant;
 use super::error::{BodyError, ClientFault};
 use super::handler::StreamGuard;
 use super::io::IdleTimer;
+use super::io::Unread;
 use super::pool::{ConnPool, Sender};
 use super::record::Record;
 use super::worker::LocalSnap;

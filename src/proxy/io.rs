@@ -16,6 +16,8 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -70,8 +72,8 @@ pub async fn linger_until<R: AsyncRead + Unpin>(
 /// connection's task (`Send`: hyper's client IO holds it).
 #[derive(Default)]
 pub struct Unread {
-    state: std::sync::atomic::AtomicU8,
-    socket: std::sync::Mutex<Option<std::net::TcpStream>>,
+    state: AtomicU8,
+    socket: Mutex<Option<std::net::TcpStream>>,
 }
 
 impl Unread {
@@ -87,26 +89,23 @@ impl Unread {
     #[inline]
     pub fn request(&self, body: bool) {
         let state = if body { Self::BODY } else { Self::NONE };
-        self.state
-            .store(state, std::sync::atomic::Ordering::Relaxed);
+        self.state.store(state, Ordering::Relaxed);
     }
 
     /// The request's body was read to its end, or its client stopped sending.
     #[inline]
     pub fn body_over(&self) {
-        self.state
-            .store(Self::NONE, std::sync::atomic::Ordering::Relaxed);
+        self.state.store(Self::NONE, Ordering::Relaxed);
     }
 
     pub fn refused(&self) {
-        self.state
-            .store(Self::REFUSED, std::sync::atomic::Ordering::Relaxed);
+        self.state.store(Self::REFUSED, Ordering::Relaxed);
     }
 
     /// Called as hyper drops the connection's socket: keeps a second descriptor of it when
     /// the connection is to linger. `tcp` has had its sending side shut by hyper, or not.
     pub fn keep(&self, tcp: &TcpStream) {
-        let state = self.state.load(std::sync::atomic::Ordering::Relaxed);
+        let state = self.state.load(Ordering::Relaxed);
         if state == Self::NONE {
             return;
         }

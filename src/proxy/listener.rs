@@ -527,15 +527,16 @@ fn refusal_status(e: &hyper::Error) -> Option<u16> {
     if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
         return None;
     }
+    // hyper tells some of its kinds apart only in its message.
+    let message = e.to_string();
     if e.is_parse_too_large() {
-        // hyper tells these two apart only in its message.
-        return Some(if e.to_string().contains("URI too long") {
+        return Some(if message.contains("URI too long") {
             414
         } else {
             431
         });
     }
-    if e.to_string().contains("internal error") {
+    if message.contains("internal error") {
         return None;
     }
     Some(400)
