@@ -88,9 +88,9 @@ fn decline(client: Client, buf: Vec<u8>) -> Served {
 
 /// A connection to a node, spoken to by the own codec.
 pub struct NodeConn {
-    io: TcpStream,
+    pub(crate) io: TcpStream,
     /// Bytes read from the node and not used yet (empty while pooled).
-    buf: Vec<u8>,
+    pub(crate) buf: Vec<u8>,
     _counted: Counted,
 }
 
@@ -226,7 +226,7 @@ async fn run(
 /// Room for a head's fields, left uninitialized (httparse fills what it parses): the
 /// 3.2 KB of a zeroed array would be written for every head.
 #[inline]
-fn no_fields<'b>() -> [std::mem::MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
+pub(crate) fn no_fields<'b>() -> [std::mem::MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
     [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS]
 }
 
@@ -755,7 +755,7 @@ async fn exchange(
             body_len > 0 || streamed,
             timeouts,
             &mut overall,
-            client,
+            Some(&mut *client),
             upload.as_mut(),
             &mut expect,
         )
@@ -891,13 +891,13 @@ enum Last {
 }
 
 #[derive(Clone, Copy)]
-enum Cause {
+pub(crate) enum Cause {
     Node,
     Local,
 }
 
 #[derive(Clone, Copy)]
-enum Failure {
+pub(crate) enum Failure {
     /// The request never reached the node.
     NotSent(Cause),
     /// No response head within `response_header`.
@@ -917,19 +917,53 @@ enum Failure {
 }
 
 /// A node's response head, as positions in the connection's buffer.
-struct UpHead {
-    status: u16,
+pub(crate) struct UpHead {
+    pub(crate) status: u16,
     /// The head's length in the buffer.
-    len: usize,
-    framing: Framing,
+    pub(crate) len: usize,
+    pub(crate) framing: Framing,
     /// The node said `Connection: close` (or answered HTTP/1.0 without keep-alive).
-    close: bool,
+    pub(crate) close: bool,
     /// An answer that cannot be chunked (to HEAD, 204, 304): it declares no trailers.
     unchunkable: bool,
 }
 
+/// A request without a body, whose head is `request`, sent to a node by the own codec
+/// for a client it does not serve itself (an HTTP/2 stream): one attempt, as `forward`.
+/// Leaving is the client's business there (hyper drops this future with the stream).
+pub(crate) async fn send_bodiless(
+    pool: &ConnPool,
+    request: &[u8],
+    head_request: bool,
+    t: &Timeouts,
+    overall: &mut Option<Instant>,
+) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
+    forward(
+        pool,
+        request,
+        head_request,
+        false,
+        t,
+        overall,
+        None,
+        None,
+        &mut false,
+    )
+    .await
+}
+
+/// Ends when the client of the own codec went away; never without one.
+async fn gone(client: &mut Option<&mut Client>) {
+    match client {
+        Some(c) => c.gone().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One attempt: a pooled connection or a new one, the request written whole, then the
 /// response head (1xx skipped), within `response_header` and the overall deadline.
+/// `client` is the own codec's client (`None` for `send_bodiless`); `upload` and `expect`
+/// need one.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     pool: &ConnPool,
@@ -938,7 +972,7 @@ async fn forward(
     body: bool,
     t: &Timeouts,
     overall: &mut Option<Instant>,
-    client: &mut Client,
+    mut client: Option<&mut Client>,
     mut upload: Option<&mut Upload<'_>>,
     expect: &mut bool,
 ) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
@@ -964,7 +998,7 @@ async fn forward(
                                 t.upstream_idle,
                                 (start + t.queue).min(deadline),
                             )) => r,
-                            () = client.gone() => return Err(Failure::ClientGone),
+                            () = gone(&mut client) => return Err(Failure::ClientGone),
                         };
                         // The time in the queue is neither the node's answer time nor
                         // its connect time: the attempt starts now.
@@ -983,7 +1017,7 @@ async fn forward(
                 let connected = tokio::select! {
                     biased;
                     c = connecting => c,
-                    () = client.gone() => return Err(Failure::ClientGone),
+                    () = gone(&mut client) => return Err(Failure::ClientGone),
                 };
                 let io = match connected {
                     Ok(Ok(s)) => s,
@@ -1031,7 +1065,7 @@ async fn forward(
             Err(_) if body => return Err(Failure::UploadStalled),
             Err(_) => return Err(Failure::Failed),
         }
-        if *expect {
+        if let (true, Some(client)) = (*expect, client.as_deref_mut()) {
             // The body is asked for once the request is on its way to a node (where
             // hyper's server says 100 Continue: when the body is first read). The final
             // answer is a second write: no Nagle delay behind this one.
@@ -1048,7 +1082,7 @@ async fn forward(
         }
         conn.buf.clear();
         // The rest of a streamed body; a node that answers meanwhile is read from here on.
-        if let Some(u) = upload.as_deref_mut() {
+        if let (Some(u), Some(client)) = (upload.as_deref_mut(), client.as_deref_mut()) {
             match pump(u, client, &mut conn, t).await {
                 Ok(()) => {}
                 Err(Pump::Client(f)) => return Err(Failure::Client(f)),
@@ -1069,7 +1103,7 @@ async fn forward(
         let head = tokio::select! {
             biased;
             h = read_head(&mut conn, head_request, head_due) => h,
-            () = client.gone() => return Err(Failure::ClientGone),
+            () = gone(&mut client) => return Err(Failure::ClientGone),
         };
         match head {
             Ok(h) => return Ok((conn, h, start, connect_ns)),

@@ -35,6 +35,8 @@ use super::io::Unread;
 use super::pool::{ConnPool, Sender};
 use super::record::Record;
 use super::worker::LocalSnap;
+use crate::h1::fast::NodeConn;
+use crate::h1::framing::{ChunkedDecoder, Framing};
 use crate::routing::Candidates;
 use crate::topology::{InFlight, NodeId};
 
@@ -52,6 +54,7 @@ impl Drop for ProxyBody {
             let complete = match &self.kind {
                 Kind::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
                 Kind::Upstream(u) => u.finished || u.body.is_end_stream(),
+                Kind::Own(o) => o.finished || o.is_end_stream(),
             };
             r.finish(complete);
         }
@@ -63,6 +66,8 @@ impl Drop for ProxyBody {
 enum Kind {
     Full(Option<Bytes>),
     Upstream(Upstream),
+    /// A node's body on a connection of the own codec's (`ProxyBody::own`).
+    Own(Own),
 }
 
 /// Which node a body came from, to count its failures against it.
@@ -134,6 +139,224 @@ impl Drop for Upstream {
     }
 }
 
+/// A node's body read by the own codec for a client hyper serves (an HTTP/2 stream's
+/// body-less request, `h1::fast::send_bodiless`): framed as the node's head said, the
+/// connection back to its pool once the body ended whole, closed on any other end.
+struct Own {
+    conn: Option<NodeConn>,
+    pool: Rc<ConnPool>,
+    framing: OwnFraming,
+    /// The node keeps the connection open after this answer.
+    reusable: bool,
+    slot: Option<InFlight>,
+    blame: Blame,
+    idle: Duration,
+    stall: IdleTimer,
+    finished: bool,
+    /// A chunked body's trailer fields, yielded after its data.
+    trailers: Option<http::HeaderMap>,
+}
+
+enum OwnFraming {
+    /// This many bytes left.
+    Length(u64),
+    Chunked(Box<ChunkedDecoder>),
+    /// Until the node closes.
+    Close,
+    Done,
+    /// The node failed the body (the connection is closed).
+    Broken,
+}
+
+/// Read size for an own body.
+const OWN_READ: usize = 16 * 1024;
+
+impl Own {
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, OwnFraming::Done) && self.trailers.is_none()
+    }
+
+    fn finish(&mut self) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        self.blame.succeed();
+        if let Some(conn) = self.conn.take() {
+            // Bytes past the body are a node's error: the connection is not reused.
+            if self.reusable && conn.buf.is_empty() {
+                self.pool.put_fast(conn);
+            }
+        }
+        self.slot = None;
+    }
+
+    #[cold]
+    fn fail(&mut self, why: &'static str) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.conn = None;
+        self.framing = OwnFraming::Broken;
+        self.slot = None;
+        self.blame.fail(why);
+        Poll::Ready(Some(Err(BodyError::NodeBroken(why))))
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            };
+            // Set when the buffer holds part of a chunk line only.
+            let mut partial = false;
+            if !conn.buf.is_empty() {
+                let data = match &mut self.framing {
+                    OwnFraming::Length(left) => {
+                        let n = conn
+                            .buf
+                            .len()
+                            .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                        let data = Bytes::copy_from_slice(&conn.buf[..n]);
+                        conn.buf.drain(..n);
+                        *left -= n as u64;
+                        if *left == 0 {
+                            self.framing = OwnFraming::Done;
+                        }
+                        Some(data)
+                    }
+                    OwnFraming::Chunked(dec) => match dec.decode(&conn.buf) {
+                        Ok((used, range)) => {
+                            let data = (!range.is_empty())
+                                .then(|| Bytes::copy_from_slice(&conn.buf[range]));
+                            conn.buf.drain(..used);
+                            if dec.is_done() {
+                                if !dec.trailers().is_empty() {
+                                    match trailer_fields(dec.trailers()) {
+                                        Some(t) => self.trailers = Some(t),
+                                        None => return self.fail("broken trailers"),
+                                    }
+                                }
+                                self.framing = OwnFraming::Done;
+                            } else if used == 0 {
+                                partial = true;
+                            }
+                            data
+                        }
+                        Err(_) => return self.fail("broken chunked body"),
+                    },
+                    OwnFraming::Close => {
+                        let data = Bytes::copy_from_slice(&conn.buf);
+                        conn.buf.clear();
+                        Some(data)
+                    }
+                    OwnFraming::Done | OwnFraming::Broken => None,
+                };
+                if matches!(self.framing, OwnFraming::Done) {
+                    self.finish();
+                }
+                match data {
+                    Some(d) if !d.is_empty() => {
+                        self.stall.progress();
+                        return Poll::Ready(Some(Ok(Frame::data(d))));
+                    }
+                    _ if self.finished => {
+                        return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+                    }
+                    _ if !partial => continue,
+                    // Read more, below.
+                    _ => {}
+                }
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if matches!(self.framing, OwnFraming::Done) {
+                self.finish();
+                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            if conn.buf.capacity() - conn.buf.len() < 1024 {
+                conn.buf.reserve(OWN_READ);
+            }
+            match poll_read(&conn.io, &mut conn.buf, cx) {
+                Poll::Ready(Ok(0)) => {
+                    if matches!(self.framing, OwnFraming::Close) {
+                        self.reusable = false;
+                        self.framing = OwnFraming::Done;
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                    return self.fail("body cut short");
+                }
+                Poll::Ready(Ok(_)) => self.stall.progress(),
+                Poll::Ready(Err(_)) => return self.fail("body read failed"),
+                Poll::Pending => {
+                    let idle = self.idle;
+                    if self
+                        .stall
+                        .poll_idle(cx, |since, _| since + idle)
+                        .is_pending()
+                    {
+                        return Poll::Pending;
+                    }
+                    self.conn = None;
+                    self.framing = OwnFraming::Broken;
+                    self.slot = None;
+                    self.blame.fail("body stalled");
+                    return Poll::Ready(Some(Err(BodyError::NodeStalled)));
+                }
+            }
+        }
+    }
+}
+
+/// A chunked body's trailer section (fields, each ending in CRLF) as hyper's client
+/// reads it: at most 100 fields in 16 KiB, each a valid name and value; `None` otherwise.
+#[cold]
+fn trailer_fields(section: &[u8]) -> Option<http::HeaderMap> {
+    const LIMIT: usize = 16 * 1024;
+    if section.len() + 2 > LIMIT {
+        return None;
+    }
+    let mut buf = Vec::with_capacity(section.len() + 2);
+    buf.extend_from_slice(section);
+    buf.extend_from_slice(b"\r\n");
+    let mut fields = [httparse::EMPTY_HEADER; super::worker::MAX_HEADERS];
+    let Ok(httparse::Status::Complete((_, fields))) = httparse::parse_headers(&buf, &mut fields)
+    else {
+        return None;
+    };
+    let mut map = http::HeaderMap::with_capacity(fields.len());
+    for f in fields {
+        map.append(
+            http::HeaderName::from_bytes(f.name.as_bytes()).ok()?,
+            http::HeaderValue::from_bytes(f.value).ok()?,
+        );
+    }
+    Some(map)
+}
+
+/// Reads what the socket has onto the end of `buf`.
+fn poll_read(
+    io: &tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    loop {
+        match io.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            r => return Poll::Ready(r),
+        }
+        std::task::ready!(io.poll_read_ready(cx))?;
+    }
+}
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        // A body that ended (or had nothing in it) leaves the connection reusable; any
+        // other drop closes it.
+        if self.is_end_stream() && self.conn.is_some() {
+            self.finish();
+        }
+    }
+}
+
 impl ProxyBody {
     pub fn full(bytes: Bytes) -> Self {
         ProxyBody {
@@ -175,12 +398,51 @@ impl ProxyBody {
         }
     }
 
+    /// A node's body on the own codec's connection `conn`, whose buffer starts with the
+    /// body's first bytes.
+    pub fn own(
+        conn: NodeConn,
+        framing: Framing,
+        close: bool,
+        pool: Rc<ConnPool>,
+        slot: Option<InFlight>,
+        blame: Blame,
+        idle: Duration,
+    ) -> Self {
+        let framing = match framing {
+            Framing::Empty => OwnFraming::Done,
+            Framing::Length(n) => OwnFraming::Length(n),
+            Framing::Chunked => OwnFraming::Chunked(Box::default()),
+            Framing::Close => OwnFraming::Close,
+        };
+        let mut own = Own {
+            conn: Some(conn),
+            pool,
+            framing,
+            reusable: !close,
+            slot,
+            blame,
+            idle,
+            stall: IdleTimer::default(),
+            finished: false,
+            trailers: None,
+        };
+        if own.is_end_stream() {
+            own.finish();
+        }
+        ProxyBody {
+            kind: Kind::Own(own),
+            stream: None,
+            record: None,
+        }
+    }
+
     /// Whether this is an answer of envgate's own (not a node's body), and takes its bytes
     /// (the answer becomes empty).
     pub fn take_own(&mut self) -> Option<Bytes> {
         match &mut self.kind {
             Kind::Full(b) => Some(b.take().unwrap_or_default()),
-            Kind::Upstream(_) => None,
+            Kind::Upstream(_) | Kind::Own(_) => None,
         }
     }
 
@@ -225,6 +487,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
             Kind::Upstream(u) => u.body.is_end_stream(),
+            Kind::Own(o) => o.is_end_stream(),
         }
     }
 
@@ -233,6 +496,11 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream(u) => u.body.size_hint(),
+            Kind::Own(o) => match o.framing {
+                OwnFraming::Length(n) => SizeHint::with_exact(n),
+                OwnFraming::Done => SizeHint::with_exact(0),
+                _ => SizeHint::default(),
+            },
         }
     }
 }
@@ -244,6 +512,7 @@ fn poll_kind(
 ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
     {
         match kind {
+            Kind::Own(o) => o.poll(cx),
             Kind::Full(b) => Poll::Ready(
                 b.take()
                     .filter(|b| !b.is_empty())

@@ -220,6 +220,9 @@ pub enum BodyError {
     Node(hyper::Error),
     #[error("the node sent no body byte within the body idle timeout")]
     NodeStalled,
+    /// A body read by the own codec (`h1::fast::send_bodiless`) broke.
+    #[error("the node's body failed: {0}")]
+    NodeBroken(&'static str),
 }
 
 #[cfg(test)]

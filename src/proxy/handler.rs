@@ -545,6 +545,12 @@ pub async fn exchange(
         // Why the attempt before failed, for the next one.
         let mut after = None;
         let times = AttemptTimes::default();
+        // An HTTP/2 stream's request without a body goes to the node over the own codec's
+        // connections where that codec speaks to every node (as HTTP/1.1 connections do):
+        // its head, as hyper's client would write it, is made once for every attempt.
+        let own_head = (!h1 && snap.fast && !tunnelled && matches!(req.body(), UpBody::Empty))
+            .then(|| own_request_head(&req));
+        let head_request = req.method() == Method::HEAD;
         snap.earn_retry(env_id);
         for attempt in 0..attempts {
             let Some(picked) = pick_node(topo, &snap, &route, panic_mode, &tried[..attempt]) else {
@@ -575,8 +581,76 @@ pub async fn exchange(
                 };
             rec.attempt(counters, node, after.take());
             let pool = &snap.conns[node];
-            let copy = (replayable && attempt + 1 < attempts).then(|| replay(&req));
-            match forward(pool, req, timeouts, &overall, &times).await {
+            let (result, copy) = if let Some(head) = &own_head {
+                let mut deadline = overall.get();
+                let sent = crate::h1::fast::send_bodiless(
+                    pool,
+                    head,
+                    head_request,
+                    timeouts,
+                    &mut deadline,
+                )
+                .await;
+                overall.set(deadline);
+                let failure = match sent {
+                    Ok((mut conn, up, began, connect_ns)) => {
+                        rec.answered(Some(began), connect_ns);
+                        let blame = Blame {
+                            snap: snap.clone(),
+                            scope: route.candidates,
+                            node,
+                        };
+                        let Some(mut parts) = own_response_head(&conn.buf[..up.len]) else {
+                            // A field hyper's types do not take: as a head hyper's client
+                            // would refuse, the node's fault.
+                            passive_failure(topo, route.candidates, node);
+                            break 'serve own(
+                                StatusCode::BAD_GATEWAY,
+                                env.bodies().bad_gateway.clone(),
+                            );
+                        };
+                        conn.buf.drain(..up.len);
+                        headers::strip_hop_by_hop(&mut parts.headers, false);
+                        break 'serve Response::from_parts(
+                            parts,
+                            ProxyBody::own(
+                                conn,
+                                up.framing,
+                                up.close,
+                                pool.clone(),
+                                Some(slot),
+                                blame,
+                                timeouts.body_idle,
+                            ),
+                        );
+                    }
+                    Err(f) => f,
+                };
+                // The request stays whole in `req` (only its head went): handed back for the
+                // next attempt as the hyper path hands back its own.
+                let mut back = || std::mem::replace(&mut req, Request::new(UpBody::Empty));
+                use crate::h1::fast::{Cause as OwnCause, Failure as Own};
+                let failure = match failure {
+                    Own::NotSent(OwnCause::Node) => Failure::NotSent(back(), Cause::Node),
+                    Own::NotSent(OwnCause::Local) => Failure::NotSent(back(), Cause::Local),
+                    Own::Timeout => Failure::Timeout,
+                    Own::Deadline => Failure::Deadline,
+                    Own::Busy => Failure::Busy,
+                    // No upload and no client of the own codec's: only a node's failure.
+                    Own::Failed | Own::UploadStalled | Own::Client(_) | Own::ClientGone => {
+                        Failure::Failed
+                    }
+                };
+                let copy = match failure {
+                    Failure::NotSent(..) => None,
+                    _ => (replayable && attempt + 1 < attempts).then(back),
+                };
+                (Err(failure), copy)
+            } else {
+                let copy = (replayable && attempt + 1 < attempts).then(|| replay(&req));
+                (forward(pool, req, timeouts, &overall, &times).await, copy)
+            };
+            match result {
                 Ok((mut resp, sender)) => {
                     rec.answered(times.start.get(), times.connect_ns.get());
                     let blame = Blame {
@@ -1163,6 +1237,62 @@ async fn forward(
             }
         }
     }
+}
+
+/// The head hyper's HTTP/1.1 client writes for `req`, a request without a body (whose
+/// target `prepare` made origin-form): the request line, then every field in the map's
+/// order, as it is stored (`Transfer-Encoding` dropped, as hyper does for an empty body).
+fn own_request_head(req: &Request<UpBody>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    let uri = req.uri();
+    match uri.path_and_query() {
+        Some(pq) if uri.scheme().is_none() && uri.authority().is_none() => {
+            out.extend_from_slice(pq.as_str().as_bytes())
+        }
+        _ => {
+            use std::io::Write;
+            let _ = write!(out, "{uri}");
+        }
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A node's response head (read and checked by the own codec) as hyper's types: `None`
+/// for a field they do not take.
+fn own_response_head(head: &[u8]) -> Option<http::response::Parts> {
+    let mut fields = crate::h1::fast::no_fields();
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        head,
+        &mut fields,
+    );
+    if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let mut map = http::HeaderMap::with_capacity(resp.headers.len());
+    for f in resp.headers.iter() {
+        let name = HeaderName::from_bytes(f.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(f.value).ok()?;
+        map.append(name, value);
+    }
+    let (mut parts, ()) = Response::new(()).into_parts();
+    parts.status = StatusCode::from_u16(resp.code?).ok()?;
+    parts.headers = map;
+    Some(parts)
 }
 
 /// When to look at an attempt again, or how it failed by `now`.
