@@ -837,6 +837,11 @@ async fn exchange(
                         last = Last::BadGateway;
                         replayable
                     }
+                    Failure::Switched => {
+                        handler::passive_failure(topo, route.candidates, node);
+                        last = Last::BadGateway;
+                        false
+                    }
                 };
                 if !again || overall.is_some_and(|d| Instant::now() >= d) {
                     break;
@@ -914,6 +919,8 @@ pub(crate) enum Failure {
     ClientGone,
     /// The node stayed at its `max_connections` for the queue time.
     Busy,
+    /// The node switched protocols unasked (101).
+    Switched,
 }
 
 /// A node's response head, as positions in the connection's buffer.
@@ -1113,6 +1120,8 @@ async fn forward(
                 return Err(Failure::Failed);
             }
             Err(HeadError::Closed | HeadError::Malformed) => return Err(Failure::Failed),
+            // As on the hyper path: the node's fault, and not tried elsewhere.
+            Err(HeadError::Switched) => return Err(Failure::Switched),
             Err(HeadError::Timeout) => {
                 return Err(
                     if Instant::now() >= deadline && deadline < sent_at + t.response_header {
@@ -1450,6 +1459,8 @@ enum HeadError {
     Closed,
     Malformed,
     Timeout,
+    /// A 101 to a request that asked for no switch.
+    Switched,
 }
 
 /// Drops the empty lines (CRLF or LF) at the start of `buf`, as httparse and hyper's
@@ -1505,25 +1516,23 @@ async fn read_head(
             }
             if status == 101 {
                 // A switch nobody asked for.
-                return Err(HeadError::Malformed);
+                return Err(HeadError::Switched);
             }
-            let mut te: [&[u8]; 4] = [b""; 4];
+            // The last `Transfer-Encoding` field alone decides, as in hyper's client.
+            let mut te: Option<&[u8]> = None;
             let mut cl: [&[u8]; 4] = [b""; 4];
-            let (mut nte, mut ncl) = (0, 0);
+            let mut ncl = 0;
             let mut close = http10;
             for h in resp.headers.iter() {
                 if is(h.name, "transfer-encoding") {
-                    if nte == te.len() {
-                        return Err(HeadError::Malformed);
-                    }
-                    te[nte] = h.value;
-                    nte += 1;
+                    te = Some(h.value);
                 } else if is(h.name, "content-length") {
                     if ncl == cl.len() {
                         // More fields than kept: each must say what the first said (hyper
-                        // takes any number of equal lengths).
+                        // takes any number of equal lengths). One that differs is kept in
+                        // place of the second, so that the lengths disagree if they count.
                         if framing::length(&[cl[0], h.value]).is_err() {
-                            return Err(HeadError::Malformed);
+                            cl[1] = h.value;
                         }
                         continue;
                     }
@@ -1539,12 +1548,12 @@ async fn read_head(
                     }
                 }
             }
-            if http10 && nte > 0 {
-                // Chunked framing in an HTTP/1.0 answer (hyper refuses it too).
+            let framing = framing::response(head_request, status, te, &cl[..ncl])
+                .map_err(|_| HeadError::Malformed)?;
+            if http10 && te.is_some() && framing != Framing::Empty {
+                // A coding in an HTTP/1.0 answer that has a body (hyper refuses it too).
                 return Err(HeadError::Malformed);
             }
-            let framing = framing::response(head_request, status, &te[..nte], &cl[..ncl])
-                .map_err(|_| HeadError::Malformed)?;
             return Ok(UpHead {
                 status,
                 len,

@@ -68,27 +68,25 @@ pub fn request(http10: bool, te: &[&[u8]], cl: &[&[u8]]) -> Result<RequestFramin
     })
 }
 
-/// The framing of a response with status `status` to a request (`head`: to a HEAD).
-/// A 2xx to CONNECT and a 101 are tunnels: the caller's business, not framing.
+/// The framing of a response with status `status` to a request (`head`: to a HEAD), whose
+/// last `Transfer-Encoding` field is `te`. A 2xx to CONNECT and a 101 are tunnels: the
+/// caller's business, not framing.
 pub fn response(
     head: bool,
     status: u16,
-    te: &[&[u8]],
+    te: Option<&[u8]>,
     cl: &[&[u8]],
 ) -> Result<Framing, FramingError> {
     if head || (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok(Framing::Empty);
     }
-    if !te.is_empty() {
-        // The last coding of the last field decides (RFC 9112 6.3 item 4).
-        let last = te
-            .iter()
-            .rev()
-            .flat_map(|v| v.rsplit(|b| *b == b','))
-            .map(trim)
-            .find(|c| !c.is_empty());
+    if let Some(v) = te {
+        // The last coding decides (RFC 9112 6.3 item 4), read as hyper's client reads it:
+        // what follows the last comma of the last field, in a value of visible ASCII.
+        let visible = v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+        let last = v.rsplit(|b| *b == b',').next().map(trim);
         return Ok(match last {
-            Some(c) if c.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
+            Some(c) if visible && c.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
             _ => Framing::Close,
         });
     }
@@ -381,10 +379,11 @@ mod tests {
     #[test]
     fn response_framing() {
         use Framing::*;
+        // `te` is the last field's value.
         let r = |head, status, te: &[&str], cl: &[&str]| {
-            let te: Vec<&[u8]> = te.iter().map(|s| s.as_bytes()).collect();
+            let te = te.last().map(|s| s.as_bytes());
             let cl: Vec<&[u8]> = cl.iter().map(|s| s.as_bytes()).collect();
-            response(head, status, &te, &cl)
+            response(head, status, te, &cl)
         };
         assert_eq!(r(true, 200, &["chunked"], &["5"]), Ok(Empty));
         for s in [100, 103, 204, 304] {
@@ -392,7 +391,14 @@ mod tests {
         }
         assert_eq!(r(false, 200, &["chunked"], &["5"]), Ok(Chunked));
         assert_eq!(r(false, 200, &["gzip", "chunked"], &[]), Ok(Chunked));
+        assert_eq!(r(false, 200, &["gzip, \tChunked "], &[]), Ok(Chunked));
         assert_eq!(r(false, 200, &["chunked, gzip"], &[]), Ok(Close));
+        // hyper's client reads what follows the last comma, and the last field alone.
+        assert_eq!(r(false, 200, &["chunked,"], &[]), Ok(Close));
+        assert_eq!(r(false, 200, &["chunked", "gzip"], &[]), Ok(Close));
+        assert_eq!(r(false, 200, &["chunked\u{7f}"], &[]), Ok(Close));
+        // A coding makes the lengths irrelevant, even disagreeing ones.
+        assert_eq!(r(false, 200, &["chunked"], &["5", "6"]), Ok(Chunked));
         assert_eq!(r(false, 200, &[], &["5"]), Ok(Length(5)));
         assert_eq!(r(false, 200, &[], &["0"]), Ok(Empty));
         assert_eq!(r(false, 200, &[], &[]), Ok(Close));

@@ -54,7 +54,8 @@ impl Drop for ProxyBody {
             let complete = match &self.kind {
                 Kind::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
                 Kind::Upstream(u) => u.finished || u.body.is_end_stream(),
-                Kind::Own(o) => o.finished || o.is_end_stream(),
+                // Whole once its last frame (the trailers, if any) was taken.
+                Kind::Own(o) => o.is_end_stream(),
             };
             r.finish(complete);
         }
@@ -170,6 +171,8 @@ enum OwnFraming {
 
 /// Read size for an own body.
 const OWN_READ: usize = 16 * 1024;
+/// Reads without a data byte in one poll of an own body.
+const OWN_READS_PER_POLL: u32 = 16;
 
 impl Own {
     fn is_end_stream(&self) -> bool {
@@ -200,76 +203,80 @@ impl Own {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        // Reads that brought no data byte (chunk framing alone) before this poll gives way
+        // to the worker's other tasks.
+        let mut reads = 0;
         loop {
             let Some(conn) = self.conn.as_mut() else {
                 return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
             };
-            // Set when the buffer holds part of a chunk line only.
-            let mut partial = false;
-            if !conn.buf.is_empty() {
-                let data = match &mut self.framing {
-                    OwnFraming::Length(left) => {
-                        let n = conn
-                            .buf
-                            .len()
-                            .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                        let data = Bytes::copy_from_slice(&conn.buf[..n]);
-                        conn.buf.drain(..n);
-                        *left -= n as u64;
-                        if *left == 0 {
-                            self.framing = OwnFraming::Done;
-                        }
-                        Some(data)
+            let data = match &mut self.framing {
+                _ if conn.buf.is_empty() => None,
+                OwnFraming::Length(left) => {
+                    let n = conn
+                        .buf
+                        .len()
+                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    let data = Bytes::copy_from_slice(&conn.buf[..n]);
+                    conn.buf.drain(..n);
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.framing = OwnFraming::Done;
                     }
-                    OwnFraming::Chunked(dec) => match dec.decode(&conn.buf) {
-                        Ok((used, range)) => {
-                            let data = (!range.is_empty())
-                                .then(|| Bytes::copy_from_slice(&conn.buf[range]));
-                            conn.buf.drain(..used);
-                            if dec.is_done() {
-                                if !dec.trailers().is_empty() {
-                                    match trailer_fields(dec.trailers()) {
-                                        Some(t) => self.trailers = Some(t),
-                                        None => return self.fail("broken trailers"),
-                                    }
-                                }
-                                self.framing = OwnFraming::Done;
-                            } else if used == 0 {
-                                partial = true;
+                    Some(data)
+                }
+                OwnFraming::Chunked(dec) => {
+                    // Every chunk in the buffer at once: one copy of their data, one move
+                    // of what is left.
+                    let mut out = Vec::new();
+                    let mut at = 0;
+                    while at < conn.buf.len() && !dec.is_done() {
+                        match dec.decode(&conn.buf[at..]) {
+                            Ok((0, _)) => break,
+                            Ok((used, range)) => {
+                                out.extend_from_slice(&conn.buf[at + range.start..at + range.end]);
+                                at += used;
                             }
-                            data
+                            Err(_) => return self.fail("broken chunked body"),
                         }
-                        Err(_) => return self.fail("broken chunked body"),
-                    },
-                    OwnFraming::Close => {
-                        let data = Bytes::copy_from_slice(&conn.buf);
-                        conn.buf.clear();
-                        Some(data)
                     }
-                    OwnFraming::Done | OwnFraming::Broken => None,
-                };
-                if matches!(self.framing, OwnFraming::Done) {
-                    self.finish();
+                    conn.buf.drain(..at);
+                    if dec.is_done() {
+                        if !dec.trailers().is_empty() {
+                            match trailer_fields(dec.trailers()) {
+                                Some(t) => self.trailers = Some(t),
+                                None => return self.fail("broken trailers"),
+                            }
+                        }
+                        self.framing = OwnFraming::Done;
+                    }
+                    Some(Bytes::from(out))
                 }
-                match data {
-                    Some(d) if !d.is_empty() => {
-                        self.stall.progress();
-                        return Poll::Ready(Some(Ok(Frame::data(d))));
-                    }
-                    _ if self.finished => {
-                        return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
-                    }
-                    _ if !partial => continue,
-                    // Read more, below.
-                    _ => {}
+                OwnFraming::Close => {
+                    let data = Bytes::copy_from_slice(&conn.buf);
+                    conn.buf.clear();
+                    Some(data)
                 }
+                OwnFraming::Done | OwnFraming::Broken => None,
+            };
+            if matches!(self.framing, OwnFraming::Done) {
+                self.finish();
+            }
+            if let Some(d) = data.filter(|d| !d.is_empty()) {
+                // Only body data is the node's progress (as a data frame on hyper's path).
+                self.stall.progress();
+                return Poll::Ready(Some(Ok(Frame::data(d))));
+            }
+            if self.finished {
+                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
             let Some(conn) = self.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            if matches!(self.framing, OwnFraming::Done) {
-                self.finish();
-                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            reads += 1;
+            if reads > OWN_READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
             if conn.buf.capacity() - conn.buf.len() < 1024 {
                 conn.buf.reserve(OWN_READ);
@@ -284,7 +291,7 @@ impl Own {
                     }
                     return self.fail("body cut short");
                 }
-                Poll::Ready(Ok(_)) => self.stall.progress(),
+                Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(_)) => return self.fail("body read failed"),
                 Poll::Pending => {
                     let idle = self.idle;
@@ -307,11 +314,11 @@ impl Own {
 }
 
 /// A chunked body's trailer section (fields, each ending in CRLF) as hyper's client
-/// reads it: at most 100 fields in 16 KiB, each a valid name and value; `None` otherwise.
+/// reads it (its `max_header_size`, the pool's 64 KiB, bounds them with the final empty
+/// line): at most 100 fields, each a valid name and value; `None` otherwise.
 #[cold]
 fn trailer_fields(section: &[u8]) -> Option<http::HeaderMap> {
-    const LIMIT: usize = 16 * 1024;
-    if section.len() + 2 > LIMIT {
+    if section.len() + 2 >= super::pool::MAX_RESPONSE_HEAD {
         return None;
     }
     let mut buf = Vec::with_capacity(section.len() + 2);

@@ -600,7 +600,8 @@ pub async fn exchange(
                             scope: route.candidates,
                             node,
                         };
-                        let Some(mut parts) = own_response_head(&conn.buf[..up.len]) else {
+                        let head = Bytes::copy_from_slice(&conn.buf[..up.len]);
+                        let Some(mut parts) = own_response_head(&head) else {
                             // A field hyper's types do not take: as a head hyper's client
                             // would refuse, the node's fault.
                             passive_failure(topo, route.candidates, node);
@@ -624,6 +625,15 @@ pub async fn exchange(
                             ),
                         );
                     }
+                    Err(crate::h1::fast::Failure::Switched) => {
+                        // A switch the client did not ask for, as on hyper's client: the
+                        // node's fault, and not tried elsewhere.
+                        passive_failure(topo, route.candidates, node);
+                        break 'serve own(
+                            StatusCode::BAD_GATEWAY,
+                            env.bodies().bad_gateway.clone(),
+                        );
+                    }
                     Err(f) => f,
                 };
                 // The request stays whole in `req` (only its head went): handed back for the
@@ -637,9 +647,11 @@ pub async fn exchange(
                     Own::Deadline => Failure::Deadline,
                     Own::Busy => Failure::Busy,
                     // No upload and no client of the own codec's: only a node's failure.
-                    Own::Failed | Own::UploadStalled | Own::Client(_) | Own::ClientGone => {
-                        Failure::Failed
-                    }
+                    Own::Failed
+                    | Own::UploadStalled
+                    | Own::Client(_)
+                    | Own::ClientGone
+                    | Own::Switched => Failure::Failed,
                 };
                 let copy = match failure {
                     Failure::NotSent(..) => None,
@@ -1270,9 +1282,9 @@ fn own_request_head(req: &Request<UpBody>) -> Vec<u8> {
     out
 }
 
-/// A node's response head (read and checked by the own codec) as hyper's types: `None`
-/// for a field they do not take.
-fn own_response_head(head: &[u8]) -> Option<http::response::Parts> {
+/// A node's response head (read and checked by the own codec) as hyper's types, the
+/// values sharing `head`'s bytes: `None` for a field they do not take.
+fn own_response_head(head: &Bytes) -> Option<http::response::Parts> {
     let mut fields = crate::h1::fast::no_fields();
     let mut resp = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -1286,7 +1298,7 @@ fn own_response_head(head: &[u8]) -> Option<http::response::Parts> {
     let mut map = http::HeaderMap::with_capacity(resp.headers.len());
     for f in resp.headers.iter() {
         let name = HeaderName::from_bytes(f.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_bytes(f.value).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value)).ok()?;
         map.append(name, value);
     }
     let (mut parts, ()) = Response::new(()).into_parts();

@@ -42,7 +42,7 @@ const SWEEP: Duration = Duration::from_secs(2);
 const MAX_IDLE: usize = 512;
 /// Largest response head a node may send (like the request side): beyond it the answer
 /// is malformed, 502, and counts against the node.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 pub struct ConnPool {
     pub addr: SocketAddr,
