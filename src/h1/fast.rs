@@ -1408,16 +1408,19 @@ async fn pump(
 
 /// `read_node`, moving a streamed upload on meanwhile (the node's answer came before the
 /// body went whole). The node's idle time counts from the upload's last move.
+/// `due`: when the node's body stalls if nothing came by then (once the upload is over).
 async fn read_node_up(
     conn: &mut NodeConn,
     client: &mut Client,
     upload: &mut Option<&mut Upload<'_>>,
     t: &Timeouts,
+    mut due: Instant,
 ) -> Result<usize, BodyFault> {
     if let Some(u) = upload.as_deref_mut() {
         if conn.buf.capacity() - conn.buf.len() < 1024 {
             conn.buf.reserve(CHUNK);
         }
+        let uploading = !u.failed && !u.done();
         while !u.failed && !u.done() {
             let (mut r, mut w) = conn.io.split();
             tokio::select! {
@@ -1437,8 +1440,13 @@ async fn read_node_up(
                 () = tokio::time::sleep(t.body_idle) => return Err(BodyFault::Node("body stalled")),
             }
         }
+        if uploading {
+            // A node may send nothing more until the upload ended: its idle time starts
+            // then.
+            due = due.max(Instant::now() + t.body_idle);
+        }
     }
-    read_node(conn, t).await
+    read_node(conn, due).await
 }
 
 /// `write_all`, counting what was written (a request that failed part way may have
@@ -1523,6 +1531,7 @@ async fn read_head(
             let mut cl: [&[u8]; 4] = [b""; 4];
             let mut ncl = 0;
             let mut close = http10;
+            let mut saw_close = false;
             for h in resp.headers.iter() {
                 if is(h.name, "transfer-encoding") {
                     te = Some(h.value);
@@ -1539,12 +1548,23 @@ async fn read_head(
                     cl[ncl] = h.value;
                     ncl += 1;
                 } else if is(h.name, "connection") {
-                    for t in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
-                        if t.eq_ignore_ascii_case(b"close") {
-                            close = true;
-                        } else if http10 && t.eq_ignore_ascii_case(b"keep-alive") {
-                            close = false;
-                        }
+                    // As hyper's client: once a field says `close`, a later `keep-alive`
+                    // does not undo it; `keep-alive` keeps an HTTP/1.0 answer's connection.
+                    let visible = h
+                        .value
+                        .iter()
+                        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+                    let has = |token: &[u8]| {
+                        visible
+                            && h.value
+                                .split(|b| *b == b',')
+                                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+                    };
+                    if saw_close || has(b"close") {
+                        saw_close = true;
+                        close = true;
+                    } else if close {
+                        close = !has(b"keep-alive");
                     }
                 }
             }
@@ -1777,11 +1797,11 @@ async fn write_client(client: &mut Client, out: &mut Vec<u8>, t: &Timeouts) -> i
 
 /// Reads more of the node's answer within the body idle time; 0 at its end.
 #[inline]
-async fn read_node(conn: &mut NodeConn, t: &Timeouts) -> Result<usize, BodyFault> {
+async fn read_node(conn: &mut NodeConn, due: Instant) -> Result<usize, BodyFault> {
     if conn.buf.capacity() - conn.buf.len() < 1024 {
         conn.buf.reserve(CHUNK);
     }
-    match tokio::time::timeout(t.body_idle, conn.io.read_buf(&mut conn.buf)).await {
+    match tokio::time::timeout_at(due, conn.io.read_buf(&mut conn.buf)).await {
         Ok(Ok(n)) => Ok(n),
         Ok(Err(_)) => Err(BodyFault::Node("body error")),
         Err(_) => Err(BodyFault::Node("body stalled")),
@@ -1818,7 +1838,8 @@ async fn relay_length(
                 return Err(BodyFault::Client);
             }
         }
-        if read_node_up(conn, client, upload, t).await? == 0 {
+        let due = Instant::now() + t.body_idle;
+        if read_node_up(conn, client, upload, t, due).await? == 0 {
             return Err(BodyFault::Node("body cut"));
         }
     }
@@ -1837,7 +1858,11 @@ async fn relay_chunked(
     upload: &mut Option<&mut Upload<'_>>,
 ) -> Result<bool, BodyFault> {
     let mut decoder = ChunkedDecoder::new();
+    // Only body data is the node's progress (chunk framing alone is not, as a data frame
+    // on hyper's path): the body stalls `body_idle` after the last data.
+    let mut due = Instant::now() + t.body_idle;
     loop {
+        let before = *sent;
         if chunked {
             let mut at = 0;
             while at < conn.buf.len() && !decoder.is_done() {
@@ -1869,7 +1894,10 @@ async fn relay_chunked(
                 return Err(BodyFault::Client);
             }
         }
-        if read_node_up(conn, client, upload, t).await? == 0 {
+        if *sent > before {
+            due = Instant::now() + t.body_idle;
+        }
+        if read_node_up(conn, client, upload, t, due).await? == 0 {
             if chunked {
                 return Err(BodyFault::Node("body cut"));
             }

@@ -103,10 +103,18 @@ pub fn length(cl: &[&[u8]]) -> Result<Option<u64>, FramingError> {
     for field in cl {
         for v in field.split(|b| *b == b',') {
             let v = trim(v);
-            if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+            if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
                 return Err(FramingError::BadLength);
             }
-            let n = v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            // Any number of digits (leading zeros too) while the value fits, up to hyper's
+            // largest length (`u64::MAX - 2`).
+            let n = v
+                .iter()
+                .try_fold(0u64, |n, d| {
+                    n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+                })
+                .filter(|n| *n <= u64::MAX - 2)
+                .ok_or(FramingError::BadLength)?;
             match found {
                 Some(m) if m != n => return Err(FramingError::ConflictingLength),
                 _ => found = Some(n),
@@ -166,6 +174,10 @@ enum State {
     DataLf,
     /// After the last chunk: the trailer section, up to an empty line.
     Trailers,
+    /// The LF due after a trailer line's CR.
+    TrailerLf,
+    /// The LF due after the CR of the section's closing empty line.
+    TrailersEndLf,
     Done,
 }
 
@@ -174,7 +186,9 @@ enum State {
 /// The grammar is hyper's, so that both codecs take and refuse the same bodies: CRLF
 /// everywhere (a bare LF is refused, as is any byte where one is due); a size of any
 /// number of hex digits whose value fits 64 bits, then spaces or tabs; extensions of at
-/// most `MAX_CHUNK_EXTENSIONS` bytes over the body.
+/// most `MAX_CHUNK_EXTENSIONS` bytes over the body. In the trailer section a CR alone ends
+/// a line (it must be followed by LF); a bare LF is a byte of the line, which httparse
+/// then reads as a line end, as hyper's decoder and parser do.
 #[derive(Debug)]
 pub struct ChunkedDecoder {
     state: State,
@@ -183,6 +197,8 @@ pub struct ChunkedDecoder {
     extensions: u64,
     remaining: u64,
     trailers: Vec<u8>,
+    /// Bytes of the trailer line being read (none: at a line's start).
+    trailer_line: usize,
 }
 
 impl Default for ChunkedDecoder {
@@ -200,6 +216,7 @@ impl ChunkedDecoder {
             extensions: 0,
             remaining: 0,
             trailers: Vec::new(),
+            trailer_line: 0,
         }
     }
 
@@ -296,24 +313,37 @@ impl ChunkedDecoder {
                     }
                     self.state = State::Size;
                 }
-                State::Trailers => {
+                State::Trailers | State::TrailerLf | State::TrailersEndLf => {
                     if self.trailers.len() >= MAX_TRAILERS {
                         return Err(ChunkError::TrailersTooLarge);
                     }
-                    self.trailers.push(b);
-                    let t = &self.trailers;
-                    if b == b'\n' {
-                        if t.len() < 2 || t[t.len() - 2] != b'\r' {
-                            return Err(ChunkError::BadTrailers);
-                        }
-                        // An empty line ends the section.
-                        if t.len() == 2 || t.ends_with(b"\r\n\r\n") {
-                            let keep = t.len() - 2;
-                            self.trailers.truncate(keep);
+                    match self.state {
+                        State::TrailersEndLf => {
+                            if b != b'\n' {
+                                return Err(ChunkError::BadTrailers);
+                            }
+                            // The section, without its closing empty line.
+                            self.trailers.pop();
                             self.state = State::Done;
                             return Ok((i + 1, i + 1..i + 1));
                         }
+                        State::TrailerLf => {
+                            if b != b'\n' {
+                                return Err(ChunkError::BadTrailers);
+                            }
+                            self.trailer_line = 0;
+                            self.state = State::Trailers;
+                        }
+                        _ if b == b'\r' => {
+                            self.state = if self.trailer_line == 0 {
+                                State::TrailersEndLf
+                            } else {
+                                State::TrailerLf
+                            };
+                        }
+                        _ => self.trailer_line += 1,
                     }
+                    self.trailers.push(b);
                 }
                 State::Done => return Ok((i, i..i)),
             }
@@ -482,7 +512,8 @@ mod tests {
             ),
             (b"5\r\nhelloX\r\n", ChunkError::MissingCrlf),
             (b"5\r\nhello\n0\r\n\r\n", ChunkError::MissingCrlf),
-            (b"0\r\nx: y\n\r\n", ChunkError::BadTrailers),
+            (b"0\r\nx: y\rz\r\n", ChunkError::BadTrailers),
+            (b"0\r\n\rx", ChunkError::BadTrailers),
         ] {
             let mut d = ChunkedDecoder::new();
             let mut at = 0;
@@ -497,6 +528,13 @@ mod tests {
                 }
             };
             assert_eq!(err, Some(e), "{:?}", String::from_utf8_lossy(bad));
+        }
+        // A bare LF is a byte of a trailer line (httparse reads it as a line end), as in
+        // hyper's decoder; only CR LF ends a line there.
+        for step in [1, 3, 100] {
+            let (body, trailers, _) = run(b"0\r\nx: y\n\r\n\r\n", step).unwrap();
+            assert!(body.is_empty());
+            assert_eq!(trailers, b"x: y\n\r\n");
         }
         let mut long = Vec::new();
         for _ in 0..17 {
