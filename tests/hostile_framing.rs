@@ -207,3 +207,33 @@ async fn node_heads_hyper_reads_are_relayed_by_both_codecs() {
     assert_eq!(r.status, 200);
     assert_eq!(&r.body[..], b"ok");
 }
+
+/// A chunked upload's trailer lines, read as hyper reads them: only CR LF ends a line, a
+/// bare LF is a byte of it. httparse then reads that LF as a line end: a section where it
+/// finds more fields than lines is refused (400), one where it does not is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailer_lines_ended_by_a_bare_lf_are_read_as_hyper_reads_them() {
+    use tokio::io::AsyncWriteExt;
+    let node = Upstream::start("a").await;
+    let eg = Envgate::start(&topo(&[("a", node.addr)], "", ""));
+    for (trailers, status) in [
+        ("x: 1\ny: 2\r\n\r\n", "400"),
+        ("x: 1\n\r\n\r\n", "200"),
+        ("x: 1\r\ny: 2\r\n\r\n", "200"),
+    ] {
+        let mut s = raw_conn(eg.port("http")).await;
+        s.write_all(
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: company.com\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n{trailers}"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut s).await;
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{trailers:?}: {head}"
+        );
+    }
+}

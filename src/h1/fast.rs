@@ -1218,7 +1218,7 @@ impl UpBody {
                     at += used;
                 }
                 // hyper refuses a trailer line that is not a field as soon as it comes.
-                if !trailers_parse(decoder.trailers(), decoder.is_done()) {
+                if !trailers_parse(decoder) {
                     return Err(ClientFault::Framing);
                 }
                 if decoder.is_done() {
@@ -1242,29 +1242,33 @@ fn chunks_parse(input: &[u8]) -> Result<Option<usize>, ()> {
             Err(_) => return Err(()),
         }
     }
-    if !trailers_parse(decoder.trailers(), decoder.is_done()) {
+    if !trailers_parse(&decoder) {
         return Err(());
     }
     Ok(decoder.is_done().then_some(at))
 }
 
-/// Whether a chunked body's trailer section (`done`: whole) is header fields so far, as
-/// hyper reads it (which refuses the body at the first line that is not one).
-fn trailers_parse(trailers: &[u8], done: bool) -> bool {
+/// Whether a chunked body's trailer section (whole once the decoder is done) is header
+/// fields so far, as hyper reads it (which refuses the body at the first line that is not
+/// one).
+fn trailers_parse(decoder: &ChunkedDecoder) -> bool {
+    let trailers = decoder.trailers();
     if trailers.is_empty() {
         return true;
     }
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    if !done {
+    if !decoder.is_done() {
         return httparse::parse_headers(trailers, &mut fields).is_ok();
     }
     let mut section = Vec::with_capacity(trailers.len() + 2);
     section.extend_from_slice(trailers);
     section.extend_from_slice(b"\r\n");
-    matches!(
-        httparse::parse_headers(&section, &mut fields),
-        Ok(httparse::Status::Complete(_))
-    )
+    match httparse::parse_headers(&section, &mut fields) {
+        Ok(httparse::Status::Complete((_, parsed))) => {
+            decoder.trailer_fields_fit(parsed.len(), MAX_HEADERS)
+        }
+        _ => false,
+    }
 }
 
 enum Pump {

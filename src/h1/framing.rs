@@ -199,6 +199,8 @@ pub struct ChunkedDecoder {
     trailers: Vec<u8>,
     /// Bytes of the trailer line being read (none: at a line's start).
     trailer_line: usize,
+    /// Trailer lines ended by CR LF.
+    trailer_lines: usize,
 }
 
 impl Default for ChunkedDecoder {
@@ -217,6 +219,7 @@ impl ChunkedDecoder {
             remaining: 0,
             trailers: Vec::new(),
             trailer_line: 0,
+            trailer_lines: 0,
         }
     }
 
@@ -229,6 +232,14 @@ impl ChunkedDecoder {
     /// empty line), once done.
     pub fn trailers(&self) -> &[u8] {
         &self.trailers
+    }
+
+    /// Whether the trailer section read whole is fields as hyper reads them: httparse over
+    /// the section, into as many fields as it has lines ended by CR LF (a line ended by a
+    /// bare LF is a field of its own to httparse, but not a line to hyper's decoder, which
+    /// then finds too many fields), at most `max` of them.
+    pub fn trailer_fields_fit(&self, fields: usize, max: usize) -> bool {
+        fields <= self.trailer_lines && self.trailer_lines <= max
     }
 
     /// Reads from `input`: returns the bytes consumed and the range of `input` that is
@@ -332,6 +343,7 @@ impl ChunkedDecoder {
                                 return Err(ChunkError::BadTrailers);
                             }
                             self.trailer_line = 0;
+                            self.trailer_lines += 1;
                             self.state = State::Trailers;
                         }
                         _ if b == b'\r' => {

@@ -35,6 +35,7 @@ use super::io::Unread;
 use super::pool::{ConnPool, Sender};
 use super::record::Record;
 use super::worker::LocalSnap;
+use super::worker::MAX_HEADERS;
 use crate::h1::fast::NodeConn;
 use crate::h1::framing::{ChunkedDecoder, Framing};
 use crate::routing::Candidates;
@@ -243,7 +244,9 @@ impl Own {
                     conn.buf.drain(..at);
                     if dec.is_done() {
                         if !dec.trailers().is_empty() {
-                            match trailer_fields(dec.trailers()) {
+                            match trailer_fields(dec.trailers())
+                                .filter(|t| dec.trailer_fields_fit(t.len(), MAX_HEADERS))
+                            {
                                 Some(t) => self.trailers = Some(t),
                                 None => return self.fail("broken trailers"),
                             }
@@ -324,7 +327,7 @@ fn trailer_fields(section: &[u8]) -> Option<http::HeaderMap> {
     let mut buf = Vec::with_capacity(section.len() + 2);
     buf.extend_from_slice(section);
     buf.extend_from_slice(b"\r\n");
-    let mut fields = [httparse::EMPTY_HEADER; super::worker::MAX_HEADERS];
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let Ok(httparse::Status::Complete((_, fields))) = httparse::parse_headers(&buf, &mut fields)
     else {
         return None;
