@@ -1,7 +1,8 @@
 //! HTTP/2 clients' body-less requests over the own codec's node connections, against
 //! misbehaving nodes: whatever a node sends, clients and nodes cannot tell them from
-//! hyper's client (`Http1::Hyper`, the reference), and the same node is blamed. Each test
-//! runs both codecs and compares.
+//! hyper's client (`Http1::Hyper`, the reference), and the same node is blamed. The last
+//! tests check the same reading of a node's answer for HTTP/1.1 clients. Each test runs
+//! both codecs and compares.
 
 mod support;
 
@@ -24,6 +25,14 @@ use tokio::time::Instant;
 /// which answers and gives the socket back to keep the connection (or `None` to drop it).
 struct Node {
     addr: SocketAddr,
+    /// Connections that carried a request (the health checks here only connect).
+    conns: Arc<AtomicUsize>,
+}
+
+impl Node {
+    fn conns(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
 }
 
 async fn node<F, Fut>(script: F) -> Node
@@ -34,11 +43,14 @@ where
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let script = Arc::new(script);
+    let conns = Arc::new(AtomicUsize::new(0));
+    let count = conns.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
-            let script = script.clone();
+            let (script, count) = (script.clone(), count.clone());
             tokio::spawn(async move {
                 let mut s = s;
+                let mut first = true;
                 loop {
                     let mut head = Vec::new();
                     let mut b = [0u8; 1];
@@ -47,6 +59,9 @@ where
                             Ok(1) => head.push(b[0]),
                             _ => return,
                         }
+                    }
+                    if std::mem::take(&mut first) {
+                        count.fetch_add(1, Ordering::SeqCst);
                     }
                     let text = String::from_utf8_lossy(&head).into_owned();
                     let mut p = text.split(' ');
@@ -60,7 +75,7 @@ where
             });
         }
     });
-    Node { addr }
+    Node { addr, conns }
 }
 
 const LEN: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
@@ -447,6 +462,128 @@ async fn minor_framing_differences_from_hyper() {
             ));
         }
         seen.push(out);
+    }
+    assert_eq!(seen[0], seen[1], "own codec, then hyper's");
+}
+
+/// Chunk framing trickled without data, to an HTTP/1.1 client: only body data is the
+/// node's progress, so the exchange ends `body_idle` after the last data, long before the
+/// node would stop (a minute later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_client_node_trickling_chunk_framing_is_stalled_as_with_hyper() {
+    let mut seen = Vec::new();
+    for codec in [Http1::Fast, Http1::Hyper] {
+        let n = node(|_m, _p, mut s| async move {
+            s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .await
+                .ok()?;
+            for _ in 0..600 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if s.write_all(b"0").await.is_err() {
+                    break;
+                }
+            }
+            None
+        })
+        .await;
+        let eg = start(&n, ", retries: 0, timeouts: { body_idle: 300ms }", 1, codec);
+        let mut c = raw_conn(eg.port("http")).await;
+        c.write_all(b"GET /z HTTP/1.1\r\nHost: company.com\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let closed = closes_within(&mut c, Duration::from_secs(20), &mut out).await;
+        seen.push(format!("{codec:?}: closed {closed}"));
+        eg.stop().await;
+    }
+    for s in &seen {
+        assert!(s.ends_with("true"), "{seen:#?}");
+    }
+}
+
+/// An HTTP/1.0 answer whose `Connection` says `close` and then `keep-alive`: once a
+/// `close` is seen a later `keep-alive` does not undo it, and the connection is not pooled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_close_then_keep_alive_closes_as_with_hyper() {
+    let mut seen = Vec::new();
+    for codec in [Http1::Fast, Http1::Hyper] {
+        let n = node(|_m, path, mut s| async move {
+            let bytes: &[u8] = if path == "/one" {
+                b"HTTP/1.0 200 OK\r\nConnection: close, keep-alive\r\nContent-Length: 2\r\n\r\nok"
+            } else {
+                b"HTTP/1.0 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok"
+            };
+            s.write_all(bytes).await.ok()?;
+            Some(s)
+        })
+        .await;
+        let eg = start(&n, ", retries: 0", 1, codec);
+        let client = h2_client(eg.port("http")).await;
+        let mut out = Vec::new();
+        for p in ["/one", "/one", "/two", "/two"] {
+            let g = fetch(&client, Method::GET, p, Duration::from_secs(5)).await;
+            out.push(format!("{p}: {} {:?}", g.status, g.error));
+        }
+        // One connection a request: none was pooled.
+        out.push(format!("node connections {}", n.conns()));
+        seen.push(out);
+        eg.stop().await;
+    }
+    assert_eq!(seen[0], seen[1], "own codec, then hyper's");
+    assert_eq!(seen[0].last().unwrap(), "node connections 4", "{seen:?}");
+}
+
+/// `Content-Length` with leading zeros past 19 characters, to an HTTP/1.1 client: any
+/// number of digits is read while the value fits, and the answer goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_content_length_with_leading_zeros_as_with_hyper() {
+    let mut seen = Vec::new();
+    for codec in [Http1::Fast, Http1::Hyper] {
+        let n = node(|_m, _p, mut s| async move {
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 000000000000000000005\r\n\r\nhello")
+                .await
+                .ok()?;
+            Some(s)
+        })
+        .await;
+        let eg = start(&n, ", retries: 0", 1, codec);
+        let mut c = raw_conn(eg.port("http")).await;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: company.com\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut c).await;
+        seen.push(head.lines().next().unwrap_or("").to_string());
+        eg.stop().await;
+    }
+    assert_eq!(seen[0], seen[1], "own codec, then hyper's");
+}
+
+/// A trailer line ended by a bare LF (then the CRLF lines a trailer section ends with):
+/// the line is kept and read as a field, and the body is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailer_line_with_bare_lf_as_with_hyper() {
+    let mut seen = Vec::new();
+    for codec in [Http1::Fast, Http1::Hyper] {
+        let n = node(|_m, _p, mut s| async move {
+            s.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-a: 1\n\r\n\r\n",
+            )
+            .await
+            .ok()?;
+            None
+        })
+        .await;
+        let eg = start(&n, ", retries: 0", 1, codec);
+        let client = h2_client(eg.port("http")).await;
+        let g = fetch(&client, Method::GET, "/", Duration::from_secs(5)).await;
+        seen.push(format!(
+            "{} {:?} trailers {:?} error {}",
+            g.status,
+            String::from_utf8_lossy(&g.body),
+            g.trailers,
+            g.error.is_some()
+        ));
+        eg.stop().await;
     }
     assert_eq!(seen[0], seen[1], "own codec, then hyper's");
 }

@@ -1260,15 +1260,9 @@ fn trailers_parse(decoder: &ChunkedDecoder) -> bool {
     if !decoder.is_done() {
         return httparse::parse_headers(trailers, &mut fields).is_ok();
     }
-    let mut section = Vec::with_capacity(trailers.len() + 2);
-    section.extend_from_slice(trailers);
-    section.extend_from_slice(b"\r\n");
-    match httparse::parse_headers(&section, &mut fields) {
-        Ok(httparse::Status::Complete((_, parsed))) => {
-            decoder.trailer_fields_fit(parsed.len(), MAX_HEADERS)
-        }
-        _ => false,
-    }
+    decoder
+        .with_trailer_fields::<MAX_HEADERS, _>(|_| ())
+        .is_some()
 }
 
 enum Pump {

@@ -234,12 +234,26 @@ impl ChunkedDecoder {
         &self.trailers
     }
 
-    /// Whether the trailer section read whole is fields as hyper reads them: httparse over
-    /// the section, into as many fields as it has lines ended by CR LF (a line ended by a
-    /// bare LF is a field of its own to httparse, but not a line to hyper's decoder, which
-    /// then finds too many fields), at most `max` of them.
-    pub fn trailer_fields_fit(&self, fields: usize, max: usize) -> bool {
-        fields <= self.trailer_lines && self.trailer_lines <= max
+    /// The trailer section read whole as hyper reads it, handed to `f` as fields: httparse
+    /// over the section, into as many fields as it has lines ended by CR LF (a line ended
+    /// by a bare LF is a field of its own to httparse, but not a line to hyper's decoder,
+    /// which then finds too many fields), at most `MAX` of them. `None` when that fails.
+    pub fn with_trailer_fields<const MAX: usize, R>(
+        &self,
+        f: impl FnOnce(&[httparse::Header<'_>]) -> R,
+    ) -> Option<R> {
+        let mut section = Vec::with_capacity(self.trailers.len() + 2);
+        section.extend_from_slice(&self.trailers);
+        section.extend_from_slice(b"\r\n");
+        let mut fields = [httparse::EMPTY_HEADER; MAX];
+        match httparse::parse_headers(&section, &mut fields) {
+            Ok(httparse::Status::Complete((_, parsed)))
+                if parsed.len() <= self.trailer_lines && self.trailer_lines <= MAX =>
+            {
+                Some(f(parsed))
+            }
+            _ => None,
+        }
     }
 
     /// Reads from `input`: returns the bytes consumed and the range of `input` that is

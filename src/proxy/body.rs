@@ -194,13 +194,23 @@ impl Own {
         self.slot = None;
     }
 
+    /// The node broke its body: the connection is closed, the node blamed.
     #[cold]
     fn fail(&mut self, why: &'static str) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.fail_with(why, BodyError::NodeBroken(why))
+    }
+
+    #[cold]
+    fn fail_with(
+        &mut self,
+        why: &'static str,
+        error: BodyError,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.conn = None;
         self.framing = OwnFraming::Broken;
         self.slot = None;
         self.blame.fail(why);
-        Poll::Ready(Some(Err(BodyError::NodeBroken(why))))
+        Poll::Ready(Some(Err(error)))
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -244,9 +254,7 @@ impl Own {
                     conn.buf.drain(..at);
                     if dec.is_done() {
                         if !dec.trailers().is_empty() {
-                            match trailer_fields(dec.trailers())
-                                .filter(|t| dec.trailer_fields_fit(t.len(), MAX_HEADERS))
-                            {
+                            match trailer_fields(dec) {
                                 Some(t) => self.trailers = Some(t),
                                 None => return self.fail("broken trailers"),
                             }
@@ -305,41 +313,33 @@ impl Own {
                     {
                         return Poll::Pending;
                     }
-                    self.conn = None;
-                    self.framing = OwnFraming::Broken;
-                    self.slot = None;
-                    self.blame.fail("body stalled");
-                    return Poll::Ready(Some(Err(BodyError::NodeStalled)));
+                    return self.fail_with("body stalled", BodyError::NodeStalled);
                 }
             }
         }
     }
 }
 
-/// A chunked body's trailer section (fields, each ending in CRLF) as hyper's client
-/// reads it (its `max_header_size`, the pool's 64 KiB, bounds them with the final empty
-/// line): at most 100 fields, each a valid name and value; `None` otherwise.
+/// A chunked body's trailer section as hyper's client reads it (its `max_header_size`,
+/// the pool's 64 KiB, bounds it with the final empty line; fields as
+/// `ChunkedDecoder::with_trailer_fields` reads them), each a valid name and value; `None`
+/// otherwise.
 #[cold]
-fn trailer_fields(section: &[u8]) -> Option<http::HeaderMap> {
-    if section.len() + 2 >= super::pool::MAX_RESPONSE_HEAD {
+fn trailer_fields(dec: &ChunkedDecoder) -> Option<http::HeaderMap> {
+    if dec.trailers().len() + 2 >= super::pool::MAX_RESPONSE_HEAD {
         return None;
     }
-    let mut buf = Vec::with_capacity(section.len() + 2);
-    buf.extend_from_slice(section);
-    buf.extend_from_slice(b"\r\n");
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let Ok(httparse::Status::Complete((_, fields))) = httparse::parse_headers(&buf, &mut fields)
-    else {
-        return None;
-    };
-    let mut map = http::HeaderMap::with_capacity(fields.len());
-    for f in fields {
-        map.append(
-            http::HeaderName::from_bytes(f.name.as_bytes()).ok()?,
-            http::HeaderValue::from_bytes(f.value).ok()?,
-        );
-    }
-    Some(map)
+    dec.with_trailer_fields::<MAX_HEADERS, _>(|fields| {
+        let mut map = http::HeaderMap::with_capacity(fields.len());
+        for f in fields {
+            map.append(
+                http::HeaderName::from_bytes(f.name.as_bytes()).ok()?,
+                http::HeaderValue::from_bytes(f.value).ok()?,
+            );
+        }
+        Some(map)
+    })
+    .flatten()
 }
 
 /// Reads what the socket has onto the end of `buf`.
