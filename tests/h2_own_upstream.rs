@@ -41,6 +41,10 @@ fn answer(path: &str, head: bool) -> (Vec<u8>, bool) {
         "/none" => b"HTTP/1.1 204 No Content\r\nX-C: c\r\n\r\n".to_vec(),
         "/early" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
         "/hop" => b"HTTP/1.1 201 Created\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+        // `Connection` naming only itself and `keep-alive`, with a field named `close`.
+        "/keep" => b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nClose: x\r\nX-Stay: 1\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+        // `Connection: keep-alive` with the `Keep-Alive` field it names.
+        "/keep2" => b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Stay: 2\r\nContent-Length: 2\r\n\r\nok".to_vec(),
         "/big" => {
             let mut b = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
             b.extend((0..BIG).map(|i| (i % 251) as u8));
@@ -162,6 +166,8 @@ async fn both_codecs_give_nodes_and_clients_the_same_bytes() {
         (Method::GET, "/none"),
         (Method::GET, "/early"),
         (Method::GET, "/hop"),
+        (Method::GET, "/keep"),
+        (Method::GET, "/keep2"),
         (Method::GET, "/big"),
         (Method::DELETE, "/len"),
         (Method::OPTIONS, "/len?q=1&r=%20"),
@@ -198,9 +204,15 @@ async fn both_codecs_give_nodes_and_clients_the_same_bytes() {
             "{answers:?}"
         );
         assert!(
-            !answers
-                .iter()
-                .any(|a| a.contains("x-hop") || a.contains("keep-alive")),
+            !answers.iter().any(|a| a.contains("x-hop")
+                || a.contains("keep-alive")
+                || a.contains("\"close")
+                || a.contains("connection")),
+            "{answers:?}"
+        );
+        assert!(
+            answers.iter().any(|a| a.contains("x-stay: 1"))
+                && answers.iter().any(|a| a.contains("x-stay: 2")),
             "{answers:?}"
         );
         runs.push((node.heads(), answers));

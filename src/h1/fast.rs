@@ -758,6 +758,7 @@ async fn exchange(
             Some(&mut *client),
             upload.as_mut(),
             &mut expect,
+            None,
         )
         .await;
         match attempt_result {
@@ -944,6 +945,7 @@ pub(crate) async fn send_bodiless(
     head_request: bool,
     t: &Timeouts,
     overall: &mut Option<Instant>,
+    parts: &mut Option<http::response::Parts>,
 ) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
     forward(
         pool,
@@ -955,6 +957,7 @@ pub(crate) async fn send_bodiless(
         None,
         None,
         &mut false,
+        Some(parts),
     )
     .await
 }
@@ -982,6 +985,7 @@ async fn forward(
     mut client: Option<&mut Client>,
     mut upload: Option<&mut Upload<'_>>,
     expect: &mut bool,
+    mut parts: Option<&mut Option<http::response::Parts>>,
 ) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
     loop {
         let mut start = Instant::now();
@@ -1109,7 +1113,7 @@ async fn forward(
         // (its record says 499, the node connection closes), as on the hyper path.
         let head = tokio::select! {
             biased;
-            h = read_head(&mut conn, head_request, head_due) => h,
+            h = read_head(&mut conn, head_request, head_due, parts.as_deref_mut()) => h,
             () = gone(&mut client) => return Err(Failure::ClientGone),
         };
         match head {
@@ -1489,6 +1493,7 @@ async fn read_head(
     conn: &mut NodeConn,
     head_request: bool,
     due: Instant,
+    parts: Option<&mut Option<http::response::Parts>>,
 ) -> Result<UpHead, HeadError> {
     let mut scanned = 0;
     loop {
@@ -1572,6 +1577,9 @@ async fn read_head(
                 // A coding in an HTTP/1.0 answer that has a body (hyper refuses it too).
                 return Err(HeadError::Malformed);
             }
+            if let Some(out) = parts {
+                *out = response_parts(&conn.buf[..len], status, resp.headers);
+            }
             return Ok(UpHead {
                 status,
                 len,
@@ -1592,6 +1600,61 @@ async fn read_head(
             Err(_) => return Err(HeadError::Timeout),
         }
     }
+}
+
+/// A node's response head, read and checked by `read_head` (`fields` parsed from `head`),
+/// as hyper's types for hyper's HTTP/2 server: the values share one copy of the head's
+/// bytes, and the hop-by-hop fields are left out. `None` for a name hyper's types do not
+/// take (as hyper's client, which refuses such a head).
+fn response_parts(
+    head: &[u8],
+    status: u16,
+    fields: &[httparse::Header<'_>],
+) -> Option<http::response::Parts> {
+    use http::header::{HeaderName, HeaderValue};
+    let bytes = bytes::Bytes::copy_from_slice(head);
+    let base = head.as_ptr() as usize;
+    // Room for what is added on the way out (a cookie, hyper's Date) without a growth.
+    let mut map = http::HeaderMap::with_capacity(fields.len() + 4);
+    // The usual `Connection: keep-alive` (or `close`) names only hop-by-hop fields: it is
+    // left out here; any other hop-by-hop field (or option) takes the general strip after.
+    let mut strip = false;
+    let mut close_option = false;
+    let mut close_field = false;
+    for f in fields {
+        if is(f.name, "connection") {
+            let mut only_hop = true;
+            for t in f.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    close_option = true;
+                } else if !(t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive")) {
+                    only_hop = false;
+                }
+            }
+            if only_hop {
+                continue;
+            }
+            strip = true;
+        } else if hop_by_hop(f.name) {
+            strip = true;
+        } else if is(f.name, "close") {
+            close_field = true;
+        }
+        let name = HeaderName::from_bytes(f.name.as_bytes()).ok()?;
+        let at = f.value.as_ptr() as usize - base;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(at..at + f.value.len())).ok()?;
+        map.append(name, value);
+    }
+    if strip {
+        headers::strip_hop_by_hop(&mut map, false);
+    }
+    if close_option && close_field {
+        map.remove("close");
+    }
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = StatusCode::from_u16(status).ok()?;
+    parts.headers = map;
+    Some(parts)
 }
 
 /// Hop-by-hop fields of a response (those `Connection` names are found separately).

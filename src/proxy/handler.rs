@@ -583,12 +583,14 @@ pub async fn exchange(
             let pool = &snap.conns[node];
             let (result, copy) = if let Some(head) = &own_head {
                 let mut deadline = overall.get();
+                let mut parts = None;
                 let sent = crate::h1::fast::send_bodiless(
                     pool,
                     head,
                     head_request,
                     timeouts,
                     &mut deadline,
+                    &mut parts,
                 )
                 .await;
                 overall.set(deadline);
@@ -600,8 +602,7 @@ pub async fn exchange(
                             scope: route.candidates,
                             node,
                         };
-                        let head = Bytes::copy_from_slice(&conn.buf[..up.len]);
-                        let Some(mut parts) = own_response_head(&head) else {
+                        let Some(parts) = parts else {
                             // A field hyper's types do not take: as a head hyper's client
                             // would refuse, the node's fault.
                             passive_failure(topo, route.candidates, node);
@@ -611,7 +612,6 @@ pub async fn exchange(
                             );
                         };
                         conn.buf.drain(..up.len);
-                        headers::strip_hop_by_hop(&mut parts.headers, false);
                         break 'serve Response::from_parts(
                             parts,
                             ProxyBody::own(
@@ -1280,31 +1280,6 @@ fn own_request_head(req: &Request<UpBody>) -> Vec<u8> {
     }
     out.extend_from_slice(b"\r\n");
     out
-}
-
-/// A node's response head (read and checked by the own codec) as hyper's types, the
-/// values sharing `head`'s bytes: `None` for a field they do not take.
-fn own_response_head(head: &Bytes) -> Option<http::response::Parts> {
-    let mut fields = crate::h1::fast::no_fields();
-    let mut resp = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut resp,
-        head,
-        &mut fields,
-    );
-    if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
-        return None;
-    }
-    let mut map = http::HeaderMap::with_capacity(resp.headers.len());
-    for f in resp.headers.iter() {
-        let name = HeaderName::from_bytes(f.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value)).ok()?;
-        map.append(name, value);
-    }
-    let (mut parts, ()) = Response::new(()).into_parts();
-    parts.status = StatusCode::from_u16(resp.code?).ok()?;
-    parts.headers = map;
-    Some(parts)
 }
 
 /// When to look at an attempt again, or how it failed by `now`.
