@@ -4,19 +4,21 @@
 //! it over the old one, and Kubernetes swaps a ConfigMap by re-pointing the `..data`
 //! symlink, so the file's own inode comes and goes. Only events that name the file or a
 //! `..`-prefixed entry count (other files of the directory, such as an access log, are
-//! ignored). Events are debounced (quiet for
+//! ignored). On Linux the watch asks inotify for what ends a change of an entry (written
+//! and closed, renamed, created, removed, attributes) and not for each write: a file
+//! appended to beside the topology (a log) costs nothing, and a file is read once its
+//! writer closed it. Events are debounced (quiet for
 //! `DEBOUNCE`), then the file is read by its path (following symlinks). A file that is
 //! briefly missing or does not parse (half-written) is read again a few times before its
 //! problems are recorded as a refused document; either way the running topology stays.
 //! A document equal to the running one (envgate's own write-back, or a touch) is no
 //! change.
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
-
-use notify::{RecursiveMode, Watcher};
 
 use super::{Control, Source};
 use crate::config::LoadError;
@@ -28,7 +30,7 @@ const ATTEMPTS: u32 = 4;
 
 /// A running watch; dropping it stops the watch.
 pub struct FileWatch {
-    _watcher: Option<notify::RecommendedWatcher>,
+    _watcher: Option<DirWatch>,
     stop: mpsc::Sender<Event>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -48,7 +50,7 @@ impl Drop for FileWatch {
 }
 
 /// Watches `path` and applies each change through `control`.
-pub fn spawn(control: Arc<Control>, path: &Path) -> notify::Result<FileWatch> {
+pub fn spawn(control: Arc<Control>, path: &Path) -> std::io::Result<FileWatch> {
     let path = path.to_path_buf();
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -60,29 +62,18 @@ pub fn spawn(control: Arc<Control>, path: &Path) -> notify::Result<FileWatch> {
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_default();
-    let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
-        // Events that may concern the file: its name (written, or renamed onto), a
-        // Kubernetes `..data` swap, or a lost event queue. Other files of the directory
-        // (an access log written beside the topology) do not delay the debounce.
-        let relevant = |e: &notify::Event| {
-            !e.kind.is_access()
-                && (e.paths.is_empty()
-                    || e.need_rescan()
-                    || e.paths.iter().any(|p| {
-                        p.file_name().is_some_and(|n| {
-                            n == name.as_os_str() || n.as_encoded_bytes().starts_with(b"..")
-                        })
-                    }))
-        };
-        if e.is_ok_and(|e| relevant(&e)) {
+    // Events that may concern the file: its name (written, or renamed onto), a Kubernetes
+    // `..data` swap, or one that names no entry (the directory itself, a lost event
+    // queue). Other files of the directory do not delay the debounce.
+    let mut watcher = DirWatch::new(move |n: Option<&OsStr>| {
+        if n.is_none_or(|n| n == name.as_os_str() || n.as_encoded_bytes().starts_with(b"..")) {
             let _ = events.send(Event::Changed);
         }
     })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    watcher.watch(&dir)?;
     let thread = std::thread::Builder::new()
         .name("envgate-watch".into())
-        .spawn(move || run(control, path, rx))
-        .map_err(notify::Error::io)?;
+        .spawn(move || run(control, path, rx))?;
     Ok(FileWatch {
         _watcher: Some(watcher),
         stop: tx,
@@ -165,26 +156,18 @@ const RESYNC: Duration = Duration::from_secs(1);
 /// `Source::Certificates`. The directories watched follow the live topology. A file caught
 /// half-written is read again a few times before the topology is refused (and then the
 /// running one, with the certificates it has, stays).
-pub fn spawn_files(control: Arc<Control>) -> notify::Result<FileWatch> {
+pub fn spawn_files(control: Arc<Control>) -> std::io::Result<FileWatch> {
     use std::collections::HashSet;
-    use std::ffi::OsString;
     use std::sync::Mutex;
     let (tx, rx) = mpsc::channel();
     let events = tx.clone();
     let names: Arc<Mutex<HashSet<OsString>>> = Arc::default();
     let wanted = names.clone();
-    let watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
-        let Ok(e) = e else { return };
-        if e.kind.is_access() {
-            return;
-        }
-        let names = wanted.lock().unwrap_or_else(|p| p.into_inner());
-        let relevant = e.paths.is_empty()
-            || e.need_rescan()
-            || e.paths.iter().any(|p| {
-                p.file_name()
-                    .is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b".."))
-            });
+    let watcher = DirWatch::new(move |n: Option<&OsStr>| {
+        let relevant = n.is_none_or(|n| {
+            n.as_encoded_bytes().starts_with(b"..")
+                || wanted.lock().unwrap_or_else(|p| p.into_inner()).contains(n)
+        });
         if relevant {
             let _ = events.send(Event::Changed);
         }
@@ -208,11 +191,11 @@ pub fn spawn_files(control: Arc<Control>) -> notify::Result<FileWatch> {
                         .flat_map(|f| watched_names(f))
                         .collect();
                     for d in dirs.difference(&now) {
-                        let _ = watcher.unwatch(d);
+                        watcher.unwatch(d);
                     }
                     let added = now.difference(&dirs).count() > 0;
                     for d in now.difference(&dirs) {
-                        if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
+                        if let Err(e) = watcher.watch(d) {
                             tracing::warn!(directory = %d.display(), error = %e, "cannot watch the certificates' directory; they are looked at every second");
                         }
                     }
@@ -251,8 +234,7 @@ pub fn spawn_files(control: Arc<Control>) -> notify::Result<FileWatch> {
                     return;
                 }
             }
-        })
-        .map_err(notify::Error::io)?;
+        })?;
     Ok(FileWatch {
         _watcher: None,
         stop: tx,
@@ -325,4 +307,148 @@ fn reload_files(control: &Control, rx: &mpsc::Receiver<Event>) -> bool {
         return true;
     }
     true
+}
+
+/// A watch of directories that reports the names of the entries that may have changed
+/// (`None`: any may have, as when a watched directory itself went or events were lost).
+#[cfg(target_os = "linux")]
+struct DirWatch {
+    watches: inotify::Watches,
+    dirs: std::collections::HashMap<PathBuf, inotify::WatchDescriptor>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[cfg(target_os = "linux")]
+impl DirWatch {
+    /// What ends a change of an entry, and the directory's own end. Not `MODIFY`, `OPEN`
+    /// nor `ACCESS`: a file written to all the time beside the watched ones (a log) would
+    /// cost an event per write.
+    const MASK: inotify::WatchMask = inotify::WatchMask::CLOSE_WRITE
+        .union(inotify::WatchMask::MOVED_TO)
+        .union(inotify::WatchMask::MOVED_FROM)
+        .union(inotify::WatchMask::CREATE)
+        .union(inotify::WatchMask::DELETE)
+        .union(inotify::WatchMask::ATTRIB)
+        .union(inotify::WatchMask::DELETE_SELF)
+        .union(inotify::WatchMask::MOVE_SELF);
+
+    fn new(on_event: impl Fn(Option<&OsStr>) + Send + 'static) -> std::io::Result<DirWatch> {
+        use inotify::EventMask;
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut inotify = inotify::Inotify::init()?;
+        let watches = inotify.watches();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("envgate-inotify".into())
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let events = match inotify.read_events_blocking(&mut buf) {
+                            Ok(e) => e,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "the file watch stopped");
+                                return;
+                            }
+                        };
+                        if stop.load(Relaxed) {
+                            return;
+                        }
+                        for e in events {
+                            // A watch removed (by `unwatch`, or with its directory): the
+                            // directory's own events said what happened.
+                            if e.mask.contains(EventMask::IGNORED) {
+                                continue;
+                            }
+                            on_event(if e.mask.contains(EventMask::Q_OVERFLOW) {
+                                None
+                            } else {
+                                e.name
+                            });
+                        }
+                    }
+                }
+            })?;
+        Ok(DirWatch {
+            watches,
+            dirs: Default::default(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn watch(&mut self, dir: &Path) -> std::io::Result<()> {
+        let wd = self.watches.add(dir, Self::MASK)?;
+        self.dirs.insert(dir.to_path_buf(), wd);
+        Ok(())
+    }
+
+    fn unwatch(&mut self, dir: &Path) {
+        if let Some(wd) = self.dirs.remove(dir) {
+            let _ = self.watches.remove(wd);
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for DirWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Removing a watch queues an event, which wakes the reader: one made for the
+        // purpose does so even when nothing is watched.
+        if let Ok(wd) = self.watches.add("/", inotify::WatchMask::DELETE_SELF) {
+            let _ = self.watches.remove(wd);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Elsewhere, notify's watcher for the platform, filtered the same way.
+#[cfg(not(target_os = "linux"))]
+struct DirWatch {
+    watcher: notify::RecommendedWatcher,
+}
+
+#[cfg(not(target_os = "linux"))]
+impl DirWatch {
+    fn new(on_event: impl Fn(Option<&OsStr>) + Send + 'static) -> std::io::Result<DirWatch> {
+        let watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+            let Ok(e) = e else { return };
+            if matches!(
+                e.kind,
+                notify::EventKind::Access(
+                    notify::event::AccessKind::Open(_)
+                        | notify::event::AccessKind::Read
+                        | notify::event::AccessKind::Close(notify::event::AccessMode::Read)
+                )
+            ) {
+                return;
+            }
+            if e.paths.is_empty() || e.need_rescan() {
+                on_event(None);
+            }
+            for p in &e.paths {
+                on_event(p.file_name());
+            }
+        })
+        .map_err(std::io::Error::other)?;
+        Ok(DirWatch { watcher })
+    }
+
+    fn watch(&mut self, dir: &Path) -> std::io::Result<()> {
+        use notify::Watcher;
+        self.watcher
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .map_err(std::io::Error::other)
+    }
+
+    fn unwatch(&mut self, dir: &Path) {
+        use notify::Watcher;
+        let _ = self.watcher.unwatch(dir);
+    }
 }
