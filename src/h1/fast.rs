@@ -945,6 +945,7 @@ pub(crate) async fn send_bodiless(
     head_request: bool,
     t: &Timeouts,
     overall: &mut Option<Instant>,
+    values: &headers::ValueArena,
     parts: &mut Option<http::response::Parts>,
 ) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
     forward(
@@ -957,7 +958,7 @@ pub(crate) async fn send_bodiless(
         None,
         None,
         &mut false,
-        Some(parts),
+        Some((values, parts)),
     )
     .await
 }
@@ -985,7 +986,7 @@ async fn forward(
     mut client: Option<&mut Client>,
     mut upload: Option<&mut Upload<'_>>,
     expect: &mut bool,
-    mut parts: Option<&mut Option<http::response::Parts>>,
+    mut parts: Option<(&headers::ValueArena, &mut Option<http::response::Parts>)>,
 ) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
     loop {
         let mut start = Instant::now();
@@ -1113,7 +1114,7 @@ async fn forward(
         // (its record says 499, the node connection closes), as on the hyper path.
         let head = tokio::select! {
             biased;
-            h = read_head(&mut conn, head_request, head_due, parts.as_deref_mut()) => h,
+            h = read_head(&mut conn, head_request, head_due, parts.as_mut().map(|(v, p)| (*v, &mut **p))) => h,
             () = gone(&mut client) => return Err(Failure::ClientGone),
         };
         match head {
@@ -1493,7 +1494,7 @@ async fn read_head(
     conn: &mut NodeConn,
     head_request: bool,
     due: Instant,
-    parts: Option<&mut Option<http::response::Parts>>,
+    parts: Option<(&headers::ValueArena, &mut Option<http::response::Parts>)>,
 ) -> Result<UpHead, HeadError> {
     let mut scanned = 0;
     loop {
@@ -1577,8 +1578,8 @@ async fn read_head(
                 // A coding in an HTTP/1.0 answer that has a body (hyper refuses it too).
                 return Err(HeadError::Malformed);
             }
-            if let Some(out) = parts {
-                *out = response_parts(&conn.buf[..len], status, resp.headers);
+            if let Some((values, out)) = parts {
+                *out = response_parts(&conn.buf[..len], status, resp.headers, values);
             }
             return Ok(UpHead {
                 status,
@@ -1610,8 +1611,10 @@ fn response_parts(
     head: &[u8],
     status: u16,
     fields: &[httparse::Header<'_>],
+    values: &headers::ValueArena,
 ) -> Option<http::response::Parts> {
-    use http::header::{HeaderName, HeaderValue};
+    use http::header::HeaderValue;
+    // A copy of its own, not the arena's: HPACK tables keep values for a connection's life.
     let bytes = bytes::Bytes::copy_from_slice(head);
     let base = head.as_ptr() as usize;
     // Room for what is added on the way out (a cookie, hyper's Date) without a growth.
@@ -1640,7 +1643,7 @@ fn response_parts(
         } else if is(f.name, "close") {
             close_field = true;
         }
-        let name = HeaderName::from_bytes(f.name.as_bytes()).ok()?;
+        let name = values.name(f.name.as_bytes())?;
         let at = f.value.as_ptr() as usize - base;
         let value = HeaderValue::from_maybe_shared(bytes.slice(at..at + f.value.len())).ok()?;
         map.append(name, value);

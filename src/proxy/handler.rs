@@ -241,6 +241,8 @@ pub async fn handle_h2(
     Ok(resp)
 }
 
+static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
 /// A `grpc-timeout` value: digits (at most 8) and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
 fn grpc_timeout(v: &[u8]) -> Option<Duration> {
     let (&unit, digits) = v.split_last()?;
@@ -483,7 +485,7 @@ pub async fn exchange(
             None
         } else {
             req.headers()
-                .get("grpc-timeout")
+                .get(&GRPC_TIMEOUT)
                 .and_then(|v| grpc_timeout(v.as_bytes()))
                 .map(|d| Instant::now() + d.min(timeouts.request))
         };
@@ -590,6 +592,7 @@ pub async fn exchange(
                     head_request,
                     timeouts,
                     &mut deadline,
+                    &worker.values,
                     &mut parts,
                 )
                 .await;

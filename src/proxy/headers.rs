@@ -252,13 +252,19 @@ pub fn sane_request_id_bytes(b: &[u8]) -> bool {
 /// Header values made by envgate (request ids, client addresses), cut from a per-worker
 /// arena of 8 KiB: one allocation per chunk instead of one per value, and the values are
 /// shared from the start, so cloning them (as the copy kept for a retry does) allocates
-/// nothing either.
+/// nothing either. Also the worker's cache of the field names nodes answer with.
 #[derive(Default)]
 pub struct ValueArena {
     arena: RefCell<BytesMut>,
+    /// The field names of nodes' answers met last, as the codec reads them (a node sends
+    /// the same few names in each answer).
+    names: RefCell<Vec<(Box<[u8]>, HeaderName)>>,
 }
 
 const ARENA: usize = 8 * 1024;
+/// Names kept by `ValueArena::name`, and the longest kept.
+const NAMES: usize = 32;
+const NAME_BYTES: usize = 64;
 
 impl ValueArena {
     /// `bytes` as a header value; `None` when they are not a valid one.
@@ -270,6 +276,24 @@ impl ValueArena {
         }
         arena.extend_from_slice(bytes);
         HeaderValue::from_maybe_shared(arena.split().freeze()).ok()
+    }
+
+    /// `raw` (a field name as received) as a `HeaderName`; `None` when it is not a valid
+    /// one. Names met before are not parsed again.
+    #[inline]
+    pub fn name(&self, raw: &[u8]) -> Option<HeaderName> {
+        let mut names = self.names.borrow_mut();
+        if let Some((_, n)) = names.iter().find(|(k, _)| **k == *raw) {
+            return Some(n.clone());
+        }
+        let name = HeaderName::from_bytes(raw).ok()?;
+        if raw.len() <= NAME_BYTES {
+            if names.len() == NAMES {
+                names.remove(0);
+            }
+            names.push((raw.into(), name.clone()));
+        }
+        Some(name)
     }
 }
 
