@@ -229,6 +229,91 @@ async fn both_codecs_give_nodes_and_clients_the_same_bytes() {
     );
 }
 
+/// A node's request head with the request ids envgate made (32 hex digits) masked: each
+/// instance makes its own.
+fn masked(head: &str) -> String {
+    head.split("\r\n")
+        .map(|l| match l.strip_prefix("x-request-id: ") {
+            Some(v) if v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                "x-request-id: <made>".to_string()
+            }
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+/// The rewrite for the node (X-Forwarded-*, X-Request-Id, Host, the target) gives the
+/// same head on both codecs, from a direct and from a trusted client, whatever of those
+/// fields the client sent (none, some, repeated, between others).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_codecs_rewrite_the_request_head_alike() {
+    let fields: &[&[(&str, &str)]] = &[
+        &[("accept", "*/*")],
+        &[
+            ("x-request-id", "kept-1"),
+            ("cookie", "a=1"),
+            ("accept", "*/*"),
+        ],
+        &[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("accept", "a"),
+            ("x-forwarded-for", "10.0.0.2"),
+            ("x-forwarded-proto", "http"),
+            ("accept", "b"),
+            ("x-forwarded-host", "elsewhere.example"),
+            ("x-request-id", "not sane!"),
+            ("host", "company.com"),
+        ],
+        &[
+            ("x-request-id", "a"),
+            ("x-request-id", "b"),
+            ("user-agent", "t"),
+        ],
+        &[("forwarded", "for=10.0.0.9"), ("accept", "*/*")],
+        &[("cookie", "a=1"), ("cookie", "b=2")],
+        &[("te", "trailers"), ("x-forwarded-proto", "https")],
+    ];
+    let paths = ["/len", "/len?q=1", "/a/../len?x=%41", "/a//b/./len"];
+    for trusted in ["", ", trusted_proxies: [127.0.0.0/8]"] {
+        let mut runs = Vec::new();
+        for codec in [Http1::Fast, Http1::Hyper] {
+            let node = ScriptNode::start().await;
+            let eg = Envgate::start_codec(&yaml(&node, trusted), 1, Format::Text, None, codec);
+            let mut client = h2_client(eg.port("http")).await;
+            for f in fields {
+                for p in paths {
+                    let mut b = Request::builder()
+                        .method(Method::GET)
+                        .uri(format!("http://company.com{p}"));
+                    for (n, v) in *f {
+                        b = b.header(*n, *v);
+                    }
+                    let r = h2_send(&mut client, b.body(()).unwrap()).await;
+                    assert!(
+                        r.status == 200 || r.status == 404,
+                        "{p} {f:?}: {}",
+                        r.status
+                    );
+                }
+            }
+            let heads: Vec<String> = node.heads().iter().map(|h| masked(h)).collect();
+            assert_eq!(heads.len(), fields.len() * paths.len());
+            runs.push(heads);
+        }
+        assert!(
+            runs[0].iter().any(|h| h.contains("x-request-id: <made>"))
+                && runs[0].iter().any(|h| h.contains("x-request-id: kept-1")),
+            "{:?}",
+            runs[0]
+        );
+        assert_eq!(
+            runs[0], runs[1],
+            "the nodes' request heads differ (own codec, then hyper's){trusted}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_requests_keep_their_node_connection_and_survive_one_the_node_closed() {
     for workers in [1, 2] {

@@ -520,13 +520,30 @@ pub async fn exchange(
             }) => Some(name),
             _ => None,
         };
-        prepare(
-            &mut req, &conn, &worker, target, new_path, upgrade, connect, keep,
-        );
-        rec.sent(
-            req.headers().get(&X_REQUEST_ID).map(|v| v.as_bytes()),
-            watch.as_ref(),
-        );
+        // An HTTP/2 stream's request without a body goes to the node over the own codec's
+        // connections where that codec speaks to every node (as HTTP/1.1 connections do):
+        // its head, as hyper's client would write it from the rewritten request, is made
+        // once for every attempt, straight from the client's fields where it can be.
+        let own_codec = !h1 && snap.fast && !tunnelled && matches!(req.body(), UpBody::Empty);
+        let direct = own_codec
+            .then(|| own_prepared_head(&req, &conn, &worker, &target, new_path.as_deref()))
+            .flatten();
+        let own_head = match direct {
+            Some((head, id)) => {
+                rec.sent(Some(id.as_bytes()), watch.as_ref());
+                Some(head)
+            }
+            None => {
+                prepare(
+                    &mut req, &conn, &worker, target, new_path, upgrade, connect, keep,
+                );
+                rec.sent(
+                    req.headers().get(&X_REQUEST_ID).map(|v| v.as_bytes()),
+                    watch.as_ref(),
+                );
+                own_codec.then(|| own_request_head(&req))
+            }
+        };
         // A request without a body and with an idempotent method can be sent again after it
         // reached a node that failed; any other only when it surely never left envgate.
         let replayable =
@@ -547,11 +564,6 @@ pub async fn exchange(
         // Why the attempt before failed, for the next one.
         let mut after = None;
         let times = AttemptTimes::default();
-        // An HTTP/2 stream's request without a body goes to the node over the own codec's
-        // connections where that codec speaks to every node (as HTTP/1.1 connections do):
-        // its head, as hyper's client would write it, is made once for every attempt.
-        let own_head = (!h1 && snap.fast && !tunnelled && matches!(req.body(), UpBody::Empty))
-            .then(|| own_request_head(&req));
         let head_request = req.method() == Method::HEAD;
         snap.earn_retry(env_id);
         for attempt in 0..attempts {
@@ -1252,6 +1264,114 @@ async fn forward(
             }
         }
     }
+}
+
+/// `prepare` then `own_request_head` in one pass, for an HTTP/2 stream's request without a
+/// body: the same head, byte for byte, without rewriting hyper's map, and the request id it
+/// carries. `None` for the requests `prepare` rewrites in ways not repeated here (a
+/// hop-by-hop field, a `Forwarded` field to drop, several cookie fields, no host, a target
+/// other than a path): those take `prepare`.
+fn own_prepared_head(
+    req: &Request<UpBody>,
+    conn: &ConnInfo,
+    worker: &Worker,
+    target: &Target,
+    new_path: Option<&str>,
+) -> Option<(Vec<u8>, HeaderValue)> {
+    let h = req.headers();
+    let seen = headers::scan(h);
+    let trusted = conn.trusted;
+    let host = target.host.as_ref()?;
+    if seen.hop || (!trusted && seen.forwarded) {
+        return None;
+    }
+    let mut cookies = h.get_all(header::COOKIE).iter();
+    if cookies.next().is_some() && cookies.next().is_some() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    // The origin-form target `prepare` gives the request.
+    match new_path {
+        Some(p) => {
+            let mut t = String::with_capacity(p.len() + 1 + req.uri().query().map_or(0, str::len));
+            t.push_str(p);
+            if let Some(q) = req.uri().query() {
+                t.push('?');
+                t.push_str(q);
+            }
+            let uri = Uri::try_from(t).ok()?;
+            out.extend_from_slice(uri.path_and_query()?.as_str().as_bytes());
+        }
+        None => {
+            let pq = req.uri().path_and_query()?.as_str();
+            if !pq.starts_with('/') {
+                return None;
+            }
+            out.extend_from_slice(pq.as_bytes());
+        }
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // The fields `prepare` sets, in the order it sets them: each replaces the client's at
+    // its first place (as `HeaderMap::insert` does), or comes after the client's fields.
+    let xff = if trusted && seen.forwarded_for {
+        headers::append_forwarded_for(h, &conn.peer_value)
+    } else {
+        None
+    };
+    let keep_id = seen.request_id && {
+        let mut ids = h.get_all(&X_REQUEST_ID).iter();
+        matches!((ids.next(), ids.next()), (Some(v), None) if headers::sane_request_id(v))
+    };
+    let id = if keep_id {
+        h.get(&X_REQUEST_ID)?.clone()
+    } else {
+        worker.request_ids.next(&worker.values)
+    };
+    let mut set: [(&HeaderName, Option<&HeaderValue>, bool); 5] = [
+        (&header::HOST, target.from_authority.then_some(host), false),
+        (
+            &X_FORWARDED_HOST,
+            (!(trusted && seen.forwarded_host)).then_some(host),
+            false,
+        ),
+        (
+            &X_FORWARDED_FOR,
+            Some(xff.as_ref().unwrap_or(&conn.peer_value)),
+            false,
+        ),
+        (
+            &X_FORWARDED_PROTO,
+            (!(trusted && seen.forwarded_proto)).then_some(&conn.proto),
+            false,
+        ),
+        (&X_REQUEST_ID, (!keep_id).then_some(&id), false),
+    ];
+    let mut field = |name: &HeaderName, value: &HeaderValue| {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in h {
+        match set.iter_mut().find(|(n, v, _)| v.is_some() && *n == name) {
+            Some((_, Some(v), written)) => {
+                if !*written {
+                    *written = true;
+                    field(name, v);
+                }
+            }
+            _ => field(name, value),
+        }
+    }
+    for (name, value, written) in set {
+        if let (Some(v), false) = (value, written) {
+            field(name, v);
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    Some((out, id))
 }
 
 /// The head hyper's HTTP/1.1 client writes for `req`, a request without a body (whose
