@@ -13,9 +13,10 @@
 //! - `control`   the apply path (every topology change), its history, the file watch
 //! - `server`    `start()`: workers, graceful drain
 //! - `demo`      `envgate demo`: demo nodes and topology on loopback
-//! - `sys`       the one socket option without a safe interface (the only unsafe code)
-// One function of `sys` sets a socket option that no safe interface offers; nothing else
-// may use unsafe code.
+//! - `sys`       what has no safe interface: a socket option, a reactor registration
+//!   (the only unsafe code)
+// The functions of `sys` do what no safe interface offers (a socket option, the inotify
+// descriptor's registration with tokio); nothing else may use unsafe code.
 #![deny(unsafe_code)]
 
 pub mod accesslog;

@@ -39,3 +39,20 @@ pub fn defer_accept(listener: &std::net::TcpListener) -> io::Result<()> {
 pub fn defer_accept(_listener: &std::net::TcpListener) -> io::Result<()> {
     Ok(())
 }
+
+/// `inner` waited on by the current tokio reactor (for reading). `inner` owns its
+/// descriptor (`AsFd`: valid for as long as `inner` lives), and the `AsyncFd` keeps `inner`
+/// for its whole life.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn async_fd<T: std::os::fd::AsFd + AsRawFd>(
+    inner: T,
+) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: the descriptor is `inner`'s own (AsFd), open while `inner` lives; `inner` is
+    // moved into the AsyncFd and dropped only with it (after its deregistration), and it
+    // returns the same descriptor each time.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
+}

@@ -315,7 +315,8 @@ fn reload_files(control: &Control, rx: &mpsc::Receiver<Event>) -> bool {
 struct DirWatch {
     watches: inotify::Watches,
     dirs: std::collections::HashMap<PathBuf, inotify::WatchDescriptor>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Dropped to stop the reader.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -335,28 +336,48 @@ impl DirWatch {
 
     fn new(on_event: impl Fn(Option<&OsStr>) + Send + 'static) -> std::io::Result<DirWatch> {
         use inotify::EventMask;
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut inotify = inotify::Inotify::init()?;
+        let inotify = inotify::Inotify::init()?;
         let watches = inotify.watches();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The reader waits for the descriptor or for its stop, on a reactor of its own.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("envgate-inotify".into())
-            .spawn({
-                let stop = stop.clone();
-                move || {
+            .spawn(move || {
+                rt.block_on(async move {
+                    let mut fd = match crate::sys::async_fd(inotify) {
+                        Ok(fd) => fd,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the file watch cannot wait for events; reload with SIGHUP");
+                            return;
+                        }
+                    };
                     let mut buf = [0u8; 4096];
                     loop {
-                        let events = match inotify.read_events_blocking(&mut buf) {
+                        let mut ready = tokio::select! {
+                            _ = &mut stopped => return,
+                            r = fd.readable_mut() => match r {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "the file watch stopped; reload with SIGHUP");
+                                    return;
+                                }
+                            },
+                        };
+                        let events = match ready.get_inner_mut().read_events(&mut buf) {
                             Ok(e) => e,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                ready.clear_ready();
+                                continue;
+                            }
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                             Err(e) => {
-                                tracing::warn!(error = %e, "the file watch stopped");
+                                tracing::warn!(error = %e, "the file watch stopped; reload with SIGHUP");
                                 return;
                             }
                         };
-                        if stop.load(Relaxed) {
-                            return;
-                        }
                         for e in events {
                             // A watch removed (by `unwatch`, or with its directory): the
                             // directory's own events said what happened.
@@ -370,12 +391,12 @@ impl DirWatch {
                             });
                         }
                     }
-                }
+                })
             })?;
         Ok(DirWatch {
             watches,
             dirs: Default::default(),
-            stop,
+            stop: Some(stop),
             thread: Some(thread),
         })
     }
@@ -396,12 +417,7 @@ impl DirWatch {
 #[cfg(target_os = "linux")]
 impl Drop for DirWatch {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        // Removing a watch queues an event, which wakes the reader: one made for the
-        // purpose does so even when nothing is watched.
-        if let Ok(wd) = self.watches.add("/", inotify::WatchMask::DELETE_SELF) {
-            let _ = self.watches.remove(wd);
-        }
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
