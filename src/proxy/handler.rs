@@ -605,6 +605,7 @@ pub async fn exchange(
                     timeouts,
                     &mut deadline,
                     &worker.values,
+                    usize::from(cookie.is_some()),
                     &mut parts,
                 )
                 .await;
