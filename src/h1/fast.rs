@@ -936,6 +936,15 @@ pub(crate) struct UpHead {
     unchunkable: bool,
 }
 
+/// Where `read_head` puts a node's answer as hyper's types, for a client hyper serves.
+pub(crate) struct Answer<'a> {
+    /// The worker's cache of field names.
+    pub(crate) values: &'a headers::ValueArena,
+    /// Fields added on the way out (the canary cookie).
+    pub(crate) room: usize,
+    pub(crate) parts: Option<http::response::Parts>,
+}
+
 /// A request without a body, whose head is `request`, sent to a node by the own codec
 /// for a client it does not serve itself (an HTTP/2 stream): one attempt, as `forward`.
 /// Leaving is the client's business there (hyper drops this future with the stream).
@@ -945,9 +954,7 @@ pub(crate) async fn send_bodiless(
     head_request: bool,
     t: &Timeouts,
     overall: &mut Option<Instant>,
-    values: &headers::ValueArena,
-    room: usize,
-    parts: &mut Option<http::response::Parts>,
+    answer: &mut Answer<'_>,
 ) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
     forward(
         pool,
@@ -959,7 +966,7 @@ pub(crate) async fn send_bodiless(
         None,
         None,
         &mut false,
-        Some((values, room, parts)),
+        Some(answer),
     )
     .await
 }
@@ -987,11 +994,7 @@ async fn forward(
     mut client: Option<&mut Client>,
     mut upload: Option<&mut Upload<'_>>,
     expect: &mut bool,
-    mut parts: Option<(
-        &headers::ValueArena,
-        usize,
-        &mut Option<http::response::Parts>,
-    )>,
+    mut parts: Option<&mut Answer<'_>>,
 ) -> Result<(NodeConn, UpHead, Instant, Option<u64>), Failure> {
     loop {
         let mut start = Instant::now();
@@ -1119,7 +1122,7 @@ async fn forward(
         // (its record says 499, the node connection closes), as on the hyper path.
         let head = tokio::select! {
             biased;
-            h = read_head(&mut conn, head_request, head_due, parts.as_mut().map(|(v, r, p)| (*v, *r, &mut **p))) => h,
+            h = read_head(&mut conn, head_request, head_due, parts.as_deref_mut()) => h,
             () = gone(&mut client) => return Err(Failure::ClientGone),
         };
         match head {
@@ -1499,11 +1502,7 @@ async fn read_head(
     conn: &mut NodeConn,
     head_request: bool,
     due: Instant,
-    parts: Option<(
-        &headers::ValueArena,
-        usize,
-        &mut Option<http::response::Parts>,
-    )>,
+    parts: Option<&mut Answer<'_>>,
 ) -> Result<UpHead, HeadError> {
     let mut scanned = 0;
     loop {
@@ -1587,8 +1586,8 @@ async fn read_head(
                 // A coding in an HTTP/1.0 answer that has a body (hyper refuses it too).
                 return Err(HeadError::Malformed);
             }
-            if let Some((values, room, out)) = parts {
-                *out = response_parts(&conn.buf[..len], status, resp.headers, values, room);
+            if let Some(a) = parts {
+                a.parts = response_parts(&conn.buf[..len], status, resp.headers, a.values, a.room);
             }
             return Ok(UpHead {
                 status,

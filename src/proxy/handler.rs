@@ -597,16 +597,18 @@ pub async fn exchange(
             let pool = &snap.conns[node];
             let (result, copy) = if let Some(head) = &own_head {
                 let mut deadline = overall.get();
-                let mut parts = None;
+                let mut answer = crate::h1::fast::Answer {
+                    values: &worker.values,
+                    room: usize::from(cookie.is_some()),
+                    parts: None,
+                };
                 let sent = crate::h1::fast::send_bodiless(
                     pool,
                     head,
                     head_request,
                     timeouts,
                     &mut deadline,
-                    &worker.values,
-                    usize::from(cookie.is_some()),
-                    &mut parts,
+                    &mut answer,
                 )
                 .await;
                 overall.set(deadline);
@@ -618,7 +620,7 @@ pub async fn exchange(
                             scope: route.candidates,
                             node,
                         };
-                        let Some(parts) = parts else {
+                        let Some(parts) = answer.parts else {
                             // A field hyper's types do not take: as a head hyper's client
                             // would refuse, the node's fault.
                             passive_failure(topo, route.candidates, node);
