@@ -252,14 +252,11 @@ fn content_length(v: &[u8]) -> Option<u64> {
 #[inline]
 fn head_end(buf: &[u8], scanned: &mut usize) -> bool {
     let from = scanned.saturating_sub(3);
-    let mut i = from;
-    while let Some(p) = buf[i..].iter().position(|b| *b == b'\n') {
-        let at = i + p;
-        let rest = &buf[at + 1..];
+    for at in memchr::memchr_iter(b'\n', &buf[from..]) {
+        let rest = &buf[from + at + 1..];
         if rest.first() == Some(&b'\n') || rest.starts_with(b"\r\n") {
             return true;
         }
-        i = at + 1;
     }
     *scanned = buf.len();
     false
