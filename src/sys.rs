@@ -40,19 +40,17 @@ pub fn defer_accept(_listener: &std::net::TcpListener) -> io::Result<()> {
     Ok(())
 }
 
-/// `inner` waited on by the current tokio reactor (for reading). `inner` owns its
-/// descriptor (`AsFd`: valid for as long as `inner` lives), and the `AsyncFd` keeps `inner`
-/// for its whole life.
-#[cfg(unix)]
+/// An inotify instance waited on by the current tokio reactor (for reading).
+#[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-pub fn async_fd<T: std::os::fd::AsFd + AsRawFd>(
-    inner: T,
-) -> io::Result<tokio::io::unix::AsyncFd<T>> {
-    // SAFETY: the descriptor is `inner`'s own (AsFd), open while `inner` lives; `inner` is
-    // moved into the AsyncFd and dropped only with it (after its deregistration), and it
-    // returns the same descriptor each time.
+pub(crate) fn inotify_fd(
+    inotify: inotify::Inotify,
+) -> io::Result<tokio::io::unix::AsyncFd<inotify::Inotify>> {
+    // SAFETY: an `Inotify` owns its descriptor (shared only with its `Watches`, which close
+    // it with the last of them) and always returns that one; it is moved into the AsyncFd
+    // and dropped only with it, after the deregistration.
     unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+        tokio::io::unix::AsyncFd::register_with_interest(inotify, tokio::io::Interest::READABLE)
     }
     .map_err(|e| e.into_parts().1)
 }

@@ -347,7 +347,7 @@ impl DirWatch {
             .name("envgate-inotify".into())
             .spawn(move || {
                 rt.block_on(async move {
-                    let mut fd = match crate::sys::async_fd(inotify) {
+                    let mut fd = match crate::sys::inotify_fd(inotify) {
                         Ok(fd) => fd,
                         Err(e) => {
                             tracing::warn!(error = %e, "the file watch cannot wait for events; reload with SIGHUP");
