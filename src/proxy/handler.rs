@@ -1096,46 +1096,71 @@ fn prepare(
     }
     // Room for the headers added below, in one growth at most.
     h.reserve(5);
-    let trusted = conn.trusted;
-    match target.host {
-        Some(host) => {
-            if target.from_authority {
-                h.insert(header::HOST, host.clone());
-            }
-            if !(trusted && seen.forwarded_host) {
-                h.insert(&X_FORWARDED_HOST, host);
-            }
+    let [host, forwarded_host, forwarded_for, forwarded_proto, request_id] =
+        set_fields(h, &seen, conn, worker, &target);
+    let untrusted = !conn.trusted;
+    let set = |(name, value): (&HeaderName, Option<HeaderValue>), h: &mut http::HeaderMap| {
+        if let Some(v) = value {
+            h.insert(name, v);
         }
-        None if !trusted && seen.forwarded_host => {
-            h.remove(&X_FORWARDED_HOST);
-        }
-        None => {}
+    };
+    set(host, h);
+    set(forwarded_host, h);
+    if untrusted && target.host.is_none() && seen.forwarded_host {
+        h.remove(&X_FORWARDED_HOST);
     }
-    let xff = if trusted && seen.forwarded_for {
+    set(forwarded_for, h);
+    set(forwarded_proto, h);
+    if untrusted && seen.forwarded {
+        h.remove(header::FORWARDED);
+    }
+    set(request_id, h);
+}
+
+/// The fields `prepare` sets for the node, in the order it sets them: Host (the routed one,
+/// when it came from the target's authority), X-Forwarded-Host, X-Forwarded-For,
+/// X-Forwarded-Proto and X-Request-Id; `None` where the client's field goes on as it is.
+/// From the scan of the client's fields, for both ways of writing the head (`prepare` and
+/// `own_prepared_head`).
+fn set_fields(
+    h: &http::HeaderMap,
+    seen: &headers::Scan,
+    conn: &ConnInfo,
+    worker: &Worker,
+    target: &Target,
+) -> [(&'static HeaderName, Option<HeaderValue>); 5] {
+    static HOST: HeaderName = header::HOST;
+    let trusted = conn.trusted;
+    let host = target.host.as_ref();
+    let forwarded_for = if trusted && seen.forwarded_for {
         headers::append_forwarded_for(h, &conn.peer_value)
     } else {
         None
     };
-    h.insert(
-        &X_FORWARDED_FOR,
-        xff.unwrap_or_else(|| conn.peer_value.clone()),
-    );
-    if !(trusted && seen.forwarded_proto) {
-        h.insert(&X_FORWARDED_PROTO, conn.proto.clone());
-    }
-    if !trusted && seen.forwarded {
-        h.remove(header::FORWARDED);
-    }
-    let keep = seen.request_id && {
+    // A client's id goes on when it is the only one and sane.
+    let keep_id = seen.request_id && {
         let mut ids = h.get_all(&X_REQUEST_ID).iter();
-        match (ids.next(), ids.next()) {
-            (Some(v), None) => headers::sane_request_id(v),
-            _ => false,
-        }
+        matches!((ids.next(), ids.next()), (Some(v), None) if headers::sane_request_id(v))
     };
-    if !keep {
-        h.insert(&X_REQUEST_ID, worker.request_ids.next(&worker.values));
-    }
+    [
+        (&HOST, host.filter(|_| target.from_authority).cloned()),
+        (
+            &X_FORWARDED_HOST,
+            host.filter(|_| !(trusted && seen.forwarded_host)).cloned(),
+        ),
+        (
+            &X_FORWARDED_FOR,
+            Some(forwarded_for.unwrap_or_else(|| conn.peer_value.clone())),
+        ),
+        (
+            &X_FORWARDED_PROTO,
+            (!(trusted && seen.forwarded_proto)).then(|| conn.proto.clone()),
+        ),
+        (
+            &X_REQUEST_ID,
+            (!keep_id).then(|| worker.request_ids.next(&worker.values)),
+        ),
+    ]
 }
 
 /// One attempt on one node: a pooled connection (or a new one), then the request, bounded
@@ -1283,9 +1308,9 @@ fn own_prepared_head(
 ) -> Option<(Vec<u8>, HeaderValue)> {
     let h = req.headers();
     let seen = headers::scan(h);
-    let trusted = conn.trusted;
-    let host = target.host.as_ref()?;
-    if seen.hop || (!trusted && seen.forwarded) {
+    // What prepare removes (an untrusted Forwarded field, X-Forwarded-Host without a
+    // host) reorders the map: those requests take it.
+    if target.host.is_none() || seen.hop || (!conn.trusted && seen.forwarded) {
         return None;
     }
     let mut cookies = h.get_all(header::COOKIE).iter();
@@ -1318,59 +1343,26 @@ fn own_prepared_head(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     // The fields `prepare` sets, in the order it sets them: each replaces the client's at
     // its first place (as `HeaderMap::insert` does), or comes after the client's fields.
-    let xff = if trusted && seen.forwarded_for {
-        headers::append_forwarded_for(h, &conn.peer_value)
-    } else {
-        None
+    let set = set_fields(h, &seen, conn, worker, target);
+    let id = match &set[4].1 {
+        Some(made) => made.clone(),
+        None => h.get(&X_REQUEST_ID)?.clone(),
     };
-    let keep_id = seen.request_id && {
-        let mut ids = h.get_all(&X_REQUEST_ID).iter();
-        matches!((ids.next(), ids.next()), (Some(v), None) if headers::sane_request_id(v))
-    };
-    let id = if keep_id {
-        h.get(&X_REQUEST_ID)?.clone()
-    } else {
-        worker.request_ids.next(&worker.values)
-    };
-    let mut set: [(&HeaderName, Option<&HeaderValue>, bool); 5] = [
-        (&header::HOST, target.from_authority.then_some(host), false),
-        (
-            &X_FORWARDED_HOST,
-            (!(trusted && seen.forwarded_host)).then_some(host),
-            false,
-        ),
-        (
-            &X_FORWARDED_FOR,
-            Some(xff.as_ref().unwrap_or(&conn.peer_value)),
-            false,
-        ),
-        (
-            &X_FORWARDED_PROTO,
-            (!(trusted && seen.forwarded_proto)).then_some(&conn.proto),
-            false,
-        ),
-        (&X_REQUEST_ID, (!keep_id).then_some(&id), false),
-    ];
-    let mut field = |name: &HeaderName, value: &HeaderValue| {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    };
+    let mut set = set.map(|(name, value)| (name, value, false));
     for (name, value) in h {
         match set.iter_mut().find(|(n, v, _)| v.is_some() && *n == name) {
             Some((_, Some(v), written)) => {
                 if !*written {
                     *written = true;
-                    field(name, v);
+                    push_field(&mut out, name, v);
                 }
             }
-            _ => field(name, value),
+            _ => push_field(&mut out, name, value),
         }
     }
-    for (name, value, written) in set {
+    for (name, value, written) in &set {
         if let (Some(v), false) = (value, written) {
-            field(name, v);
+            push_field(&mut out, name, v);
         }
     }
     out.extend_from_slice(b"\r\n");
@@ -1396,16 +1388,21 @@ fn own_request_head(req: &Request<UpBody>) -> Vec<u8> {
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in req.headers() {
-        if name == header::TRANSFER_ENCODING {
-            continue;
+        if name != header::TRANSFER_ENCODING {
+            push_field(&mut out, name, value);
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// One field of a head, as hyper writes it (`name: value` and CR LF).
+#[inline]
+fn push_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// When to look at an attempt again, or how it failed by `now`.
