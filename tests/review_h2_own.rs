@@ -202,6 +202,24 @@ async fn trailers_of_20_kib_reach_the_client_as_with_hyper() {
     assert_eq!(seen[0].replace("Fast", "Hyper"), seen[1], "{seen:#?}");
 }
 
+/// A node that sends five bytes of a chunked body, then a `0` every 100 ms for a minute
+/// (leading zeros of a chunk size: framing without data).
+async fn trickling_chunk_framing() -> Node {
+    node(|_m, _p, mut s| async move {
+        s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await
+            .ok()?;
+        for _ in 0..600 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if s.write_all(b"0").await.is_err() {
+                break;
+            }
+        }
+        None
+    })
+    .await
+}
+
 /// A node that trickles chunk framing without data (leading zeros of a chunk size) sends
 /// no body: the stream is reset after `body_idle` (the timer moves on data alone, as a
 /// data frame on hyper's path), long before the node would stop.
@@ -209,19 +227,7 @@ async fn trailers_of_20_kib_reach_the_client_as_with_hyper() {
 async fn a_node_trickling_chunk_framing_without_data_is_stalled_as_with_hyper() {
     let mut seen = Vec::new();
     for codec in [Http1::Fast, Http1::Hyper] {
-        let n = node(|_m, _p, mut s| async move {
-            s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-                .await
-                .ok()?;
-            for _ in 0..600 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if s.write_all(b"0").await.is_err() {
-                    break;
-                }
-            }
-            None
-        })
-        .await;
+        let n = trickling_chunk_framing().await;
         let eg = start(&n, ", retries: 0, timeouts: { body_idle: 300ms }", 1, codec);
         let client = h2_client(eg.port("http")).await;
         // The node trickles for a minute: only envgate's reset ends the stream in time.
@@ -473,19 +479,7 @@ async fn minor_framing_differences_from_hyper() {
 async fn http11_client_node_trickling_chunk_framing_is_stalled_as_with_hyper() {
     let mut seen = Vec::new();
     for codec in [Http1::Fast, Http1::Hyper] {
-        let n = node(|_m, _p, mut s| async move {
-            s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-                .await
-                .ok()?;
-            for _ in 0..600 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if s.write_all(b"0").await.is_err() {
-                    break;
-                }
-            }
-            None
-        })
-        .await;
+        let n = trickling_chunk_framing().await;
         let eg = start(&n, ", retries: 0, timeouts: { body_idle: 300ms }", 1, codec);
         let mut c = raw_conn(eg.port("http")).await;
         c.write_all(b"GET /z HTTP/1.1\r\nHost: company.com\r\n\r\n")
