@@ -1063,11 +1063,12 @@ async fn forward(
                 )
             }
         };
-        let sent_at = Instant::now();
+        // A pooled connection came without a wait: the clock read above is still now.
+        let sent_at = if reused { start } else { Instant::now() };
         // A head the node does not take within the body idle time: it does not read.
         let mut wrote = 0;
-        let written = tokio::time::timeout(
-            t.body_idle,
+        let written = tokio::time::timeout_at(
+            sent_at + t.body_idle,
             write_counted(&mut conn.io, request, &mut wrote),
         )
         .await;
