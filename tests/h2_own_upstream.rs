@@ -299,6 +299,31 @@ async fn both_codecs_rewrite_the_request_head_alike() {
             }
             let heads: Vec<String> = node.heads().iter().map(|h| masked(h)).collect();
             assert_eq!(heads.len(), fields.len() * paths.len());
+            // Each exchange's log line carries the id its node got, made or kept.
+            let ids: Vec<String> = node
+                .heads()
+                .iter()
+                .map(|h| {
+                    h.lines()
+                        .find_map(|l| l.strip_prefix("x-request-id: "))
+                        .map_or("-", str::trim_end)
+                        .to_string()
+                })
+                .collect();
+            assert!(
+                eventually(Duration::from_secs(10), || async {
+                    eg.access_log().len() >= ids.len()
+                })
+                .await,
+                "{:?}",
+                eg.access_log()
+            );
+            let logged: Vec<String> = eg
+                .access_log()
+                .iter()
+                .map(|l| l.rsplit_once(" id=").map_or("", |(_, id)| id).to_string())
+                .collect();
+            assert_eq!(logged, ids, "{codec:?}{trusted}");
             runs.push(heads);
         }
         assert!(

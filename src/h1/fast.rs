@@ -660,10 +660,10 @@ async fn exchange(
         rec.sent(Some(v), None);
         None
     } else {
-        let id = worker.request_ids.next(&worker.values);
+        let id = worker.request_ids.next_raw();
         up.extend_from_slice(b"x-request-id: ");
         let start = up.len();
-        up.extend_from_slice(id.as_bytes());
+        up.extend_from_slice(&id);
         let end = up.len();
         up.extend_from_slice(b"\r\n");
         Some(start..end)

@@ -530,7 +530,7 @@ pub async fn exchange(
             .flatten();
         let own_head = match direct {
             Some((head, id)) => {
-                rec.sent(Some(id.as_bytes()), watch.as_ref());
+                rec.sent(Some(&head[id]), watch.as_ref());
                 Some(head)
             }
             None => {
@@ -1097,12 +1097,16 @@ fn prepare(
     // Room for the headers added below, in one growth at most.
     h.reserve(5);
     let [host, forwarded_host, forwarded_for, forwarded_proto, request_id] =
-        set_fields(h, &seen, conn, worker, &target);
+        set_fields(h, &seen, conn, &target);
     let untrusted = !conn.trusted;
-    let set = |(name, value): (&HeaderName, Option<HeaderValue>), h: &mut http::HeaderMap| {
-        if let Some(v) = value {
-            h.insert(name, v);
-        }
+    let set = |(name, value): (&HeaderName, Option<Set<'_>>), h: &mut http::HeaderMap| {
+        let value = match value {
+            None => return,
+            Some(Set::Value(v)) => v.clone(),
+            Some(Set::Made(v)) => v,
+            Some(Set::NewId) => worker.request_ids.next(&worker.values),
+        };
+        h.insert(name, value);
     };
     set(host, h);
     set(forwarded_host, h);
@@ -1117,23 +1121,44 @@ fn prepare(
     set(request_id, h);
 }
 
+/// A field's value `set_fields` decided on.
+enum Set<'a> {
+    /// One there is already (the routed host, the client's address, the scheme): written
+    /// from where it is, cloned only into a map.
+    Value(&'a HeaderValue),
+    /// One made for this request (X-Forwarded-For with the client's address appended).
+    Made(HeaderValue),
+    /// A new request id.
+    NewId,
+}
+
+impl Set<'_> {
+    /// The value as written, `new_id` standing for a new request id.
+    fn bytes<'b>(&'b self, new_id: &'b [u8]) -> &'b [u8] {
+        match self {
+            Set::Value(v) => v.as_bytes(),
+            Set::Made(v) => v.as_bytes(),
+            Set::NewId => new_id,
+        }
+    }
+}
+
 /// The fields `prepare` sets for the node, in the order it sets them: Host (the routed one,
 /// when it came from the target's authority), X-Forwarded-Host, X-Forwarded-For,
 /// X-Forwarded-Proto and X-Request-Id; `None` where the client's field goes on as it is.
 /// From the scan of the client's fields, for both ways of writing the head (`prepare` and
 /// `own_prepared_head`).
-fn set_fields(
+fn set_fields<'a>(
     h: &http::HeaderMap,
     seen: &headers::Scan,
-    conn: &ConnInfo,
-    worker: &Worker,
-    target: &Target,
-) -> [(&'static HeaderName, Option<HeaderValue>); 5] {
+    conn: &'a ConnInfo,
+    target: &'a Target,
+) -> [(&'static HeaderName, Option<Set<'a>>); 5] {
     static HOST: HeaderName = header::HOST;
     let trusted = conn.trusted;
     let host = target.host.as_ref();
     let forwarded_for = if trusted && seen.forwarded_for {
-        headers::append_forwarded_for(h, &conn.peer_value)
+        headers::append_forwarded_for(h, &conn.peer_value).map(Set::Made)
     } else {
         None
     };
@@ -1143,23 +1168,24 @@ fn set_fields(
         matches!((ids.next(), ids.next()), (Some(v), None) if headers::sane_request_id(v))
     };
     [
-        (&HOST, host.filter(|_| target.from_authority).cloned()),
+        (
+            &HOST,
+            host.filter(|_| target.from_authority).map(Set::Value),
+        ),
         (
             &X_FORWARDED_HOST,
-            host.filter(|_| !(trusted && seen.forwarded_host)).cloned(),
+            host.filter(|_| !(trusted && seen.forwarded_host))
+                .map(Set::Value),
         ),
         (
             &X_FORWARDED_FOR,
-            Some(forwarded_for.unwrap_or_else(|| conn.peer_value.clone())),
+            Some(forwarded_for.unwrap_or(Set::Value(&conn.peer_value))),
         ),
         (
             &X_FORWARDED_PROTO,
-            (!(trusted && seen.forwarded_proto)).then(|| conn.proto.clone()),
+            (!(trusted && seen.forwarded_proto)).then_some(Set::Value(&conn.proto)),
         ),
-        (
-            &X_REQUEST_ID,
-            (!keep_id).then(|| worker.request_ids.next(&worker.values)),
-        ),
+        (&X_REQUEST_ID, (!keep_id).then_some(Set::NewId)),
     ]
 }
 
@@ -1305,7 +1331,7 @@ fn own_prepared_head(
     worker: &Worker,
     target: &Target,
     new_path: Option<&str>,
-) -> Option<(Vec<u8>, HeaderValue)> {
+) -> Option<(Vec<u8>, std::ops::Range<usize>)> {
     let h = req.headers();
     let seen = headers::scan(h);
     // What prepare removes (an untrusted Forwarded field, X-Forwarded-Host without a
@@ -1343,30 +1369,37 @@ fn own_prepared_head(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     // The fields `prepare` sets, in the order it sets them: each replaces the client's at
     // its first place (as `HeaderMap::insert` does), or comes after the client's fields.
-    let set = set_fields(h, &seen, conn, worker, target);
-    let id = match &set[4].1 {
-        Some(made) => made.clone(),
-        None => h.get(&X_REQUEST_ID)?.clone(),
-    };
+    let set = set_fields(h, &seen, conn, target);
+    let new_id = matches!(set[4].1, Some(Set::NewId)).then(|| worker.request_ids.next_raw());
+    let new_id = new_id.as_ref().map_or(&[][..], |id| &id[..]);
+    // Where the request id's value is in the head (the client's, when it goes on).
+    let mut id = None;
     let mut set = set.map(|(name, value)| (name, value, false));
-    for (name, value) in h {
-        match set.iter_mut().find(|(n, v, _)| v.is_some() && *n == name) {
+    for (name, field) in h {
+        let at = match set.iter_mut().find(|(n, v, _)| v.is_some() && *n == name) {
             Some((_, Some(v), written)) => {
-                if !*written {
-                    *written = true;
-                    push_field(&mut out, name, v);
+                if *written {
+                    continue;
                 }
+                *written = true;
+                push_field(&mut out, name, v.bytes(new_id))
             }
-            _ => push_field(&mut out, name, value),
+            _ => push_field(&mut out, name, field.as_bytes()),
+        };
+        if name == X_REQUEST_ID && id.is_none() {
+            id = Some(at);
         }
     }
-    for (name, value, written) in &set {
-        if let (Some(v), false) = (value, written) {
-            push_field(&mut out, name, v);
+    for (name, v, written) in &set {
+        if let (Some(v), false) = (v, written) {
+            let at = push_field(&mut out, name, v.bytes(new_id));
+            if *name == X_REQUEST_ID {
+                id = Some(at);
+            }
         }
     }
     out.extend_from_slice(b"\r\n");
-    Some((out, id))
+    Some((out, id?))
 }
 
 /// The head hyper's HTTP/1.1 client writes for `req`, a request without a body (whose
@@ -1389,20 +1422,23 @@ fn own_request_head(req: &Request<UpBody>) -> Vec<u8> {
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in req.headers() {
         if name != header::TRANSFER_ENCODING {
-            push_field(&mut out, name, value);
+            push_field(&mut out, name, value.as_bytes());
         }
     }
     out.extend_from_slice(b"\r\n");
     out
 }
 
-/// One field of a head, as hyper writes it (`name: value` and CR LF).
+/// One field of a head, as hyper writes it (`name: value` and CR LF); where the value is.
 #[inline]
-fn push_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+fn push_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) -> std::ops::Range<usize> {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
+    let start = out.len();
+    out.extend_from_slice(value);
+    let end = out.len();
     out.extend_from_slice(b"\r\n");
+    start..end
 }
 
 /// When to look at an attempt again, or how it failed by `now`.

@@ -324,13 +324,21 @@ impl Default for RequestIds {
 impl RequestIds {
     #[inline]
     pub fn next(&self, arena: &ValueArena) -> HeaderValue {
+        // Hex digits are always a valid header value.
+        arena
+            .value(&self.next_raw())
+            .expect("hex is a valid header value")
+    }
+
+    /// The next id as its 32 hex digits, for a head written as bytes.
+    #[inline]
+    pub fn next_raw(&self) -> [u8; 32] {
         let n = self.next.get();
         self.next.set(n.wrapping_add(1));
         let mut buf = [0u8; 32];
         hex(self.prefix, &mut buf[..16]);
         hex(n, &mut buf[16..]);
-        // Hex digits are always a valid header value.
-        arena.value(&buf).expect("hex is a valid header value")
+        buf
     }
 }
 
