@@ -19,11 +19,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// A worker hands its buffer on past this size.
-const BUF_BYTES: usize = 32 * 1024;
-/// Buffers waiting for the writer, across all workers: 16 x 32 KiB (about 3,000 lines)
+/// A worker hands its buffer on past this size (about 400 lines): each hand-over wakes the
+/// writer thread, which shares the cores with the workers.
+const BUF_BYTES: usize = 128 * 1024;
+/// Buffers waiting for the writer, across all workers: 8 x 128 KiB (about 3,000 lines)
 /// bound the memory.
-const QUEUE: usize = 16;
+const QUEUE: usize = 8;
 /// The longest `close` waits for the writer.
 const CLOSE_BOUND: Duration = Duration::from_secs(5);
 /// The longest a line waits in a worker's buffer.
