@@ -495,6 +495,17 @@ async fn worker_main(
             }
         });
     }
+    {
+        let worker = worker.clone();
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(crate::proxy::pool::SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                worker.sweep_pools();
+            }
+        });
+    }
     // A topology change is taken at once, not at the worker's next request: the pools of
     // nodes that left or changed (and their idle connections, which count against a
     // node's cap) go now, also on a worker that gets no traffic.

@@ -443,3 +443,47 @@ environments:
     // The own codec hands every request to hyper now.
     assert_eq!(fast_counts(api).await, (3.0, 1.0), "the own codec is off");
 }
+
+/// Node connections idle past `upstream_idle` close within the pools' sweep even when no
+/// request comes to use the pool again (a quiet worker after a burst), on both codecs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_node_connections_close_on_a_quiet_worker() {
+    for (codec, workers) in [(Http1::Fast, 1), (Http1::Hyper, 1), (Http1::Fast, 2)] {
+        let a = Upstream::start("a").await;
+        let api = free_port();
+        let yaml = control(
+            Topo::new()
+                .defaults("health: { type: tcp, interval: 1h }, timeouts: { upstream_idle: 1s }")
+                .node("a", a.addr)
+                .env("blue", &["company.com"], "nodes: [a]")
+                .yaml(),
+            api,
+        );
+        let eg = Envgate::start_codec(&yaml, workers, Format::Text, None, codec);
+        let port = eg.port("http");
+        // Four requests at once: four node connections, idle once answered.
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(tokio::spawn(async move {
+                get(port, "company.com", "/slow?ms=300").await.status
+            }));
+        }
+        for c in clients {
+            assert_eq!(c.await.unwrap(), 200, "{codec:?}");
+        }
+        let conns = "envgate_node_connections";
+        let s = until(api, "the burst's node connections", |m| {
+            sum(m, conns, &["node=\"a\""]) >= 2.0
+        })
+        .await;
+        assert!(
+            sum(&s, conns, &["node=\"a\""]) <= 4.0,
+            "{codec:?} {workers}"
+        );
+        // No request follows: the sweep closes them.
+        until(api, "no node connection left", |m| {
+            sum(m, conns, &["node=\"a\""]) == 0.0
+        })
+        .await;
+    }
+}

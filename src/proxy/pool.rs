@@ -35,9 +35,9 @@ use crate::topology::{Node, Protocol};
 /// How often a request waiting for room at a node's cap looks again whether its ask for an
 /// idle connection to close still stands.
 const RE_WANT: Duration = Duration::from_millis(200);
-/// How often the pool of a node with a cap closes its connections idle past the upstream
-/// idle time.
-const SWEEP: Duration = Duration::from_secs(2);
+/// How often pools close their connections idle past the upstream idle time (those of a
+/// node with a cap, and every pool of a worker's current topology).
+pub const SWEEP: Duration = Duration::from_secs(2);
 /// Idle connections kept per node and worker.
 const MAX_IDLE: usize = 512;
 /// Largest response head a node may send (like the request side): beyond it the answer
@@ -453,6 +453,18 @@ impl ConnPool {
         }
     }
 
+    /// Closes the idle connections that would not be taken again: idle past the upstream
+    /// idle time, or closed by the node.
+    pub fn sweep(&self) {
+        let max_idle = self.max_idle.get();
+        self.idle
+            .borrow_mut()
+            .retain(|(c, since)| !c.is_closed() && since.elapsed() <= max_idle);
+        self.fast
+            .borrow_mut()
+            .retain(|(c, since)| since.elapsed() <= max_idle && c.is_fresh());
+    }
+
     /// Closes idle connections that requests waiting on other workers want closed, for as
     /// long as the pool lives (a task per pool of a node with a cap).
     pub async fn reclaim(pool: Weak<ConnPool>) {
@@ -468,13 +480,7 @@ impl ConnPool {
                 let Some(p) = pool.upgrade() else { return };
                 // Connections idle past the upstream idle time would not be used again,
                 // but count against the cap: they close (oldest first).
-                let max_idle = p.max_idle.get();
-                p.idle
-                    .borrow_mut()
-                    .retain(|(c, since)| !c.is_closed() && since.elapsed() <= max_idle);
-                p.fast
-                    .borrow_mut()
-                    .retain(|(c, since)| since.elapsed() <= max_idle && c.is_fresh());
+                p.sweep();
                 loop {
                     let has = !p.idle.borrow().is_empty() || !p.fast.borrow().is_empty();
                     if !has || !state.conns.take_reclaim() {

@@ -164,6 +164,17 @@ impl Worker {
         }
     }
 
+    /// Closes the idle node connections of the current topology's pools that would not be
+    /// taken again (a pool is otherwise trimmed only when it is used: a worker left quiet
+    /// after a burst would keep them open).
+    pub fn sweep_pools(&self) {
+        if let Some(cur) = &*self.current.borrow() {
+            for p in &cur.conns {
+                p.sweep();
+            }
+        }
+    }
+
     /// Whether `tally` holds the counters of the generation this worker serves now (an
     /// exchange that began before the topology changed holds older ones).
     #[inline]
