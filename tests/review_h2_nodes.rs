@@ -3,7 +3,7 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,6 +84,7 @@ async fn raw_h2_node(how: Misbehave) -> (SocketAddr, Arc<AtomicUsize>) {
 /// once `release` is notified; `/503` answers 503 with a body; anything else "ok".
 struct HyperNode {
     addr: SocketAddr,
+    /// Connections that carried a request.
     conns: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
     release: Arc<tokio::sync::Notify>,
@@ -101,11 +102,16 @@ async fn hyper_node(max_streams: u32) -> HyperNode {
             let Ok((s, _)) = l.accept().await else {
                 continue;
             };
-            c.fetch_add(1, Ordering::SeqCst);
             let (r, rel) = (r.clone(), rel.clone());
+            // Counted at its first request: a TCP health check's connection carries none
+            // (and its accept may come after a test looked).
+            let (c, counted) = (c.clone(), Arc::new(AtomicBool::new(false)));
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let (r, rel) = (r.clone(), rel.clone());
+                    if !counted.swap(true, Ordering::SeqCst) {
+                        c.fetch_add(1, Ordering::SeqCst);
+                    }
                     async move {
                         r.fetch_add(1, Ordering::SeqCst);
                         let resp = match req.uri().path() {
