@@ -49,6 +49,7 @@ use crate::proxy::body::{Blame, ProxyBody};
 use crate::proxy::error::{is_local_resource_error, own, ClientFault, Refusal};
 use crate::proxy::handler::{self, ConnInfo};
 use crate::proxy::headers;
+use crate::proxy::io::{timeout_at_unless_ready, timeout_unless_ready};
 use crate::proxy::pool::{ConnPool, Counted, Room};
 use crate::proxy::record::Record;
 use crate::proxy::worker::{Worker, MAX_HEADERS, MAX_HEAD_BYTES};
@@ -151,6 +152,9 @@ async fn run(
     }
     let mut up = Vec::with_capacity(1024);
     let mut out = Vec::with_capacity(1024);
+    // One timer for the connection, moved for each wait: a timer made and dropped per
+    // request takes the time driver's lock twice, moving a registered one later does not.
+    let mut wait = std::pin::pin!(tokio::time::sleep_until(accepted + timeouts.client_header));
     loop {
         // The head: within `client_header` of the accept for the first request, within
         // min(client_header, idle) of the wait's start for later ones (hyper's bounds).
@@ -159,6 +163,7 @@ async fn run(
         } else {
             Instant::now() + timeouts.client_header.min(timeouts.idle)
         };
+        wait.as_mut().reset(deadline);
         let mut scanned = 0;
         loop {
             if head_end(&buf, &mut scanned) {
@@ -176,7 +181,7 @@ async fn run(
             let read = tokio::select! {
                 biased;
                 r = client.read_buf(&mut buf) => r,
-                () = tokio::time::sleep_until(deadline) => return Ok(End::Close),
+                () = wait.as_mut() => return Ok(End::Close),
                 _ = shutdown.changed() => {
                     if !buf.is_empty() || info.requests.get() > 0 {
                         return Ok(End::Close);
@@ -1067,7 +1072,7 @@ async fn forward(
         let sent_at = if reused { start } else { Instant::now() };
         // A head the node does not take within the body idle time: it does not read.
         let mut wrote = 0;
-        let written = tokio::time::timeout_at(
+        let written = timeout_at_unless_ready(
             sent_at + t.body_idle,
             write_counted(&mut conn.io, request, &mut wrote),
         )
@@ -1322,7 +1327,7 @@ async fn step(
 ) -> Result<bool, Pump> {
     if u.at < u.scratch.len() {
         let due = *u.since.get_or_insert_with(Instant::now) + t.body_idle;
-        return match tokio::time::timeout_at(due, w.write(&u.scratch[u.at..])).await {
+        return match timeout_at_unless_ready(due, w.write(&u.scratch[u.at..])).await {
             Ok(Ok(0)) | Ok(Err(_)) => Err(Pump::NodeFailed),
             Ok(Ok(n)) => {
                 u.at += n;
@@ -1863,7 +1868,7 @@ fn nodelay(client: &Client, info: &ConnInfo) {
 /// reading loses its connection, and is not the node's fault).
 #[inline]
 async fn write_client(client: &mut Client, out: &mut Vec<u8>, t: &Timeouts) -> io::Result<()> {
-    let r = tokio::time::timeout(t.body_idle, client.write_all(out)).await;
+    let r = timeout_unless_ready(t.body_idle, client.write_all(out)).await;
     out.clear();
     match r {
         Ok(r) => r,

@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use super::error::{BodyError, ClientFault};
 use super::handler::StreamGuard;
 use super::io::IdleTimer;
+use super::io::LazyNow;
 use super::io::Unread;
 use super::pool::{ConnPool, Sender};
 use super::record::Record;
@@ -180,7 +181,7 @@ impl Own {
         matches!(self.framing, OwnFraming::Done) && self.trailers.is_none()
     }
 
-    fn finish(&mut self) {
+    fn finish(&mut self, now: &LazyNow) {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
@@ -188,7 +189,7 @@ impl Own {
         if let Some(conn) = self.conn.take() {
             // Bytes past the body are a node's error: the connection is not reused.
             if self.reusable && conn.buf.is_empty() {
-                self.pool.put_fast(conn);
+                self.pool.put_fast_at(conn, now.get());
             }
         }
         self.slot = None;
@@ -213,7 +214,11 @@ impl Own {
         Poll::Ready(Some(Err(error)))
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: &LazyNow,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         // Reads that brought no data byte (chunk framing alone) before this poll gives way
         // to the worker's other tasks.
         let mut reads = 0;
@@ -271,7 +276,7 @@ impl Own {
                 OwnFraming::Done | OwnFraming::Broken => None,
             };
             if matches!(self.framing, OwnFraming::Done) {
-                self.finish();
+                self.finish(now);
             }
             if let Some(d) = data.filter(|d| !d.is_empty()) {
                 // Only body data is the node's progress (as a data frame on hyper's path).
@@ -297,7 +302,7 @@ impl Own {
                     if matches!(self.framing, OwnFraming::Close) {
                         self.reusable = false;
                         self.framing = OwnFraming::Done;
-                        self.finish();
+                        self.finish(now);
                         return Poll::Ready(None);
                     }
                     return self.fail("body cut short");
@@ -362,7 +367,7 @@ impl Drop for Own {
         // A body that ended (or had nothing in it) leaves the connection reusable; any
         // other drop closes it.
         if self.is_end_stream() && self.conn.is_some() {
-            self.finish();
+            self.finish(&LazyNow::default());
         }
     }
 }
@@ -438,7 +443,7 @@ impl ProxyBody {
             trailers: None,
         };
         if own.is_end_stream() {
-            own.finish();
+            own.finish(&LazyNow::default());
         }
         ProxyBody {
             kind: Kind::Own(own),
@@ -478,7 +483,10 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let r = poll_kind(&mut this.kind, cx);
+        // One clock read for what this poll dates: the node connection given back, the
+        // stream's progress, the end of the exchange.
+        let now = LazyNow::default();
+        let r = poll_kind(&mut this.kind, cx, &now);
         if let (Poll::Ready(Some(Ok(f))), Some(rec)) = (&r, &mut this.record) {
             if let Some(d) = f.data_ref() {
                 rec.add_out(d.len() as u64);
@@ -487,7 +495,12 @@ impl Body for ProxyBody {
         if let Some(s) = &this.stream {
             // Waiting on the node is the node's timer's business; a body that yielded
             // data and is not asked again waits on the client.
-            s.progress(!r.is_pending());
+            s.progress_at(!r.is_pending(), &now);
+        }
+        if !r.is_pending() && this.is_end_stream() {
+            if let Some(rec) = &mut this.record {
+                rec.ended_at(now.get());
+            }
         }
         r
     }
@@ -519,10 +532,11 @@ impl Body for ProxyBody {
 fn poll_kind(
     kind: &mut Kind,
     cx: &mut Context<'_>,
+    now: &LazyNow,
 ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
     {
         match kind {
-            Kind::Own(o) => o.poll(cx),
+            Kind::Own(o) => o.poll(cx, now),
             Kind::Full(b) => Poll::Ready(
                 b.take()
                     .filter(|b| !b.is_empty())

@@ -157,6 +157,12 @@ impl StreamGuard {
     pub fn progress(&self, judged: bool) {
         self.progress.set(judged.then(Instant::now));
     }
+
+    /// `progress`, dated by a clock read the caller shares.
+    #[inline]
+    pub fn progress_at(&self, judged: bool, now: &crate::proxy::io::LazyNow) {
+        self.progress.set(judged.then(|| now.get()));
+    }
 }
 
 impl Drop for StreamGuard {

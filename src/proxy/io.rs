@@ -133,6 +133,65 @@ impl Unread {
     }
 }
 
+/// The time now, read once and only if asked for: the steps of one poll share one clock
+/// read (a clock read costs about as much as a small lock here).
+#[derive(Default)]
+pub struct LazyNow(std::cell::Cell<Option<Instant>>);
+
+impl LazyNow {
+    #[inline]
+    pub fn get(&self) -> Instant {
+        if let Some(t) = self.0.get() {
+            return t;
+        }
+        let t = Instant::now();
+        self.0.set(Some(t));
+        t
+    }
+}
+
+/// `tokio::time::timeout_at` without a timer for a future that is ready at its first poll
+/// (a write that goes out at once, data already read). A tokio timer clones the runtime's
+/// handle when it is made and takes the time driver's lock when it is dropped, even if it
+/// never waited: locked instructions on every request otherwise.
+pub async fn timeout_at_unless_ready<F: Future>(
+    due: Instant,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    let first = std::future::poll_fn(|cx| {
+        Poll::Ready(match fut.as_mut().poll(cx) {
+            Poll::Ready(out) => Some(out),
+            Poll::Pending => None,
+        })
+    })
+    .await;
+    match first {
+        Some(out) => Ok(out),
+        None => tokio::time::timeout_at(due, fut).await,
+    }
+}
+
+/// `tokio::time::timeout` as `timeout_at_unless_ready`: neither a timer nor a clock read
+/// for a future that is ready at its first poll.
+pub async fn timeout_unless_ready<F: Future>(
+    limit: Duration,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    let first = std::future::poll_fn(|cx| {
+        Poll::Ready(match fut.as_mut().poll(cx) {
+            Poll::Ready(out) => Some(out),
+            Poll::Pending => None,
+        })
+    })
+    .await;
+    match first {
+        Some(out) => Ok(out),
+        None => tokio::time::timeout(limit, fut).await,
+    }
+}
+
 /// A wait's idle bound: `poll_idle` is `Ready` once the wait that began at the first
 /// pending poll (and has not ended since) has lasted `idle`.
 #[derive(Default)]

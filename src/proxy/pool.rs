@@ -401,13 +401,17 @@ impl ConnPool {
     /// burst) are closed on the way: nothing would take them again.
     #[inline]
     pub fn put_fast(&self, conn: crate::h1::fast::NodeConn) {
+        self.put_fast_at(conn, Instant::now());
+    }
+
+    /// `put_fast` at `now` (a clock read the caller made).
+    pub fn put_fast_at(&self, conn: crate::h1::fast::NodeConn, now: Instant) {
         // As `put`: at a node's cap, a connection a request on another worker waits for
         // is closed instead (its room goes there).
         if self.max.is_some() && self.waiting.get() == 0 && self.state.conns.take_reclaim() {
             return;
         }
         let mut idle = self.fast.borrow_mut();
-        let now = Instant::now();
         let max_idle = self.max_idle.get();
         let stale = idle
             .iter()

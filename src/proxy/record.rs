@@ -5,7 +5,6 @@
 //! included.
 
 use std::rc::Rc;
-use std::time::SystemTime;
 
 use http::{Method, Version};
 use tokio::time::Instant;
@@ -97,6 +96,8 @@ pub struct Record {
     /// The status as sent (0 until there is one).
     code: u16,
     done: bool,
+    /// When the response body ended, if a clock read of its last poll dated it.
+    ended: Option<Instant>,
 }
 
 /// The status of an exchange the client abandoned before envgate answered (nginx's).
@@ -225,6 +226,7 @@ impl Record {
             head: *method == Method::HEAD,
             code: 0,
             done: false,
+            ended: None,
         }
     }
 
@@ -330,6 +332,12 @@ impl Record {
         self.facts.bytes_out = to_client;
     }
 
+    /// The response body's last frame was taken at `at` (the exchange ends there).
+    #[inline]
+    pub fn ended_at(&mut self, at: Instant) {
+        self.ended = Some(at);
+    }
+
     /// The exchange is over: `complete` when the response went out whole.
     pub fn finish(mut self, complete: bool) {
         self.complete(complete);
@@ -341,7 +349,8 @@ impl Record {
         // hyper asked their body for anything.
         let complete = complete
             || (self.code != CLIENT_CLOSED && (self.head || matches!(self.code, 204 | 304)));
-        let elapsed = self.start.elapsed();
+        let now = self.ended.unwrap_or_else(Instant::now);
+        let elapsed = now.saturating_duration_since(self.start);
         self.facts.duration_ns = elapsed.as_nanos() as u64;
         if let Some(w) = &self.upload {
             self.facts.bytes_in = w.bytes();
@@ -354,14 +363,14 @@ impl Record {
                 || spec.sample_2xx >= 100.0
                 || ((self.worker.random() % 10_000) as f64) < spec.sample_2xx * 100.0;
             if sampled {
-                self.log(l, elapsed.as_micros() as u64, complete);
+                self.log(l, now, elapsed.as_micros() as u64, complete);
             }
         }
     }
 
     #[cold]
     #[inline(never)]
-    fn log(&self, l: &Logged, duration_us: u64, complete: bool) {
+    fn log(&self, l: &Logged, now: Instant, duration_us: u64, complete: bool) {
         let Some(out) = &self.worker.log else { return };
         let topo = &self.tally.topo;
         let env = self.facts.env().map(|e| &topo.environments[e]);
@@ -370,7 +379,7 @@ impl Record {
             .and_then(|(e, i)| e.apps.get(i))
             .map_or("", |a| a.name.as_str());
         out.write(&Line {
-            time: SystemTime::now(),
+            time: out.wall(now.into_std()),
             client: self.conn.peer_value.as_bytes(),
             client_port: self.conn.peer.port(),
             method: l.method.as_str(),
