@@ -239,6 +239,80 @@ async fn response_header_timeout_is_504_and_dead_node_is_502() {
     );
 }
 
+/// A node connection keeps its response-head timer from request to request. A request
+/// that hangs right after an answered one on the same pooled connection still gets its 504
+/// (the timer moved later while still armed for the request before); one sent after that
+/// timer's deadline passed while the connection was pooled gets its own full time. Over
+/// HTTP/1.1 and HTTP/2, with one worker and two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_node_connection_times_each_response_head_afresh() {
+    let bounded = Duration::from_secs(10);
+    for workers in [1, 2] {
+        let a = Upstream::start("a").await;
+        let eg = Envgate::start_with(
+            &one_node(
+                a.addr,
+                "defaults: { timeouts: { response_header: 1s }, health: { interval: 1m } }",
+            ),
+            workers,
+        );
+        let p = eg.port("http");
+        let mut tx = connect(p).await;
+        let mut h2 = h2_client(p).await;
+        let h2_get = |path: &str| {
+            Request::get(format!("http://company.com{path}"))
+                .body(())
+                .unwrap()
+        };
+        for round in 0..2 {
+            // Answered, then at once a request that hangs, on the node connection the
+            // first gave back.
+            let r = tokio::time::timeout(bounded, get_on(&mut tx, "company.com", "/"))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{workers} workers, round {round}");
+            let r = tokio::time::timeout(bounded, get_on(&mut tx, "company.com", "/hang"))
+                .await
+                .expect("the response-head timer never fired");
+            assert_eq!(
+                r.status,
+                504,
+                "{workers} workers, round {round}: {}",
+                r.text()
+            );
+            let r = tokio::time::timeout(bounded, h2_send(&mut h2, h2_get("/")))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "HTTP/2, {workers} workers, round {round}");
+            let r = tokio::time::timeout(bounded, h2_send(&mut h2, h2_get("/hang")))
+                .await
+                .expect("the response-head timer never fired");
+            assert_eq!(
+                r.status,
+                504,
+                "HTTP/2, {workers} workers, round {round}: {}",
+                r.text()
+            );
+        }
+        // The timer of a pooled connection passes its deadline (1 s after the answered
+        // request began); the next request on it has a full second again.
+        let r = get_on(&mut tx, "company.com", "/").await;
+        assert_eq!(r.status, 200);
+        let r = h2_send(&mut h2, h2_get("/")).await;
+        assert_eq!(r.status, 200);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let r = get_on(&mut tx, "company.com", "/slow?ms=300").await;
+        assert_eq!(r.status, 200, "{workers} workers: {}", r.text());
+        let r = h2_send(&mut h2, h2_get("/slow?ms=300")).await;
+        assert_eq!(r.status, 200, "HTTP/2, {workers} workers: {}", r.text());
+        // One node connection for each request that hung (it is closed after its 504),
+        // then the ones the last requests took: none opened for a request that followed
+        // an answered one on its worker.
+        assert!(a.connections() <= 4 + 2, "{} connections", a.connections());
+        eg.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_timeout_fails_over_to_the_next_node() {
     // A listener that never accepts, its accept queue filled: connects to it hang.

@@ -32,6 +32,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::pin::Pin;
 use std::rc::Rc;
 
 use http::{Method, StatusCode};
@@ -92,6 +93,12 @@ pub struct NodeConn {
     pub(crate) io: TcpStream,
     /// Bytes read from the node and not used yet (empty while pooled).
     pub(crate) buf: Vec<u8>,
+    /// The response-head timer, kept for the connection's life and moved for each request:
+    /// moving a registered tokio timer later is one atomic operation, where making and
+    /// dropping one takes the time driver's lock (about a dozen locked instructions a
+    /// request). While the connection is pooled it may still hold the waker of the task
+    /// that last used it, until its deadline passes or a request moves it.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     _counted: Counted,
 }
 
@@ -1061,6 +1068,7 @@ async fn forward(
                     NodeConn {
                         io,
                         buf: Vec::with_capacity(CHUNK),
+                        timer: None,
                         _counted: counted,
                     },
                     false,
@@ -1507,6 +1515,10 @@ async fn read_head(
     due: Instant,
     parts: Option<&mut Answer<'_>>,
 ) -> Result<UpHead, HeadError> {
+    match &mut conn.timer {
+        Some(t) => t.as_mut().reset(due),
+        None => conn.timer = Some(Box::pin(tokio::time::sleep_until(due))),
+    }
     let mut scanned = 0;
     loop {
         if matches!(conn.buf.first(), Some(b'\r' | b'\n')) {
@@ -1606,10 +1618,17 @@ async fn read_head(
         if conn.buf.capacity() - conn.buf.len() < 1024 {
             conn.buf.reserve(CHUNK);
         }
-        match tokio::time::timeout_at(due, conn.io.read_buf(&mut conn.buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(HeadError::Closed),
-            Ok(Ok(_)) => {}
-            Err(_) => return Err(HeadError::Timeout),
+        let Some(timer) = conn.timer.as_mut() else {
+            return Err(HeadError::Timeout);
+        };
+        let read = tokio::select! {
+            biased;
+            r = conn.io.read_buf(&mut conn.buf) => r,
+            () = timer.as_mut() => return Err(HeadError::Timeout),
+        };
+        match read {
+            Ok(0) | Err(_) => return Err(HeadError::Closed),
+            Ok(_) => {}
         }
     }
 }
