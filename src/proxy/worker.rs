@@ -10,6 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::TokioTimer;
@@ -31,6 +32,9 @@ pub const MAX_HEADERS: usize = 100;
 /// buffered bytes to about 1 GiB in the worst case instead of hyper's default of several.
 const H2_STREAM_WINDOW: u32 = 256 * 1024;
 const H2_CONN_WINDOW: u32 = 1024 * 1024;
+/// Keep-alive pings on idle HTTP/2 connections, and how long a ping may go unanswered.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The tables of one topology generation, as seen by one worker.
 pub struct LocalSnap {
@@ -133,17 +137,14 @@ impl Worker {
             .max_buf_size(MAX_HEAD_BYTES)
             .max_header_size(MAX_HEAD_BYTES)
             .max_headers(MAX_HEADERS);
-        // No keep-alive pings to clients (nginx and HAProxy send none either): a client
-        // that is gone is found by the connection's own bounds (`serve_hyper`: no stream for
-        // `idle`, a response body it leaves unread for `body_idle`, the request timeout
-        // while its stream waits on a node). hyper's pings would take a lock and read the
-        // clock for every frame a client sends.
         let mut h2 = http2::Builder::new(LocalExec);
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(200)
             .max_header_list_size(MAX_HEAD_BYTES as u32)
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONN_WINDOW)
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
             .max_pending_accept_reset_streams(20)
             .max_local_error_reset_streams(Some(256));
         Worker {
