@@ -246,12 +246,8 @@ impl LogBuf {
     /// system clock shows in the lines within a second.
     #[inline]
     pub fn wall(&self, now: std::time::Instant) -> SystemTime {
-        if let Some((at, wall)) = self.anchor.get() {
-            if let Some(d) = now.checked_duration_since(at) {
-                if d < Duration::from_secs(1) {
-                    return wall + d;
-                }
-            }
+        if let Some(t) = self.anchor.get().and_then(|a| from_anchor(a, now)) {
+            return t;
         }
         let wall = SystemTime::now();
         self.anchor.set(Some((now, wall)));
@@ -413,6 +409,22 @@ fn text_plain8(w: u64) -> bool {
         | has_zero(w ^ (ONES * u64::from(b'"')))
         | has_zero(w ^ (ONES * u64::from(b'\\'))))
         == 0
+}
+
+/// The wall clock at `now` from `anchor` (an instant and the wall clock read with it), if
+/// `now` is within a second of it either way. An instant read before the anchor (an
+/// exchange that ended before another's line was written) is dated back from it.
+fn from_anchor(
+    anchor: (std::time::Instant, SystemTime),
+    now: std::time::Instant,
+) -> Option<SystemTime> {
+    let (at, wall) = anchor;
+    let near = Duration::from_secs(1);
+    match now.checked_duration_since(at) {
+        Some(d) if d < near => Some(wall + d),
+        None if at - now < near => wall.checked_sub(at - now),
+        _ => None,
+    }
 }
 
 /// A field of the text format: `-` when empty; bytes outside printable ASCII, spaces,
@@ -591,6 +603,20 @@ impl Line<'_> {
 
 #[cfg(test)]
 mod tests {
+
+    /// The wall clock of an instant within a second of the anchor, after it or before it;
+    /// none (a new anchor) further away.
+    #[test]
+    fn wall_clock_from_the_anchor() {
+        let at = std::time::Instant::now();
+        let wall = UNIX_EPOCH + Duration::from_secs(1_795_790_026);
+        let ms = Duration::from_millis;
+        assert_eq!(from_anchor((at, wall), at + ms(300)), Some(wall + ms(300)));
+        assert_eq!(from_anchor((at, wall), at), Some(wall));
+        assert_eq!(from_anchor((at + ms(200), wall), at), Some(wall - ms(200)));
+        assert_eq!(from_anchor((at, wall), at + ms(1000)), None);
+        assert_eq!(from_anchor((at + ms(1000), wall), at), None);
+    }
 
     /// The word-at-a-time test answers as the byte table, for every byte in every place
     /// of a word of plain bytes, and for words of random bytes.
