@@ -159,14 +159,7 @@ pub async fn timeout_at_unless_ready<F: Future>(
     fut: F,
 ) -> Result<F::Output, tokio::time::error::Elapsed> {
     let mut fut = std::pin::pin!(fut);
-    let first = std::future::poll_fn(|cx| {
-        Poll::Ready(match fut.as_mut().poll(cx) {
-            Poll::Ready(out) => Some(out),
-            Poll::Pending => None,
-        })
-    })
-    .await;
-    match first {
+    match first_poll(fut.as_mut()).await {
         Some(out) => Ok(out),
         None => tokio::time::timeout_at(due, fut).await,
     }
@@ -179,17 +172,22 @@ pub async fn timeout_unless_ready<F: Future>(
     fut: F,
 ) -> Result<F::Output, tokio::time::error::Elapsed> {
     let mut fut = std::pin::pin!(fut);
-    let first = std::future::poll_fn(|cx| {
+    match first_poll(fut.as_mut()).await {
+        Some(out) => Ok(out),
+        None => tokio::time::timeout(limit, fut).await,
+    }
+}
+
+/// `fut` polled once: its output if it was ready, `None` if it waits (its waker is then
+/// registered, and the caller goes on polling it).
+async fn first_poll<F: Future>(mut fut: Pin<&mut F>) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
         Poll::Ready(match fut.as_mut().poll(cx) {
             Poll::Ready(out) => Some(out),
             Poll::Pending => None,
         })
     })
-    .await;
-    match first {
-        Some(out) => Ok(out),
-        None => tokio::time::timeout(limit, fut).await,
-    }
+    .await
 }
 
 /// A wait's idle bound: `poll_idle` is `Ready` once the wait that began at the first
